@@ -139,7 +139,9 @@ pub struct Config {
 }
 
 fn get<'a>(vars: &'a HashMap<String, String>, name: &str) -> Option<&'a str> {
-    vars.get(name).map(String::as_str).filter(|v| !v.trim().is_empty())
+    vars.get(name)
+        .map(String::as_str)
+        .filter(|v| !v.trim().is_empty())
 }
 
 fn parse<T: FromStr>(
@@ -167,10 +169,7 @@ fn millis(
     parse(vars, name, default_ms).map(Duration::from_millis)
 }
 
-fn positive<T: PartialOrd + Default + Copy>(
-    name: &'static str,
-    v: T,
-) -> Result<T, ConfigError> {
+fn positive<T: PartialOrd + Default + Copy>(name: &'static str, v: T) -> Result<T, ConfigError> {
     if v > T::default() {
         Ok(v)
     } else {
@@ -207,7 +206,9 @@ impl Config {
             None if database_url.is_some() => AccessPolicy::Members,
             None | Some("open") => AccessPolicy::Open,
             Some("claims") => AccessPolicy::Claims {
-                claim: get(vars, "FLOWGATE_FLOWS_CLAIM").unwrap_or("flows").to_owned(),
+                claim: get(vars, "FLOWGATE_FLOWS_CLAIM")
+                    .unwrap_or("flows")
+                    .to_owned(),
             },
             Some("members") => AccessPolicy::Members,
             Some(other) => {
@@ -374,8 +375,16 @@ impl Config {
             require_exp: parse(vars, "JWT_REQUIRE_EXP", true)?,
         };
         // Building the key now turns a bad PEM into a start-up error.
-        crate::auth::TokenVerifier::new(&jwt)
-            .map_err(|e| err(if secret.is_some() { "JWT_ACCESS_TOKEN_SECRET" } else { "JWT_PUBLIC_KEY_FILE" }, e.to_string()))?;
+        crate::auth::TokenVerifier::new(&jwt).map_err(|e| {
+            err(
+                if secret.is_some() {
+                    "JWT_ACCESS_TOKEN_SECRET"
+                } else {
+                    "JWT_PUBLIC_KEY_FILE"
+                },
+                e.to_string(),
+            )
+        })?;
         Ok(jwt)
     }
 }
@@ -422,10 +431,8 @@ mod tests {
         ]))
         .unwrap_err();
         assert_eq!(e.var, "JWT_ALGORITHM");
-        let e = Config::from_vars(&vars(&[
-            ("JWT_PUBLIC_KEY_FILE", "/nonexistent/key.pem"),
-        ]))
-        .unwrap_err();
+        let e = Config::from_vars(&vars(&[("JWT_PUBLIC_KEY_FILE", "/nonexistent/key.pem")]))
+            .unwrap_err();
         assert_eq!(e.var, "JWT_PUBLIC_KEY_FILE");
         let e = Config::from_vars(&vars(&[
             ("JWT_ACCESS_TOKEN_SECRET", "s"),
@@ -442,6 +449,9 @@ mod tests {
             ("FRONTEND_URL", "https://a.example/, https://b.example"),
         ]))
         .unwrap();
-        assert_eq!(c.allowed_origins, vec!["https://a.example", "https://b.example"]);
+        assert_eq!(
+            c.allowed_origins,
+            vec!["https://a.example", "https://b.example"]
+        );
     }
 }

@@ -1,1 +1,85 @@
+//! flowgate's gateway node: Socket.IO flow rooms over WebSocket, with
+//! health, metrics and graceful drain.
+//!
+//! The binary (`main.rs`) only parses configuration, starts tracing and
+//! calls [`serve`]; tests call [`serve`] on a listener bound to port 0.
 
+pub mod app;
+pub mod auth;
+pub mod config;
+pub mod connection;
+pub mod drain;
+pub mod engine;
+pub mod events;
+pub mod http;
+pub mod ids;
+pub mod metrics;
+pub mod outbound;
+pub mod rooms;
+
+use std::future::{Future, IntoFuture};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+pub use app::App;
+pub use config::Config;
+
+/// Serves `app` on `listener` until `shutdown` resolves, then drains:
+/// `/health` turns 503 and upgrades are refused, the load balancer is given
+/// `drain_notice` to notice, sockets are closed spread over `drain_window`,
+/// and the function returns by `shutdown_deadline` after the signal.
+pub async fn serve(
+    app: Arc<App>,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let addr = listener.local_addr()?;
+    info!(addr = %addr, node = %app.config.node_id, engine = app.engine.kind, "listening");
+    let stop_accepting = CancellationToken::new();
+    let server = axum::serve(
+        listener,
+        http::router(app.clone()).into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(stop_accepting.clone().cancelled_owned());
+    let mut server = tokio::spawn(server.into_future());
+
+    tokio::select! {
+        _ = shutdown => {}
+        r = &mut server => {
+            r??;
+            return Ok(());
+        }
+    }
+    let cfg = &app.config;
+    let deadline = Instant::now() + cfg.shutdown_deadline;
+    info!(
+        notice_ms = cfg.drain_notice.as_millis() as u64,
+        window_ms = cfg.drain_window.as_millis() as u64,
+        "draining"
+    );
+    app.drain.begin();
+    tokio::time::sleep(cfg.drain_notice).await;
+    app.drain.close_sockets();
+    stop_accepting.cancel();
+    let tracker = app.drain.tracker();
+    tracker.close();
+    let left = deadline.saturating_duration_since(Instant::now());
+    if tokio::time::timeout(left, tracker.wait()).await.is_err() {
+        warn!(
+            open = tracker.len(),
+            "shutdown deadline reached with connections still open"
+        );
+    }
+    let left = deadline.saturating_duration_since(Instant::now());
+    match tokio::time::timeout(left, &mut server).await {
+        Ok(r) => r??,
+        Err(_) => server.abort(),
+    }
+    info!("stopped");
+    Ok(())
+}

@@ -1,1 +1,131 @@
-fn main() {}
+//! The `flowgate` binary: `serve` (default), `migrate`, `check-config`.
+//! Configuration comes from environment variables (see the README).
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use flowgate_gateway::config::{Config, LogFormat};
+use flowgate_gateway::App;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "flowgate",
+    version,
+    about = "Horizontally scalable real-time collaboration gateway"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run a gateway node (the default).
+    Serve,
+    /// Apply the database migrations over DATABASE_DIRECT_URL.
+    Migrate,
+    /// Validate the configuration and exit.
+    CheckConfig,
+}
+
+/// Exit status for a configuration error (sysexits EX_CONFIG).
+const EX_CONFIG: u8 = 78;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let config = match Config::from_env() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("flowgate: configuration error: {e}");
+            return ExitCode::from(EX_CONFIG);
+        }
+    };
+    init_tracing(config.log_format);
+    match cli.command.unwrap_or(Command::Serve) {
+        Command::CheckConfig => match App::new(config.clone(), None) {
+            Ok(_) => {
+                println!(
+                    "configuration ok: listen {}, node {}, engine {}, access {:?}",
+                    config.listen,
+                    config.node_id,
+                    if config.redis_url.is_some() {
+                        "redis"
+                    } else {
+                        "memory"
+                    },
+                    config.access
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("flowgate: configuration error: {e:#}");
+                ExitCode::from(EX_CONFIG)
+            }
+        },
+        Command::Migrate => {
+            eprintln!("flowgate: migrate: this version has no database support yet");
+            ExitCode::from(EX_CONFIG)
+        }
+        Command::Serve => {
+            let rt = match tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("flowgate: cannot start the runtime: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            match rt.block_on(run(config)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    tracing::error!(error = format!("{e:#}"), "flowgate stopped on an error");
+                    eprintln!("flowgate: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}
+
+async fn run(config: Config) -> anyhow::Result<()> {
+    let listen = config.listen;
+    let app = App::new(config, None)?;
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {listen}: {e}"))?;
+    flowgate_gateway::serve(app, listener, shutdown_signal()).await
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+    tracing::info!("shutdown signal received");
+}
+
+fn init_tracing(format: LogFormat) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    match format {
+        LogFormat::Json => builder.json().with_current_span(true).init(),
+        LogFormat::Text => builder.init(),
+    }
+}

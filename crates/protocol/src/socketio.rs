@@ -159,9 +159,8 @@ impl Packet {
     pub fn decode(text: &str) -> Result<Decoded, DecodeError> {
         let bytes = text.as_bytes();
         let first = *bytes.first().ok_or(DecodeError::Empty)?;
-        let kind = PacketType::from_digit(first as char).ok_or_else(|| {
-            DecodeError::UnknownType(text.chars().next().unwrap_or_default())
-        })?;
+        let kind = PacketType::from_digit(first as char)
+            .ok_or_else(|| DecodeError::UnknownType(text.chars().next().unwrap_or_default()))?;
         let mut i = 1;
 
         let mut expected = 0usize;
@@ -206,7 +205,10 @@ impl Packet {
         let data = if rest.is_empty() {
             None
         } else {
-            Some(serde_json::from_str::<Value>(rest).map_err(|e| DecodeError::BadJson(e.to_string()))?)
+            Some(
+                serde_json::from_str::<Value>(rest)
+                    .map_err(|e| DecodeError::BadJson(e.to_string()))?,
+            )
         };
 
         validate(kind, id, data.as_ref())?;
@@ -218,7 +220,10 @@ impl Packet {
             attachments: Vec::new(),
         };
         if expected > 0 {
-            Ok(Decoded::NeedsAttachments(PartialPacket { packet, expected }))
+            Ok(Decoded::NeedsAttachments(PartialPacket {
+                packet,
+                expected,
+            }))
         } else {
             Ok(Decoded::Complete(packet))
         }
@@ -247,6 +252,39 @@ impl Packet {
         out
     }
 
+    /// Checks that every `{"_placeholder":true,"num":N}` in the JSON points
+    /// at an attachment that exists. The JavaScript client throws while
+    /// decoding a packet that breaks this, so relaying one would break every
+    /// receiver; it is refused at the sender instead.
+    pub fn check_placeholders(&self) -> Result<(), DecodeError> {
+        fn walk(v: &Value, count: usize) -> bool {
+            match v {
+                Value::Array(a) => a.iter().all(|v| walk(v, count)),
+                Value::Object(o) => {
+                    if o.get("_placeholder") == Some(&Value::Bool(true)) {
+                        o.get("num")
+                            .and_then(Value::as_u64)
+                            .is_some_and(|n| (n as usize) < count)
+                    } else {
+                        o.values().all(|v| walk(v, count))
+                    }
+                }
+                _ => true,
+            }
+        }
+        let count = if self.kind.is_binary() {
+            self.attachments.len()
+        } else {
+            0
+        };
+        match &self.data {
+            Some(v) if !walk(v, count) => Err(DecodeError::InvalidPayload(
+                "placeholder without a matching attachment",
+            )),
+            _ => Ok(()),
+        }
+    }
+
     /// The event name of an EVENT / BINARY_EVENT.
     pub fn event_name(&self) -> Option<&str> {
         match (&self.kind, &self.data) {
@@ -264,7 +302,9 @@ fn validate(kind: PacketType, id: Option<u64>, data: Option<&Value>) -> Result<(
     match kind {
         PacketType::Connect => match data {
             None | Some(Value::Object(_)) => Ok(()),
-            _ => Err(DecodeError::InvalidPayload("CONNECT payload must be an object")),
+            _ => Err(DecodeError::InvalidPayload(
+                "CONNECT payload must be an object",
+            )),
         },
         PacketType::Disconnect => match data {
             None => Ok(()),
@@ -272,7 +312,9 @@ fn validate(kind: PacketType, id: Option<u64>, data: Option<&Value>) -> Result<(
         },
         PacketType::ConnectError => match data {
             Some(Value::Object(_)) | Some(Value::String(_)) => Ok(()),
-            _ => Err(DecodeError::InvalidPayload("CONNECT_ERROR payload must be an object or string")),
+            _ => Err(DecodeError::InvalidPayload(
+                "CONNECT_ERROR payload must be an object or string",
+            )),
         },
         PacketType::Event | PacketType::BinaryEvent => match data {
             Some(Value::Array(a)) if matches!(a.first(), Some(Value::String(_))) => Ok(()),
@@ -324,7 +366,8 @@ mod tests {
 
     #[test]
     fn binary_event_collects_attachments() {
-        let text = r#"52-/flows,["up",{"_placeholder":true,"num":0},{"_placeholder":true,"num":1}]"#;
+        let text =
+            r#"52-/flows,["up",{"_placeholder":true,"num":0},{"_placeholder":true,"num":1}]"#;
         let Decoded::NeedsAttachments(mut partial) = Packet::decode(text).unwrap() else {
             panic!("expected attachments");
         };
@@ -336,22 +379,63 @@ mod tests {
     }
 
     #[test]
+    fn placeholders_must_match_attachments() {
+        let mut p = complete(r#"2/flows,["a",{"_placeholder":true,"num":0}]"#);
+        assert!(p.check_placeholders().is_err());
+        p.kind = PacketType::BinaryEvent;
+        p.attachments.push(Bytes::from_static(b"x"));
+        assert!(p.check_placeholders().is_ok());
+        p.data = Some(json!(["a", {"deep": [{"_placeholder": true, "num": 1}]}]));
+        assert!(p.check_placeholders().is_err());
+    }
+
+    #[test]
     fn refuses_malformed() {
         assert_eq!(Packet::decode(""), Err(DecodeError::Empty));
-        assert!(matches!(Packet::decode("9"), Err(DecodeError::UnknownType('9'))));
-        assert!(matches!(Packet::decode("2/flows,[oops"), Err(DecodeError::BadJson(_))));
-        assert!(matches!(Packet::decode("2/flows,[]"), Err(DecodeError::InvalidPayload(_))));
-        assert!(matches!(Packet::decode("2/flows,{\"a\":1}"), Err(DecodeError::InvalidPayload(_))));
-        assert!(matches!(Packet::decode("2/flows,[1]"), Err(DecodeError::InvalidPayload(_))));
-        assert!(matches!(Packet::decode("3/flows,[]"), Err(DecodeError::BadAckId)));
+        assert!(matches!(
+            Packet::decode("9"),
+            Err(DecodeError::UnknownType('9'))
+        ));
+        assert!(matches!(
+            Packet::decode("2/flows,[oops"),
+            Err(DecodeError::BadJson(_))
+        ));
+        assert!(matches!(
+            Packet::decode("2/flows,[]"),
+            Err(DecodeError::InvalidPayload(_))
+        ));
+        assert!(matches!(
+            Packet::decode("2/flows,{\"a\":1}"),
+            Err(DecodeError::InvalidPayload(_))
+        ));
+        assert!(matches!(
+            Packet::decode("2/flows,[1]"),
+            Err(DecodeError::InvalidPayload(_))
+        ));
+        assert!(matches!(
+            Packet::decode("3/flows,[]"),
+            Err(DecodeError::BadAckId)
+        ));
         assert!(matches!(
             Packet::decode("2/flows,99999999999999999999[\"a\"]"),
             Err(DecodeError::BadAckId)
         ));
-        assert!(matches!(Packet::decode("5/flows,[\"a\"]"), Err(DecodeError::BadAttachments)));
-        assert!(matches!(Packet::decode("5x-[\"a\"]"), Err(DecodeError::BadAttachments)));
-        assert!(matches!(Packet::decode("1/flows,{}"), Err(DecodeError::InvalidPayload(_))));
-        assert!(matches!(Packet::decode("0/flows,[1]"), Err(DecodeError::InvalidPayload(_))));
+        assert!(matches!(
+            Packet::decode("5/flows,[\"a\"]"),
+            Err(DecodeError::BadAttachments)
+        ));
+        assert!(matches!(
+            Packet::decode("5x-[\"a\"]"),
+            Err(DecodeError::BadAttachments)
+        ));
+        assert!(matches!(
+            Packet::decode("1/flows,{}"),
+            Err(DecodeError::InvalidPayload(_))
+        ));
+        assert!(matches!(
+            Packet::decode("0/flows,[1]"),
+            Err(DecodeError::InvalidPayload(_))
+        ));
     }
 
     fn json_leaf() -> BoxedStrategy<Value> {
@@ -366,18 +450,23 @@ mod tests {
     }
 
     fn json_value() -> BoxedStrategy<Value> {
-        json_leaf().prop_recursive(3, 24, 6, |inner| {
-            prop_oneof![
-                prop::collection::vec(inner.clone(), 0..6).prop_map(Value::Array),
-                prop::collection::btree_map(".*".prop_map(String::from), inner, 0..6)
-                    .prop_map(|m| Value::Object(m.into_iter().collect())),
-            ]
-        })
-        .boxed()
+        json_leaf()
+            .prop_recursive(3, 24, 6, |inner| {
+                prop_oneof![
+                    prop::collection::vec(inner.clone(), 0..6).prop_map(Value::Array),
+                    prop::collection::btree_map(".*".prop_map(String::from), inner, 0..6)
+                        .prop_map(|m| Value::Object(m.into_iter().collect())),
+                ]
+            })
+            .boxed()
     }
 
     fn nsp() -> BoxedStrategy<String> {
-        prop_oneof![Just("/".to_owned()), "/[a-z0-9_:-]{1,12}".prop_map(String::from)].boxed()
+        prop_oneof![
+            Just("/".to_owned()),
+            "/[a-z0-9_:-]{1,12}".prop_map(String::from)
+        ]
+        .boxed()
     }
 
     /// Packets that obey the validity rules, so that decode∘encode is the identity.
@@ -385,22 +474,30 @@ mod tests {
         let attachments = prop::collection::vec(prop::collection::vec(any::<u8>(), 0..8), 1..4)
             .prop_map(|v| v.into_iter().map(Bytes::from).collect::<Vec<_>>())
             .boxed();
-        let args = (".*".prop_map(String::from), prop::collection::vec(json_value(), 0..4)).prop_map(|(name, rest)| {
-            let mut a = vec![Value::String(name)];
-            a.extend(rest);
-            Value::Array(a)
-        })
-        .boxed();
-        let object = prop::collection::btree_map("[a-z]{1,6}".prop_map(String::from), json_value(), 0..4)
-            .prop_map(|m| Value::Object(m.into_iter().collect()))
+        let args = (
+            ".*".prop_map(String::from),
+            prop::collection::vec(json_value(), 0..4),
+        )
+            .prop_map(|(name, rest)| {
+                let mut a = vec![Value::String(name)];
+                a.extend(rest);
+                Value::Array(a)
+            })
             .boxed();
+        let object =
+            prop::collection::btree_map("[a-z]{1,6}".prop_map(String::from), json_value(), 0..4)
+                .prop_map(|m| Value::Object(m.into_iter().collect()))
+                .boxed();
         let ack_args = prop::collection::vec(json_value(), 0..4)
             .prop_map(Value::Array)
             .boxed();
         let id = prop::option::of(0..=MAX_ACK_ID);
         prop_oneof![
-            (nsp(), prop::option::of(object.clone()))
-                .prop_map(|(n, d)| Packet::new(PacketType::Connect, &n, d)),
+            (nsp(), prop::option::of(object.clone())).prop_map(|(n, d)| Packet::new(
+                PacketType::Connect,
+                &n,
+                d
+            )),
             nsp().prop_map(|n| Packet::new(PacketType::Disconnect, &n, None)),
             (nsp(), object).prop_map(|(n, d)| Packet::new(PacketType::ConnectError, &n, Some(d))),
             (nsp(), id.clone(), args.clone()).prop_map(|(n, id, d)| Packet {

@@ -1,0 +1,253 @@
+//! User authentication: where the JWT comes from, how it is checked, and the
+//! CONNECT_ERROR codes a failure maps to (CONTRACT.md, "Authentication").
+
+use jsonwebtoken::{errors::ErrorKind, DecodingKey, Validation};
+use serde_json::Value;
+use thiserror::Error;
+
+use crate::config::{JwtConfig, JwtKey};
+
+/// Why a token was refused; each maps to a contract error code.
+#[derive(Debug, Clone, Error, PartialEq, Eq)]
+pub enum AuthError {
+    /// No token in the auth payload, header or query.
+    #[error("Authentication token required")]
+    NoToken,
+    /// The token does not verify (signature, algorithm, expiry, claims).
+    #[error("{0}")]
+    InvalidToken(String),
+    /// The token verifies but is unusable (no user id).
+    #[error("{0}")]
+    AuthError(String),
+}
+
+impl AuthError {
+    /// The contract's `data.code`.
+    pub fn code(&self) -> &'static str {
+        match self {
+            AuthError::NoToken => "NO_TOKEN",
+            AuthError::InvalidToken(_) => "INVALID_TOKEN",
+            AuthError::AuthError(_) => "AUTH_ERROR",
+        }
+    }
+}
+
+/// What flowgate keeps of a verified token.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Identity {
+    /// `userId`, else `sub`.
+    pub user_id: String,
+    /// `exp` in seconds since the epoch, when present.
+    pub expires_at: Option<u64>,
+    /// All claims, for the `claims` access policy.
+    pub claims: serde_json::Map<String, Value>,
+}
+
+/// Verifies user tokens with one pinned algorithm.
+#[derive(Clone)]
+pub struct TokenVerifier {
+    key: DecodingKey,
+    validation: Validation,
+}
+
+impl std::fmt::Debug for TokenVerifier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TokenVerifier")
+            .field("algorithms", &self.validation.algorithms)
+            .finish_non_exhaustive()
+    }
+}
+
+impl TokenVerifier {
+    /// Builds the key; a malformed PEM is an error here, at start.
+    pub fn new(cfg: &JwtConfig) -> Result<Self, jsonwebtoken::errors::Error> {
+        use jsonwebtoken::Algorithm::*;
+        let key = match (&cfg.key, cfg.algorithm) {
+            (JwtKey::Secret(s), _) => DecodingKey::from_secret(s),
+            (JwtKey::PublicKeyPem(pem), ES256 | ES384) => DecodingKey::from_ec_pem(pem)?,
+            (JwtKey::PublicKeyPem(pem), _) => DecodingKey::from_rsa_pem(pem)?,
+        };
+        // One algorithm only: a token whose header names another (`none`,
+        // or HS256 signed with the RSA public key as secret) is refused.
+        let mut validation = Validation::new(cfg.algorithm);
+        validation.leeway = cfg.leeway.as_secs();
+        validation.validate_nbf = true;
+        validation.validate_exp = true;
+        let mut required: Vec<&str> = Vec::new();
+        if cfg.require_exp {
+            required.push("exp");
+        }
+        match &cfg.issuer {
+            Some(iss) => {
+                validation.set_issuer(&[iss]);
+                required.push("iss");
+            }
+            None => validation.iss = None,
+        }
+        match &cfg.audience {
+            Some(aud) => {
+                validation.set_audience(aud);
+                required.push("aud");
+            }
+            None => validation.validate_aud = false,
+        }
+        validation.set_required_spec_claims(&required);
+        Ok(TokenVerifier { key, validation })
+    }
+
+    /// Verifies a token and extracts the identity.
+    pub fn verify(&self, token: &str) -> Result<Identity, AuthError> {
+        let data = jsonwebtoken::decode::<serde_json::Map<String, Value>>(
+            token,
+            &self.key,
+            &self.validation,
+        )
+        .map_err(|e| {
+            AuthError::InvalidToken(match e.kind() {
+                ErrorKind::ExpiredSignature => "Token expired".to_owned(),
+                ErrorKind::ImmatureSignature => "Token not yet valid".to_owned(),
+                ErrorKind::InvalidAlgorithm => "Token algorithm not accepted".to_owned(),
+                ErrorKind::InvalidIssuer => "Token issuer not accepted".to_owned(),
+                ErrorKind::InvalidAudience => "Token audience not accepted".to_owned(),
+                ErrorKind::MissingRequiredClaim(c) => format!("Token lacks the {c} claim"),
+                _ => "Invalid token".to_owned(),
+            })
+        })?;
+        let claims = data.claims;
+        let user_id = [claims.get("userId"), claims.get("sub")]
+            .into_iter()
+            .flatten()
+            .find_map(|v| match v {
+                Value::String(s) if !s.is_empty() => Some(s.clone()),
+                Value::Number(n) => Some(n.to_string()),
+                _ => None,
+            })
+            .ok_or_else(|| AuthError::AuthError("Token has no userId or sub claim".to_owned()))?;
+        let expires_at = claims.get("exp").and_then(Value::as_u64);
+        Ok(Identity {
+            user_id,
+            expires_at,
+            claims,
+        })
+    }
+}
+
+/// Picks the token in the contract's order: CONNECT auth payload, then the
+/// upgrade request's `Authorization: Bearer`, then the `token` query
+/// parameter.
+pub fn pick_token<'a>(
+    auth_payload: Option<&'a Value>,
+    bearer: Option<&'a str>,
+    query: Option<&'a str>,
+) -> Option<&'a str> {
+    auth_payload
+        .and_then(|a| a.get("token"))
+        .and_then(Value::as_str)
+        .filter(|t| !t.is_empty())
+        .or(bearer.filter(|t| !t.is_empty()))
+        .or(query.filter(|t| !t.is_empty()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
+    use serde_json::json;
+    use std::time::Duration;
+
+    fn cfg() -> JwtConfig {
+        JwtConfig {
+            key: JwtKey::Secret(b"secret".to_vec()),
+            algorithm: Algorithm::HS256,
+            leeway: Duration::from_secs(0),
+            issuer: None,
+            audience: None,
+            require_exp: true,
+        }
+    }
+
+    fn now() -> u64 {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+    }
+
+    fn sign(claims: Value, secret: &[u8]) -> String {
+        encode(
+            &Header::new(Algorithm::HS256),
+            &claims,
+            &EncodingKey::from_secret(secret),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn user_id_then_sub() {
+        let v = TokenVerifier::new(&cfg()).unwrap();
+        let id = v
+            .verify(&sign(
+                json!({"userId": "u1", "sub": "s", "exp": now() + 60}),
+                b"secret",
+            ))
+            .unwrap();
+        assert_eq!(id.user_id, "u1");
+        let id = v
+            .verify(&sign(json!({"sub": "s", "exp": now() + 60}), b"secret"))
+            .unwrap();
+        assert_eq!(id.user_id, "s");
+        let id = v
+            .verify(&sign(json!({"userId": 42, "exp": now() + 60}), b"secret"))
+            .unwrap();
+        assert_eq!(id.user_id, "42");
+    }
+
+    #[test]
+    fn refusals_map_to_codes() {
+        let v = TokenVerifier::new(&cfg()).unwrap();
+        let e = v
+            .verify(&sign(json!({"userId": "u", "exp": now() - 60}), b"secret"))
+            .unwrap_err();
+        assert_eq!(
+            (e.code(), e.to_string().as_str()),
+            ("INVALID_TOKEN", "Token expired")
+        );
+        let e = v
+            .verify(&sign(json!({"userId": "u", "exp": now() + 60}), b"other"))
+            .unwrap_err();
+        assert_eq!(e.code(), "INVALID_TOKEN");
+        let e = v
+            .verify(&sign(json!({"exp": now() + 60}), b"secret"))
+            .unwrap_err();
+        assert_eq!(e.code(), "AUTH_ERROR");
+        let e = v
+            .verify(&sign(json!({"userId": "u"}), b"secret"))
+            .unwrap_err();
+        assert_eq!(e.code(), "INVALID_TOKEN");
+        let e = v.verify("not.a.jwt").unwrap_err();
+        assert_eq!(e.code(), "INVALID_TOKEN");
+    }
+
+    #[test]
+    fn alg_none_is_refused() {
+        let v = TokenVerifier::new(&cfg()).unwrap();
+        use base64::Engine as _;
+        let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+        let header = b64.encode(br#"{"alg":"none","typ":"JWT"}"#);
+        let body = b64.encode(json!({"userId": "u", "exp": now() + 60}).to_string());
+        let e = v.verify(&format!("{header}.{body}.")).unwrap_err();
+        assert_eq!(e.code(), "INVALID_TOKEN");
+    }
+
+    #[test]
+    fn token_order() {
+        let auth = json!({"token": "a"});
+        assert_eq!(pick_token(Some(&auth), Some("b"), Some("c")), Some("a"));
+        assert_eq!(
+            pick_token(Some(&json!({})), Some("b"), Some("c")),
+            Some("b")
+        );
+        assert_eq!(pick_token(None, None, Some("c")), Some("c"));
+        assert_eq!(pick_token(None, Some(""), None), None);
+    }
+}

@@ -1,0 +1,153 @@
+//! The engine seam: what must be shared between gateway nodes — the room bus,
+//! presence and the per-user rate limiter — behind small traits.
+//!
+//! Session code only sees these traits. The in-memory engine ([`memory`])
+//! serves a single node with no dependencies (and many in-process nodes in
+//! tests); the Redis engine implements the same traits for a cluster.
+
+pub mod memory;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use thiserror::Error;
+
+/// A shared dependency failed; the caller refuses the one operation.
+#[derive(Debug, Clone, Error)]
+#[error("engine unavailable: {0}")]
+pub struct EngineError(pub String);
+
+/// One message on a room's bus: an event for the room's members.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RoomMessage {
+    /// The event name members receive.
+    pub event: String,
+    /// Its single argument.
+    pub data: Value,
+    /// Binary attachments referenced by placeholders in `data`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub attachments: Vec<Bytes>,
+    /// The sender's socket id: everyone but the sender receives it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub except: Option<String>,
+    /// Dropped for a full queue rather than queued; never replayed.
+    #[serde(default)]
+    pub volatile: bool,
+    /// Publish time (µs since the epoch), for the fan-out latency histogram.
+    pub published_at_us: u64,
+}
+
+impl RoomMessage {
+    /// A message stamped with the current time.
+    pub fn new(event: impl Into<String>, data: Value) -> Self {
+        RoomMessage {
+            event: event.into(),
+            data,
+            attachments: Vec::new(),
+            except: None,
+            volatile: false,
+            published_at_us: now_us(),
+        }
+    }
+}
+
+/// Microseconds since the Unix epoch.
+pub fn now_us() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or_default()
+}
+
+/// Where a node's bus hands the messages of the rooms it subscribed to.
+/// Called in room order; must not block (it only queues frames).
+pub trait Deliver: Send + Sync + 'static {
+    /// One message of `room`, with the offset the bus assigned.
+    fn deliver(&self, room: &str, offset: &str, msg: &RoomMessage);
+}
+
+/// Fans room messages out to every node that holds a member of the room.
+#[async_trait]
+pub trait RoomBus: Send + Sync + 'static {
+    /// Assigns the message its room offset and delivers it to every
+    /// subscribed node, in offset order. Returns the offset.
+    async fn publish(&self, room: &str, msg: RoomMessage) -> Result<String, EngineError>;
+    /// This node holds a member of `room` from now on.
+    async fn subscribe(&self, room: &str) -> Result<(), EngineError>;
+    /// This node holds no member of `room` any more.
+    async fn unsubscribe(&self, room: &str) -> Result<(), EngineError>;
+}
+
+/// One session in a flow, as `flow:users` and `user:joined` show it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SessionInfo {
+    /// The authenticated user.
+    pub user_id: String,
+    /// The Socket.IO socket id.
+    pub socket_id: String,
+    /// The flow joined.
+    pub flow_id: String,
+    /// Display name given at join.
+    pub user_name: String,
+    /// Display colour given at join.
+    pub user_color: String,
+    /// ISO-8601 join time.
+    pub joined_at: String,
+}
+
+/// Who is in which flow, across all nodes.
+#[async_trait]
+pub trait Presence: Send + Sync + 'static {
+    /// Adds a session to a room; returns everyone in the room, it included.
+    async fn join(
+        &self,
+        room: &str,
+        session: &SessionInfo,
+    ) -> Result<Vec<SessionInfo>, EngineError>;
+    /// Removes a session; returns it if it was there.
+    async fn leave(&self, room: &str, socket_id: &str) -> Result<Option<SessionInfo>, EngineError>;
+    /// Everyone in a room.
+    async fn members(&self, room: &str) -> Result<Vec<SessionInfo>, EngineError>;
+}
+
+/// The per-user event budget.
+#[async_trait]
+pub trait UserLimiter: Send + Sync + 'static {
+    /// Spends one event of `user_id`'s budget; `false` when over budget.
+    async fn check(&self, user_id: &str) -> Result<bool, EngineError>;
+}
+
+/// The engine a node runs on.
+#[derive(Clone)]
+pub struct Engine {
+    /// `memory` or `redis`, for `/health`.
+    pub kind: &'static str,
+    /// The room bus.
+    pub bus: Arc<dyn RoomBus>,
+    /// Presence.
+    pub presence: Arc<dyn Presence>,
+    /// The rate limiter.
+    pub limiter: Arc<dyn UserLimiter>,
+    /// Liveness of the shared store, for `/health`.
+    pub health: Arc<dyn EngineHealth>,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine")
+            .field("kind", &self.kind)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A cheap round trip to the engine's store.
+#[async_trait]
+pub trait EngineHealth: Send + Sync + 'static {
+    /// How long the round trip took, or why it failed.
+    async fn ping(&self) -> Result<Duration, EngineError>;
+}

@@ -1,0 +1,366 @@
+//! The relay table: which client events are relayed to the room, under what
+//! name, with which fields, and how each is treated (rate limit, persistence,
+//! volatility). CONTRACT.md's table is the built-in default; a JSON file
+//! (`FLOWGATE_EVENTS_FILE`) replaces it, so adding an event is configuration.
+//!
+//! File format: `{"events": [ {"event": "pod:move", "emit": "pod:moved",
+//! "fields": ["podId", "position"], "stamp": ["userId"], "rateLimited": true,
+//! "persist": true, "volatile": false}, … ]}`.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+/// Server-stamped fields; never taken from the client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Stamp {
+    /// The authenticated user id.
+    #[serde(rename = "userId")]
+    UserId,
+    /// The sender's Socket.IO socket id.
+    #[serde(rename = "socketId")]
+    SocketId,
+    /// The server's ISO-8601 time.
+    #[serde(rename = "timestamp")]
+    Timestamp,
+}
+
+impl Stamp {
+    /// The field name in the outgoing payload.
+    pub fn field(self) -> &'static str {
+        match self {
+            Stamp::UserId => "userId",
+            Stamp::SocketId => "socketId",
+            Stamp::Timestamp => "timestamp",
+        }
+    }
+}
+
+/// One row of the relay table.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RelayRule {
+    /// The event the client emits.
+    pub event: String,
+    /// The event the rest of the room receives.
+    pub emit: String,
+    /// Payload fields copied to the room; each must be present (else
+    /// `INVALID_PAYLOAD`). Anything else the client sent is not relayed.
+    pub fields: Vec<String>,
+    /// Fields the server adds.
+    #[serde(default)]
+    pub stamp: Vec<Stamp>,
+    /// Counts against the per-user rate limit.
+    #[serde(default = "yes")]
+    pub rate_limited: bool,
+    /// Written to the durable event log (when one is configured).
+    #[serde(default)]
+    pub persist: bool,
+    /// Dropped rather than queued for a slow client; not replayed.
+    #[serde(default)]
+    pub volatile: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TableFile {
+    events: Vec<RelayRule>,
+}
+
+/// Client events the gateway handles itself; a table may not relay them.
+pub const RESERVED: &[&str] = &[
+    "flow:join",
+    "flow:leave",
+    "auth:refresh",
+    "connect",
+    "connect_error",
+    "disconnect",
+    "disconnecting",
+    "newListener",
+    "removeListener",
+    "error",
+];
+
+/// The relay table, looked up by client event name.
+#[derive(Debug, Clone)]
+pub struct RelayTable {
+    rules: HashMap<String, RelayRule>,
+}
+
+fn rule(
+    event: &str,
+    emit: &str,
+    fields: &[&str],
+    stamp: &[Stamp],
+    persist: bool,
+    volatile: bool,
+) -> RelayRule {
+    RelayRule {
+        event: event.into(),
+        emit: emit.into(),
+        fields: fields.iter().map(|f| f.to_string()).collect(),
+        stamp: stamp.to_vec(),
+        rate_limited: true,
+        persist,
+        volatile,
+    }
+}
+
+impl RelayTable {
+    /// CONTRACT.md's table.
+    pub fn contract_default() -> Self {
+        use Stamp::*;
+        let rows = vec![
+            rule(
+                "pod:create",
+                "pod:created",
+                &["pod"],
+                &[UserId, Timestamp],
+                true,
+                false,
+            ),
+            rule(
+                "pod:update",
+                "pod:updated",
+                &["podId", "updates"],
+                &[UserId, Timestamp],
+                true,
+                false,
+            ),
+            rule(
+                "pod:delete",
+                "pod:deleted",
+                &["podId"],
+                &[UserId, Timestamp],
+                true,
+                false,
+            ),
+            rule(
+                "pod:move",
+                "pod:moved",
+                &["podId", "position"],
+                &[UserId],
+                true,
+                false,
+            ),
+            rule(
+                "pod:lock",
+                "pod:locked",
+                &["podId"],
+                &[UserId, Timestamp],
+                true,
+                false,
+            ),
+            rule(
+                "pod:unlock",
+                "pod:unlocked",
+                &["podId"],
+                &[UserId, Timestamp],
+                true,
+                false,
+            ),
+            rule(
+                "edge:create",
+                "edge:created",
+                &["edge"],
+                &[UserId, Timestamp],
+                true,
+                false,
+            ),
+            rule(
+                "edge:delete",
+                "edge:deleted",
+                &["edgeId"],
+                &[UserId, Timestamp],
+                true,
+                false,
+            ),
+            rule(
+                "cursor:move",
+                "cursor:updated",
+                &["position"],
+                &[UserId, SocketId],
+                false,
+                true,
+            ),
+            rule(
+                "selection:change",
+                "selection:changed",
+                &["selectedPodIds"],
+                &[UserId, SocketId],
+                false,
+                true,
+            ),
+        ];
+        Self::from_rules(rows).expect("the built-in table is valid")
+    }
+
+    /// Reads a table file.
+    pub fn load(path: &Path) -> Result<Self, String> {
+        let text = std::fs::read_to_string(path).map_err(|e| e.to_string())?;
+        let file: TableFile = serde_json::from_str(&text).map_err(|e| e.to_string())?;
+        Self::from_rules(file.events)
+    }
+
+    fn from_rules(rows: Vec<RelayRule>) -> Result<Self, String> {
+        let mut rules = HashMap::new();
+        for r in rows {
+            if RESERVED.contains(&r.event.as_str()) {
+                return Err(format!(
+                    "{:?} is handled by the gateway and cannot be relayed",
+                    r.event
+                ));
+            }
+            if r.event.is_empty() || r.emit.is_empty() {
+                return Err("event and emit must not be empty".into());
+            }
+            if let Some(f) = r
+                .fields
+                .iter()
+                .find(|f| r.stamp.iter().any(|s| s.field() == f.as_str()))
+            {
+                return Err(format!(
+                    "{:?}: field {f:?} is stamped by the server",
+                    r.event
+                ));
+            }
+            if rules.insert(r.event.clone(), r).is_some() {
+                return Err("an event appears twice".into());
+            }
+        }
+        Ok(RelayTable { rules })
+    }
+
+    /// The rule of a client event.
+    pub fn get(&self, event: &str) -> Option<&RelayRule> {
+        self.rules.get(event)
+    }
+
+    /// Every rule.
+    pub fn rules(&self) -> impl Iterator<Item = &RelayRule> {
+        self.rules.values()
+    }
+}
+
+/// Why a payload cannot be relayed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PayloadError(pub String);
+
+impl RelayRule {
+    /// Builds the outgoing payload: the rule's fields from the client's
+    /// object, then the stamps (overwriting anything the client sent).
+    pub fn build(
+        &self,
+        payload: Option<&Value>,
+        user_id: &str,
+        socket_id: &str,
+        timestamp: &str,
+    ) -> Result<Map<String, Value>, PayloadError> {
+        let obj = payload
+            .and_then(Value::as_object)
+            .ok_or_else(|| PayloadError(format!("{} expects an object payload", self.event)))?;
+        let mut out = Map::with_capacity(self.fields.len() + self.stamp.len());
+        for f in &self.fields {
+            match obj.get(f) {
+                Some(v) if !v.is_null() => {
+                    out.insert(f.clone(), v.clone());
+                }
+                _ => return Err(PayloadError(format!("{} requires {f}", self.event))),
+            }
+        }
+        for s in &self.stamp {
+            let v = match s {
+                Stamp::UserId => user_id,
+                Stamp::SocketId => socket_id,
+                Stamp::Timestamp => timestamp,
+            };
+            out.insert(s.field().to_owned(), Value::String(v.to_owned()));
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn default_table_matches_contract() {
+        let t = RelayTable::contract_default();
+        assert_eq!(t.rules().count(), 10);
+        let m = t.get("pod:move").unwrap();
+        let out = m
+            .build(
+                Some(&json!({"podId": "p", "position": {"x": 1, "y": 2}, "userId": "forged", "extra": 1})),
+                "u1",
+                "s1",
+                "t",
+            )
+            .unwrap();
+        assert_eq!(
+            Value::Object(out),
+            json!({"podId": "p", "position": {"x": 1, "y": 2}, "userId": "u1"})
+        );
+        assert!(t.get("cursor:move").unwrap().volatile);
+        assert!(!t.get("cursor:move").unwrap().persist);
+        assert!(t.get("pod:create").unwrap().persist);
+    }
+
+    #[test]
+    fn missing_fields_are_refused() {
+        let t = RelayTable::contract_default();
+        let e = t
+            .get("pod:update")
+            .unwrap()
+            .build(Some(&json!({"podId": "p"})), "u", "s", "t");
+        assert_eq!(e.unwrap_err().0, "pod:update requires updates");
+        assert!(t
+            .get("pod:update")
+            .unwrap()
+            .build(Some(&json!([1])), "u", "s", "t")
+            .is_err());
+        assert!(t
+            .get("pod:update")
+            .unwrap()
+            .build(None, "u", "s", "t")
+            .is_err());
+    }
+
+    #[test]
+    fn files_are_checked() {
+        let dir = std::env::temp_dir().join(format!("flowgate-events-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let good = dir.join("good.json");
+        std::fs::write(
+            &good,
+            r#"{"events":[{"event":"note:add","emit":"note:added","fields":["text"],"stamp":["userId","timestamp"]}]}"#,
+        )
+        .unwrap();
+        let t = RelayTable::load(&good).unwrap();
+        assert!(t.get("note:add").unwrap().rate_limited);
+        assert!(t.get("pod:move").is_none());
+        let bad = dir.join("bad.json");
+        std::fs::write(
+            &bad,
+            r#"{"events":[{"event":"flow:join","emit":"x","fields":[]}]}"#,
+        )
+        .unwrap();
+        assert!(RelayTable::load(&bad)
+            .unwrap_err()
+            .contains("handled by the gateway"));
+        std::fs::write(
+            &bad,
+            r#"{"events":[{"event":"a","emit":"b","fields":["userId"],"stamp":["userId"]}]}"#,
+        )
+        .unwrap();
+        assert!(RelayTable::load(&bad).is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -1,0 +1,171 @@
+//! Prometheus metrics of one node, served at `/metrics`.
+//!
+//! Label values are bounded: event names are labelled only when the relay
+//! table or the gateway itself knows them (everything else is `other`), so
+//! a client cannot grow the series count by inventing event names.
+
+use std::collections::HashSet;
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+    TextEncoder,
+};
+
+/// Every metric the node exports.
+#[derive(Clone, Debug)]
+pub struct Metrics {
+    registry: Registry,
+    /// Event names that get their own label value.
+    known_events: std::sync::Arc<HashSet<String>>,
+    /// Open WebSocket connections.
+    pub connections: IntGauge,
+    /// Connections refused at the upgrade (cap, drain, origin).
+    pub connections_refused: IntCounterVec,
+    /// Rooms with at least one member on this node.
+    pub rooms: IntGauge,
+    /// Client events received, by event name.
+    pub events_in: IntCounterVec,
+    /// Event frames queued to clients, by event name.
+    pub events_out: IntCounterVec,
+    /// Refused client events, by error code.
+    pub refusals: IntCounterVec,
+    /// From publish to queued on this node's members.
+    pub fanout_latency: Histogram,
+    /// Volatile frames dropped for a full queue.
+    pub queue_drops: IntCounter,
+    /// Clients disconnected for not reading.
+    pub slow_consumer_disconnects: IntCounter,
+    /// Connections closed for a malformed frame, by reason.
+    pub protocol_errors: IntCounterVec,
+    /// Engine (bus, presence, limiter) operations that failed.
+    pub engine_errors: IntCounterVec,
+}
+
+/// Events the gateway itself emits or handles.
+const GATEWAY_EVENTS: &[&str] = &[
+    "flow:join",
+    "flow:leave",
+    "auth:refresh",
+    "user:joined",
+    "user:left",
+    "flow:users",
+    "connected",
+    "error",
+    "execution:started",
+    "execution:token",
+    "execution:completed",
+    "execution:error",
+];
+
+impl Metrics {
+    /// Registers every metric; `relay_events` are the table's client and
+    /// outgoing event names.
+    pub fn new<'a>(relay_events: impl IntoIterator<Item = &'a str>) -> Self {
+        let registry =
+            Registry::new_custom(Some("flowgate".into()), None).expect("a static prefix is valid");
+        let mut known: HashSet<String> = GATEWAY_EVENTS.iter().map(|s| s.to_string()).collect();
+        known.extend(relay_events.into_iter().map(str::to_owned));
+
+        fn reg<T: prometheus::core::Collector + Clone + 'static>(r: &Registry, m: T) -> T {
+            r.register(Box::new(m.clone()))
+                .expect("metric names are unique");
+            m
+        }
+        let counter_vec = |name: &str, help: &str, label: &str| {
+            reg(
+                &registry,
+                IntCounterVec::new(Opts::new(name, help), &[label]).expect("valid metric"),
+            )
+        };
+        let connections = reg(
+            &registry,
+            IntGauge::new("connections", "Open WebSocket connections").expect("valid metric"),
+        );
+        let rooms = reg(
+            &registry,
+            IntGauge::new("rooms", "Rooms with a member on this node").expect("valid metric"),
+        );
+        let fanout_latency = reg(
+            &registry,
+            Histogram::with_opts(
+                HistogramOpts::new(
+                    "fanout_latency_seconds",
+                    "Time from publish to the frame being queued to this node's members",
+                )
+                .buckets(vec![
+                    0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05,
+                    0.1, 0.25, 1.0,
+                ]),
+            )
+            .expect("valid metric"),
+        );
+        let queue_drops = reg(
+            &registry,
+            IntCounter::new(
+                "queue_drops_total",
+                "Volatile frames dropped for a full client queue",
+            )
+            .expect("valid metric"),
+        );
+        let slow_consumer_disconnects = reg(
+            &registry,
+            IntCounter::new(
+                "slow_consumer_disconnects_total",
+                "Clients disconnected because their queue stayed full",
+            )
+            .expect("valid metric"),
+        );
+        Metrics {
+            known_events: std::sync::Arc::new(known),
+            connections,
+            connections_refused: counter_vec(
+                "connections_refused_total",
+                "Upgrades refused",
+                "reason",
+            ),
+            rooms,
+            events_in: counter_vec("events_in_total", "Client events received", "event"),
+            events_out: counter_vec(
+                "events_out_total",
+                "Event frames queued to clients",
+                "event",
+            ),
+            refusals: counter_vec(
+                "refusals_total",
+                "Refused client events by error code",
+                "code",
+            ),
+            fanout_latency,
+            queue_drops,
+            slow_consumer_disconnects,
+            protocol_errors: counter_vec(
+                "protocol_errors_total",
+                "Connections closed for a malformed frame",
+                "reason",
+            ),
+            engine_errors: counter_vec(
+                "engine_errors_total",
+                "Failed engine operations",
+                "operation",
+            ),
+            registry,
+        }
+    }
+
+    /// The label value for an event name.
+    pub fn event_label<'a>(&self, event: &'a str) -> &'a str {
+        if self.known_events.contains(event) {
+            event
+        } else {
+            "other"
+        }
+    }
+
+    /// The Prometheus text exposition.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        // Encoding gathered families into a Vec cannot fail.
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
+        String::from_utf8(buf).unwrap_or_default()
+    }
+}

@@ -1,0 +1,225 @@
+//! This node's side of the rooms: which local sockets are in which room, the
+//! bus subscriptions that follow from it, and the fan-out of a room message
+//! to local members.
+//!
+//! Fan-out encodes a message into its Socket.IO frame once per node and
+//! queues the same bytes to every local member (no per-recipient JSON work).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::ws::Utf8Bytes;
+use dashmap::DashMap;
+use serde_json::Value;
+
+use crate::engine::{now_us, Deliver, EngineError, RoomBus, RoomMessage};
+use crate::metrics::Metrics;
+use crate::outbound::{EncodedEvent, OutFrame, Outbound};
+
+/// The Socket.IO namespace of flow rooms.
+pub const NSP: &str = "/flows";
+
+/// The room name of a flow.
+pub fn room_of(flow_id: &str) -> String {
+    format!("flow:{flow_id}")
+}
+
+/// One local member of a room.
+#[derive(Debug, Clone)]
+pub struct Member {
+    /// Socket id, to skip the sender.
+    pub socket_id: Arc<str>,
+    /// User id, to remove a user's sockets (membership revocation).
+    pub user_id: Arc<str>,
+    /// Its queue.
+    pub outbound: Outbound,
+}
+
+/// Local members by room; the bus delivers into it.
+#[derive(Debug)]
+pub struct Fanout {
+    rooms: DashMap<String, Vec<Member>>,
+    metrics: Metrics,
+}
+
+/// Encodes `event` with one argument into an EVENT (or BINARY_EVENT) frame
+/// of the flows namespace.
+pub fn encode_event(event: &str, data: &Value, attachments: &[bytes::Bytes]) -> EncodedEvent {
+    let args = Value::Array(vec![Value::String(event.to_owned()), data.clone()]);
+    encode_args(&args, attachments)
+}
+
+fn encode_args(args: &Value, attachments: &[bytes::Bytes]) -> EncodedEvent {
+    let mut text = String::with_capacity(64);
+    if attachments.is_empty() {
+        text.push_str("42");
+    } else {
+        text.push_str(&format!("45{}-", attachments.len()));
+    }
+    text.push_str(NSP);
+    text.push(',');
+    // Writing a `Value` into a String cannot fail.
+    text.push_str(&serde_json::to_string(args).unwrap_or_default());
+    EncodedEvent {
+        text: Utf8Bytes::from(text),
+        attachments: attachments.to_vec(),
+    }
+}
+
+impl Fanout {
+    /// An empty fan-out.
+    pub fn new(metrics: Metrics) -> Self {
+        Fanout {
+            rooms: DashMap::new(),
+            metrics,
+        }
+    }
+
+    fn insert(&self, room: &str, member: Member) -> bool {
+        let mut members = self.rooms.entry(room.to_owned()).or_default();
+        let first = members.is_empty();
+        members.retain(|m| m.socket_id != member.socket_id);
+        members.push(member);
+        if first {
+            self.metrics.rooms.inc();
+        }
+        first
+    }
+
+    /// Removes a member; returns whether the room is now empty here.
+    fn remove(&self, room: &str, socket_id: &str) -> bool {
+        let emptied = self
+            .rooms
+            .remove_if_mut(room, |_, members| {
+                members.retain(|m| &*m.socket_id != socket_id);
+                members.is_empty()
+            })
+            .is_some();
+        if emptied {
+            self.metrics.rooms.dec();
+        }
+        emptied
+    }
+
+    fn has_members(&self, room: &str) -> bool {
+        self.rooms.get(room).is_some_and(|m| !m.is_empty())
+    }
+
+    /// Local members of a room (a snapshot).
+    pub fn members(&self, room: &str) -> Vec<Member> {
+        self.rooms.get(room).map(|m| m.clone()).unwrap_or_default()
+    }
+}
+
+impl Deliver for Fanout {
+    fn deliver(&self, room: &str, _offset: &str, msg: &RoomMessage) {
+        let Some(members) = self.rooms.get(room) else {
+            return;
+        };
+        let except = msg.except.as_deref();
+        let recipients = members
+            .iter()
+            .filter(|m| Some(&*m.socket_id) != except)
+            .count();
+        if recipients == 0 {
+            return;
+        }
+        let frame = OutFrame::Shared(Arc::new(encode_event(
+            &msg.event,
+            &msg.data,
+            &msg.attachments,
+        )));
+        for m in members.iter().filter(|m| Some(&*m.socket_id) != except) {
+            m.outbound.push(frame.clone(), msg.volatile);
+        }
+        drop(members);
+        self.metrics
+            .events_out
+            .with_label_values(&[self.metrics.event_label(&msg.event)])
+            .inc_by(recipients as u64);
+        let latency = Duration::from_micros(now_us().saturating_sub(msg.published_at_us));
+        self.metrics.fanout_latency.observe(latency.as_secs_f64());
+    }
+}
+
+/// Room membership of this node's sockets, and the bus subscriptions that
+/// follow from it: subscribed while at least one local member is in a room.
+pub struct Rooms {
+    fanout: Arc<Fanout>,
+    bus: Arc<dyn RoomBus>,
+    /// Striped locks: a join and a leave of the same room must not reorder
+    /// their subscribe / unsubscribe, or a room could end up with a member
+    /// and no subscription.
+    locks: Vec<tokio::sync::Mutex<()>>,
+}
+
+impl std::fmt::Debug for Rooms {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Rooms").finish_non_exhaustive()
+    }
+}
+
+impl Rooms {
+    /// Rooms over a fan-out and a bus.
+    pub fn new(fanout: Arc<Fanout>, bus: Arc<dyn RoomBus>) -> Self {
+        Rooms {
+            fanout,
+            bus,
+            locks: (0..64).map(|_| tokio::sync::Mutex::new(())).collect(),
+        }
+    }
+
+    fn lock(&self, room: &str) -> &tokio::sync::Mutex<()> {
+        use std::hash::{BuildHasher, BuildHasherDefault};
+        let h = BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default()
+            .hash_one(room);
+        &self.locks[(h % self.locks.len() as u64) as usize]
+    }
+
+    /// Adds a local member, subscribing the node to the room first if it
+    /// is the first one.
+    pub async fn join(&self, room: &str, member: Member) -> Result<(), EngineError> {
+        let _guard = self.lock(room).lock().await;
+        if !self.fanout.has_members(room) {
+            self.bus.subscribe(room).await?;
+        }
+        self.fanout.insert(room, member);
+        Ok(())
+    }
+
+    /// Removes a local member, unsubscribing when it was the last one.
+    pub async fn leave(&self, room: &str, socket_id: &str) -> Result<(), EngineError> {
+        let _guard = self.lock(room).lock().await;
+        if self.fanout.remove(room, socket_id) {
+            self.bus.unsubscribe(room).await?;
+        }
+        Ok(())
+    }
+
+    /// The fan-out, for looking up local members.
+    pub fn fanout(&self) -> &Fanout {
+        &self.fanout
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn encodes_plain_and_binary_events() {
+        let e = encode_event("pod:moved", &json!({"x": 1}), &[]);
+        assert_eq!(e.text.as_str(), r#"42/flows,["pod:moved",{"x":1}]"#);
+        let e = encode_event(
+            "pod:updated",
+            &json!({"b": {"_placeholder": true, "num": 0}}),
+            &[bytes::Bytes::from_static(b"\x01")],
+        );
+        assert_eq!(
+            e.text.as_str(),
+            r#"451-/flows,["pod:updated",{"b":{"_placeholder":true,"num":0}}]"#
+        );
+        assert_eq!(e.attachments.len(), 1);
+    }
+}
