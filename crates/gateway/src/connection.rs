@@ -127,6 +127,11 @@ fn text(s: String) -> OutFrame {
     OutFrame::Text(Utf8Bytes::from(s))
 }
 
+/// A Socket.IO packet inside an Engine.IO `message`.
+fn sio(p: &Packet) -> OutFrame {
+    text(EnginePacket::Message(&p.encode()).encode())
+}
+
 fn expiry_instant(exp: Option<u64>, leeway: Duration) -> Option<Instant> {
     let exp = exp?;
     let now = std::time::SystemTime::now()
@@ -393,10 +398,8 @@ impl Conn {
                 .refusals
                 .with_label_values(&["TOKEN_EXPIRED"])
                 .inc();
-            self.out.push(
-                text(Packet::new(PacketType::Disconnect, NSP, None).encode()),
-                false,
-            );
+            self.out
+                .push(sio(&Packet::new(PacketType::Disconnect, NSP, None)), false);
             return Err(End::TokenExpired);
         }
         Ok(())
@@ -480,7 +483,7 @@ impl Conn {
                     &p.nsp,
                     Some(json!({"message": "Invalid namespace"})),
                 );
-                self.out.push(text(err.encode()), false);
+                self.out.push(sio(&err), false);
             } else {
                 debug!(nsp = %p.nsp, "packet for a namespace without a socket ignored");
             }
@@ -555,14 +558,14 @@ impl Conn {
                     NSP,
                     Some(json!({"message": e.to_string(), "data": {"code": e.code()}})),
                 );
-                self.out.push(text(err.encode()), false);
+                self.out.push(sio(&err), false);
             }
             Ok(identity) => {
                 let id: Arc<str> = random_id(20).into();
                 let user_id: Arc<str> = identity.user_id.as_str().into();
                 let expires = expiry_instant(identity.expires_at, app.config.jwt.leeway);
                 let ok = Packet::new(PacketType::Connect, NSP, Some(json!({"sid": &*id})));
-                self.out.push(text(ok.encode()), false);
+                self.out.push(sio(&ok), false);
                 info!(user = %user_id, socket = %id, "socket connected");
                 self.emit(
                     "connected",
@@ -650,7 +653,7 @@ impl Conn {
             id: Some(id),
             ..Packet::new(PacketType::Ack, NSP, Some(Value::Array(vec![data])))
         };
-        self.out.push(text(p.encode()), false);
+        self.out.push(sio(&p), false);
     }
 
     async fn spend_budget(&self) -> bool {

@@ -42,8 +42,8 @@ pub struct Fanout {
     metrics: Metrics,
 }
 
-/// Encodes `event` with one argument into an EVENT (or BINARY_EVENT) frame
-/// of the flows namespace.
+/// Encodes `event` with one argument into the Engine.IO `message` frame of
+/// an EVENT (or BINARY_EVENT) of the flows namespace.
 pub fn encode_event(event: &str, data: &Value, attachments: &[bytes::Bytes]) -> EncodedEvent {
     let args = Value::Array(vec![Value::String(event.to_owned()), data.clone()]);
     encode_args(&args, attachments)

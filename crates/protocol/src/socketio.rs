@@ -174,6 +174,10 @@ impl Packet {
                 return Err(DecodeError::BadAttachments);
             }
             expected = digits.parse().map_err(|_| DecodeError::BadAttachments)?;
+            // The reference parser refuses a binary packet with no attachment.
+            if expected == 0 {
+                return Err(DecodeError::BadAttachments);
+            }
             i = dash + 1;
         }
 
@@ -219,7 +223,7 @@ impl Packet {
             data,
             attachments: Vec::new(),
         };
-        if expected > 0 {
+        if kind.is_binary() {
             Ok(Decoded::NeedsAttachments(PartialPacket {
                 packet,
                 expected,
