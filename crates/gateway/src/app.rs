@@ -53,7 +53,7 @@ impl App {
         let verifier = TokenVerifier::new(&config.jwt).context("JWT key")?;
         let fanout = Arc::new(Fanout::new(metrics.clone()));
         let engine = match &config.redis_url {
-            None => hub.unwrap_or_else(MemoryHub::new).engine(
+            None => hub.unwrap_or_default().engine(
                 &config.node_id,
                 fanout.clone(),
                 config.rate_per_sec,

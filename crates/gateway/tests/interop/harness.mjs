@@ -126,3 +126,142 @@ export async function join(socket, flowId, extra = {}) {
   if (!ack.ok) throw new Error(`join refused: ${JSON.stringify(ack)}`);
   return users;
 }
+
+// ---------------------------------------------------------------------------
+// Extensions used by the *.test.mjs files.
+
+import crypto from "node:crypto";
+import fs from "node:fs";
+import os from "node:os";
+
+const liveNodes = new Set();
+const liveSockets = new Set();
+// Never leave a node behind if the test process dies.
+process.on("exit", () => {
+  for (const n of liveNodes) if (n.proc.exitCode === null) n.proc.kill("SIGKILL");
+});
+
+/** startNode, remembered so that `cleanup()` stops it. */
+export async function node(env = {}) {
+  const n = await startNode(env);
+  liveNodes.add(n);
+  n.port = Number(new URL(n.url).port);
+  return n;
+}
+
+/** Remembers a socket so that `cleanup()` closes it. */
+export function track(socket) {
+  liveSockets.add(socket);
+  return socket;
+}
+
+/** connect(), remembered for `cleanup()`. */
+export async function client(url, opts = {}) {
+  const s = await connect(url, opts);
+  return track(s);
+}
+
+/** connect() for user `userId` with a fresh token in the auth payload. */
+export function user(url, userId, opts = {}) {
+  return client(url, { auth: { token: token(userId) }, ...opts });
+}
+
+/** Closes every tracked socket, then SIGTERMs every node (bounded). */
+export async function cleanup() {
+  for (const s of liveSockets) s.close();
+  liveSockets.clear();
+  await Promise.all(
+    [...liveNodes].map(async (n) => {
+      liveNodes.delete(n);
+      if (n.proc.exitCode !== null || n.proc.signalCode !== null) return;
+      const killer = setTimeout(() => n.proc.kill("SIGKILL"), 8000);
+      await n.stop();
+      clearTimeout(killer);
+    }),
+  );
+}
+
+/**
+ * Opens a socket that is expected to be refused; resolves with the
+ * connect_error, rejects if `connected` arrives or nothing within `ms`.
+ */
+export function connectError(url, opts = {}, { nsp = "/flows", ms = 3000 } = {}) {
+  const socket = io(url + nsp, {
+    transports: ["websocket"],
+    reconnection: false,
+    forceNew: true,
+    ...opts,
+  });
+  return new Promise((resolve, reject) => {
+    const timer = setTimeout(() => {
+      socket.close();
+      reject(new Error(`neither connect_error nor connected within ${ms} ms`));
+    }, ms);
+    socket.once("connect_error", (err) => {
+      clearTimeout(timer);
+      socket.close();
+      resolve(err);
+    });
+    socket.once("connected", (info) => {
+      clearTimeout(timer);
+      socket.close();
+      reject(new Error(`connected although it should be refused: ${JSON.stringify(info)}`));
+    });
+  });
+}
+
+const b64url = (x) => Buffer.from(typeof x === "string" ? x : JSON.stringify(x)).toString("base64url");
+
+/** A JWT built by hand: any header, HMAC-SHA256 with `secret`, or no signature when secret is null. */
+export function rawJwt(header, payload, secret) {
+  const input = `${b64url(header)}.${b64url(payload)}`;
+  if (secret == null) return `${input}.`;
+  const sig = crypto.createHmac("sha256", secret).update(input).digest("base64url");
+  return `${input}.${sig}`;
+}
+
+export const nowSecs = () => Math.floor(Date.now() / 1000);
+
+/** A temp file holding `text`; removed by the OS temp cleaner / the test. */
+export function tempFile(name, text) {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), "flowgate-interop-"));
+  const file = path.join(dir, name);
+  fs.writeFileSync(file, text);
+  return file;
+}
+
+/** Calls the server API; resolves with { status, body } (body parsed as JSON when possible). */
+export async function api(url, method, pathname, { body, bearer } = {}) {
+  const headers = {};
+  if (bearer !== undefined) headers.authorization = `Bearer ${bearer}`;
+  if (body !== undefined) headers["content-type"] = "application/json";
+  const res = await fetch(url + pathname, {
+    method,
+    headers,
+    body: body === undefined ? undefined : JSON.stringify(body),
+    signal: AbortSignal.timeout(3000),
+  });
+  const text = await res.text();
+  let parsed = text;
+  try {
+    parsed = JSON.parse(text);
+  } catch {}
+  return { status: res.status, body: parsed };
+}
+
+/** Records every incoming event on `socket` as [name, ...args]. */
+export function recordAll(socket) {
+  const seen = [];
+  socket.onAny((...args) => seen.push(args));
+  return seen;
+}
+
+/** Emits with an ack and resolves with a refusal's `error` event and the ack together. */
+export async function refused(socket, event, data, ms = 3000) {
+  const err = next(socket, "error", ms);
+  err.catch(() => {}); // surfaced below if the ack succeeds
+  const ack = await emitAck(socket, event, data, ms);
+  return { ack, error: await err };
+}
+
+export const ISO = /^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d+)?(Z|[+-]\d{2}:\d{2})$/;

@@ -1,0 +1,435 @@
+//! Raw-frame tests: a real node on a free port, driven with
+//! tokio-tungstenite frame by frame. Every malformed input closes only the
+//! connection that sent it, with the reason counted, and the node keeps
+//! serving the others.
+
+use std::time::Duration;
+
+use flowgate_test_support::{http, token, Closed, RawClient, TestNode, SERVICE_TOKEN};
+use serde_json::{json, Value};
+
+async fn node(vars: &[(&str, &str)]) -> TestNode {
+    TestNode::start(vars).await.expect("node starts")
+}
+
+/// A connected client in flow `f`, to prove the node still serves others.
+async fn bystander(n: &TestNode) -> RawClient {
+    let mut c = RawClient::connect(&n.ws_url(), &token("bystander", 600))
+        .await
+        .unwrap();
+    let ack = c
+        .emit_ack(1, "flow:join", json!({"flowId": "f"}))
+        .await
+        .unwrap();
+    assert_eq!(ack, json!({"ok": true}));
+    c
+}
+
+async fn still_serves(c: &mut RawClient, id: u64) {
+    let ack = c
+        .emit_ack(
+            id,
+            "pod:move",
+            json!({"podId": "p", "position": {"x": 1, "y": 2}}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(ack, json!({"ok": true}));
+}
+
+#[tokio::test]
+async fn open_packet_advertises_the_contract_settings() {
+    let n = node(&[]).await;
+    let c = RawClient::open(&n.ws_url()).await.unwrap();
+    assert_eq!(c.open["upgrades"], json!([]));
+    assert_eq!(c.open["pingInterval"], json!(25000));
+    assert_eq!(c.open["pingTimeout"], json!(60000));
+    assert_eq!(c.open["maxPayload"], json!(1_000_000));
+    assert_eq!(c.open["sid"].as_str().unwrap().len(), 20);
+}
+
+#[tokio::test]
+async fn malformed_frames_close_only_their_connection() {
+    let n = node(&[("FLOWGATE_MAX_PAYLOAD", "10000")]).await;
+    let mut other = bystander(&n).await;
+    let cases: Vec<(&str, Vec<&str>, &str)> = vec![
+        (
+            "unknown engine.io type",
+            vec!["9hello"],
+            "bad engine.io packet",
+        ),
+        (
+            "unknown socket.io type",
+            vec!["49/flows,"],
+            "bad socket.io packet",
+        ),
+        (
+            "bad json",
+            vec![r#"42/flows,["pod:move",{"podId":}]"#],
+            "bad socket.io packet",
+        ),
+        (
+            "event payload is an object",
+            vec![r#"42/flows,{"a":1}"#],
+            "bad socket.io packet",
+        ),
+        (
+            "event payload is an empty array",
+            vec!["42/flows,[]"],
+            "bad socket.io packet",
+        ),
+        (
+            "event name is not a string",
+            vec!["42/flows,[1,2]"],
+            "bad socket.io packet",
+        ),
+        (
+            "ack without id",
+            vec!["43/flows,[]"],
+            "bad socket.io packet",
+        ),
+        (
+            "ack id out of range",
+            vec!["42/flows,99999999999999999999[\"a\"]"],
+            "bad socket.io packet",
+        ),
+        (
+            "ack for an id never issued",
+            vec!["43/flows,7[{}]"],
+            "ack for an id the server never issued",
+        ),
+        (
+            "engine upgrade packet",
+            vec!["5"],
+            "unexpected engine.io packet",
+        ),
+        (
+            "text while attachments due",
+            vec![
+                r#"451-/flows,["pod:update",{"_placeholder":true,"num":0}]"#,
+                "42/flows,[\"a\"]",
+            ],
+            "text frame while attachments were due",
+        ),
+        (
+            "too many attachments",
+            vec![r#"4599-/flows,["a"]"#],
+            "too many attachments",
+        ),
+    ];
+    for (i, (what, frames, reason)) in cases.into_iter().enumerate() {
+        let before = n.metric(&format!(
+            "flowgate_protocol_errors_total{{reason=\"{reason}\"}}"
+        ));
+        let mut c = RawClient::connect(&n.ws_url(), &token("mallory", 600))
+            .await
+            .unwrap();
+        for f in frames {
+            c.send_text(f).await.unwrap();
+        }
+        let closed = c.closed(Duration::from_secs(3)).await.unwrap();
+        assert_eq!(closed, Closed::Code(1002), "{what}");
+        let after = n.metric(&format!(
+            "flowgate_protocol_errors_total{{reason=\"{reason}\"}}"
+        ));
+        assert_eq!(after, before + 1.0, "{what}: counted under {reason:?}");
+        still_serves(&mut other, 100 + i as u64).await;
+    }
+}
+
+#[tokio::test]
+async fn unexpected_binary_and_bad_placeholders_close() {
+    let n = node(&[]).await;
+    let mut other = bystander(&n).await;
+
+    let mut c = RawClient::connect(&n.ws_url(), &token("m", 600))
+        .await
+        .unwrap();
+    c.send_binary(vec![1, 2, 3]).await.unwrap();
+    assert_eq!(
+        c.closed(Duration::from_secs(3)).await.unwrap(),
+        Closed::Code(1002)
+    );
+
+    // A placeholder pointing past the attachments would make every
+    // receiving socket.io-client throw; the sender is closed instead.
+    let mut c = RawClient::connect(&n.ws_url(), &token("m", 600))
+        .await
+        .unwrap();
+    c.send_text(
+        r#"451-/flows,["pod:update",{"podId":"p","updates":{"_placeholder":true,"num":3}}]"#,
+    )
+    .await
+    .unwrap();
+    c.send_binary(vec![1]).await.unwrap();
+    assert_eq!(
+        c.closed(Duration::from_secs(3)).await.unwrap(),
+        Closed::Code(1002)
+    );
+    still_serves(&mut other, 2).await;
+}
+
+#[tokio::test]
+async fn oversize_frames_close_with_1009() {
+    let n = node(&[("FLOWGATE_MAX_PAYLOAD", "1000")]).await;
+    let mut other = bystander(&n).await;
+    let mut c = RawClient::connect(&n.ws_url(), &token("big", 600))
+        .await
+        .unwrap();
+    let big = format!(
+        r#"42/flows,["pod:create",{{"pod":"{}"}}]"#,
+        "x".repeat(2000)
+    );
+    c.send_text(&big).await.unwrap();
+    assert_eq!(
+        c.closed(Duration::from_secs(3)).await.unwrap(),
+        Closed::Code(1009)
+    );
+    assert_eq!(
+        n.metric(r#"flowgate_protocol_errors_total{reason="oversize frame"}"#),
+        1.0
+    );
+    // Attachments count against the same limit.
+    let mut c = RawClient::connect(&n.ws_url(), &token("big", 600))
+        .await
+        .unwrap();
+    c.send_text(r#"452-/flows,["pod:update",{"podId":"p","updates":[{"_placeholder":true,"num":0},{"_placeholder":true,"num":1}]}]"#)
+        .await
+        .unwrap();
+    c.send_binary(vec![0; 600]).await.unwrap();
+    c.send_binary(vec![0; 600]).await.unwrap();
+    assert_eq!(
+        c.closed(Duration::from_secs(3)).await.unwrap(),
+        Closed::Code(1009)
+    );
+    still_serves(&mut other, 2).await;
+}
+
+#[tokio::test]
+async fn unknown_namespace_gets_connect_error_and_the_connection_stays() {
+    let n = node(&[]).await;
+    let mut c = RawClient::open(&n.ws_url()).await.unwrap();
+    c.send_text("40/admin,").await.unwrap();
+    assert_eq!(
+        c.recv_text().await.unwrap(),
+        r#"44/admin,{"message":"Invalid namespace"}"#
+    );
+    c.send_text("40").await.unwrap();
+    assert_eq!(
+        c.recv_text().await.unwrap(),
+        r#"44{"message":"Invalid namespace"}"#
+    );
+    // Same connection, right namespace.
+    c.send_text(&format!("40/flows,{}", json!({"token": token("u", 600)})))
+        .await
+        .unwrap();
+    assert!(c
+        .recv_text()
+        .await
+        .unwrap()
+        .starts_with("40/flows,{\"sid\":"));
+}
+
+#[tokio::test]
+async fn no_connect_closes_after_the_connect_timeout() {
+    let n = node(&[("FLOWGATE_CONNECT_TIMEOUT_MS", "300")]).await;
+    let mut c = RawClient::open(&n.ws_url()).await.unwrap();
+    assert_eq!(
+        c.closed(Duration::from_secs(3)).await.unwrap(),
+        Closed::Code(1008)
+    );
+}
+
+#[tokio::test]
+async fn heartbeat_closes_a_silent_client_and_keeps_a_live_one() {
+    let n = node(&[
+        ("FLOWGATE_PING_INTERVAL_MS", "100"),
+        ("FLOWGATE_PING_TIMEOUT_MS", "200"),
+    ])
+    .await;
+    // Answers pings (recv_text does) across several intervals.
+    let mut live = RawClient::connect(&n.ws_url(), &token("live", 600))
+        .await
+        .unwrap();
+    let mut silent = RawClient::open(&n.ws_url()).await.unwrap();
+    let (silent_end, live_end) = tokio::join!(
+        async {
+            let first = silent.recv_raw(Duration::from_secs(2)).await.unwrap();
+            assert_eq!(first.to_text().unwrap(), "2");
+            silent.closed(Duration::from_secs(3)).await.unwrap()
+        },
+        live.pump(Duration::from_millis(800))
+    );
+    assert_eq!(silent_end, Closed::Code(1000));
+    live_end.unwrap();
+    assert_eq!(
+        live.emit_ack(1, "flow:join", json!({"flowId": "x"}))
+            .await
+            .unwrap(),
+        json!({"ok": true})
+    );
+}
+
+#[tokio::test]
+async fn handshake_errors_are_engine_io_errors() {
+    let n = node(&[]).await;
+    let cases = [
+        ("GET", "/socket.io/?EIO=3&transport=websocket", 400, 5),
+        ("GET", "/socket.io/?EIO=4&transport=polling", 400, 0),
+        ("GET", "/socket.io/?EIO=4", 400, 0),
+        ("POST", "/socket.io/?EIO=4&transport=websocket", 400, 2),
+        ("GET", "/socket.io/?EIO=4&transport=websocket", 400, 3),
+        (
+            "GET",
+            "/socket.io/?EIO=4&transport=websocket&sid=abc",
+            400,
+            1,
+        ),
+    ];
+    for (method, path, status, code) in cases {
+        let (s, body) = http(n.addr, method, path, &[], None).await.unwrap();
+        assert_eq!(s, status, "{method} {path}: {body}");
+        let v: Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(v["code"], json!(code), "{method} {path}");
+        assert!(v["message"].is_string());
+    }
+}
+
+#[tokio::test]
+async fn origins_outside_frontend_url_are_refused() {
+    let n = node(&[("FRONTEND_URL", "https://app.example, https://b.example")]).await;
+    let req = |origin: &'static str| {
+        let mut r = tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(
+            n.ws_url(),
+        )
+        .unwrap();
+        r.headers_mut().insert("Origin", origin.parse().unwrap());
+        r
+    };
+    let err = tokio_tungstenite::connect_async(req("https://evil.example"))
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("403"), "{err}");
+    tokio_tungstenite::connect_async(req("https://b.example"))
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn connection_cap_refuses_upgrades_with_503() {
+    let n = node(&[("FLOWGATE_MAX_CONNECTIONS", "2")]).await;
+    let _a = RawClient::open(&n.ws_url()).await.unwrap();
+    let b = RawClient::open(&n.ws_url()).await.unwrap();
+    let err = RawClient::open(&n.ws_url()).await.unwrap_err();
+    assert!(err.to_string().contains("503"), "{err}");
+    drop(b);
+    // The slot comes back once the connection task has ended.
+    let mut ok = false;
+    for _ in 0..50 {
+        if RawClient::open(&n.ws_url()).await.is_ok() {
+            ok = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(ok, "slot released after a close");
+}
+
+#[tokio::test]
+async fn health_and_metrics() {
+    let n = node(&[]).await;
+    let (s, body) = http(n.addr, "GET", "/health", &[], None).await.unwrap();
+    assert_eq!(s, 200);
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["status"], "ok");
+    assert_eq!(v["dependencies"]["engine"]["state"], "up");
+    let _c = bystander(&n).await;
+    let (s, text) = http(n.addr, "GET", "/metrics", &[], None).await.unwrap();
+    assert_eq!(s, 200);
+    for name in [
+        "flowgate_connections 1",
+        "flowgate_rooms 1",
+        "flowgate_events_in_total{event=\"flow:join\"} 1",
+        "flowgate_events_out_total{event=\"flow:users\"} 1",
+        "flowgate_fanout_latency_seconds_bucket",
+        "flowgate_queue_drops_total 0",
+        "flowgate_slow_consumer_disconnects_total 0",
+    ] {
+        assert!(text.contains(name), "metrics lack {name}:\n{text}");
+    }
+}
+
+#[tokio::test]
+async fn unknown_event_names_do_not_grow_metric_labels() {
+    let n = node(&[]).await;
+    let mut c = bystander(&n).await;
+    for i in 0..5 {
+        let ack = c
+            .emit_ack(10 + i, &format!("made:up:{i}"), json!({}))
+            .await
+            .unwrap();
+        assert_eq!(ack["code"], "INVALID_PAYLOAD");
+    }
+    assert_eq!(n.metric(r#"flowgate_events_in_total{event="other"}"#), 5.0);
+    assert!(!n.app.metrics.render().contains("made:up"));
+}
+
+#[tokio::test]
+async fn a_client_that_stops_reading_is_disconnected_as_slow_consumer() {
+    let n = node(&[("FLOWGATE_OUTBOUND_QUEUE", "8")]).await;
+    let mut reader = bystander(&n).await;
+    // Joins the flow, then never reads again.
+    let mut stuck = RawClient::connect(&n.ws_url(), &token("stuck", 600))
+        .await
+        .unwrap();
+    assert_eq!(
+        stuck
+            .emit_ack(1, "flow:join", json!({"flowId": "f"}))
+            .await
+            .unwrap(),
+        json!({"ok": true})
+    );
+
+    let big = "x".repeat(200_000);
+    let body = json!({"event": "execution:token", "data": {"chunk": big}}).to_string();
+    let auth = format!("Bearer {SERVICE_TOKEN}");
+    for _ in 0..400 {
+        let (s, _) = http(
+            n.addr,
+            "POST",
+            "/v1/flows/f/events",
+            &[("Authorization", &auth)],
+            Some(&body),
+        )
+        .await
+        .unwrap();
+        assert_eq!(s, 202);
+        if n.metric("flowgate_slow_consumer_disconnects_total") >= 1.0 {
+            break;
+        }
+        // The reader keeps up.
+        while let Ok(Ok(_)) =
+            tokio::time::timeout(Duration::from_millis(1), reader.recv_text()).await
+        {}
+    }
+    assert_eq!(n.metric("flowgate_slow_consumer_disconnects_total"), 1.0);
+    let mut joined = false;
+    for _ in 0..100 {
+        let (_, body) = http(
+            n.addr,
+            "GET",
+            "/v1/flows/f/presence",
+            &[("Authorization", &auth)],
+            None,
+        )
+        .await
+        .unwrap();
+        let users: Value = serde_json::from_str(&body).unwrap();
+        if users.as_array().unwrap().len() == 1 {
+            joined = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(joined, "the slow consumer left the flow's presence");
+}
