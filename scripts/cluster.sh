@@ -60,9 +60,14 @@ live_pid() {
     [[ -f "$f" ]] || return 0
     read -r pid st <"$f" || return 0
     [[ -n "$pid" && -n "$st" ]] || return 0
-    [[ "$(starttime "$pid")" == "$st" ]] && echo "$pid"
-    return 0
+    [[ "$(starttime "$pid")" == "$st" ]] || return 0
+    is_zombie "$pid" && return 0 # exited, not reaped yet
+    echo "$pid"
 }
+
+is_zombie() { [[ "$(awk '{print $3}' "/proc/$1/stat" 2>/dev/null)" == Z ]]; }
+
+gone() { [[ ! -d /proc/$1 ]] || is_zombie "$1"; }
 
 recorded_names() {
     local f
@@ -87,20 +92,20 @@ stop_names() {
     for ((i = 0; i < stop_wait_secs * 10; i++)); do
         local alive=0
         for pid in "${pids[@]}"; do
-            # our own children become zombies until reaped: count those as gone
-            [[ -d /proc/$pid && "$(awk '{print $3}' "/proc/$pid/stat" 2>/dev/null)" != Z ]] && alive=1
+            gone "$pid" || alive=1
         done
         ((alive)) || break
         sleep 0.1
     done
     for name in "$@"; do
         pid="$(live_pid "$name")"
-        if [[ -n "$pid" && "$(awk '{print $3}' "/proc/$pid/stat" 2>/dev/null)" != Z ]]; then
+        if [[ -n "$pid" ]]; then
             log "$name (pid $pid) still running after ${stop_wait_secs}s: SIGKILL"
             kill -KILL "$pid" 2>/dev/null || true
         fi
     done
-    wait 2>/dev/null || true
+    # reap them when they are our children (a failed `up`); no-op otherwise
+    wait "${pids[@]}" 2>/dev/null || true
 }
 
 # Stops everything recorded: the load balancer and nodes first (the nodes
@@ -149,10 +154,22 @@ last_lines() { # NAME
 
 exit_status_of() { # PID (our child) -> "exited with status N" or ""
     local rc=0
-    if [[ ! -d /proc/$1 || "$(awk '{print $3}' "/proc/$1/stat" 2>/dev/null)" == Z ]]; then
+    if gone "$1"; then
         wait "$1" 2>/dev/null || rc=$?
         echo "exited with status $rc"
     fi
+}
+
+# Run in a child's subshell before exec: close every descriptor above 2, so
+# the long-lived processes hold neither our lock nor any pipe of whoever
+# started this script (a caller reading our output would otherwise wait for
+# them forever).
+close_fds() {
+    local fd
+    for fd in /proc/$BASHPID/fd/*; do
+        fd="${fd##*/}"
+        if ((fd > 2)); then eval "exec $fd>&-" 2>/dev/null || true; fi
+    done
 }
 
 raise_nofile() {
@@ -193,6 +210,9 @@ wait_healthy() { # NAME URL PID
         if [[ -n "$why" ]]; then
             err "$name (pid $pid) $why before it became healthy"
             last_lines "$name"
+            if grep -q 'Redis engine is not built' "$state/logs/$name.log" 2>/dev/null; then
+                err "this flowgate has no Redis engine yet; FLOWGATE_CLUSTER_NO_REDIS=1 starts the nodes without REDIS_URL"
+            fi
             return 1
         fi
         sleep 0.2
@@ -247,10 +267,12 @@ cmd_up() {
     local stats_port="${STATS_PORT:-${ports[5]}}"
 
     # Redis: loopback only, no persistence, foreground (we hold its PID).
-    setsid redis-server --bind 127.0.0.1 --port "$redis_port" \
-        --save '' --appendonly no --daemonize no \
-        --dir "$state/redis" --logfile '' \
-        >"$state/logs/redis.log" 2>&1 </dev/null &
+    (
+        close_fds
+        exec setsid redis-server --bind 127.0.0.1 --port "$redis_port" \
+            --save '' --appendonly no --daemonize no \
+            --dir "$state/redis" --logfile ''
+    ) >"$state/logs/redis.log" 2>&1 </dev/null &
     pid=$!
     record_pid redis "$pid"
     local i ok=0
@@ -293,6 +315,7 @@ cmd_up() {
             export FLOWGATE_DRAIN_NOTICE_MS="${FLOWGATE_DRAIN_NOTICE_MS:-5000}"
             export FLOWGATE_DRAIN_WINDOW_MS="${FLOWGATE_DRAIN_WINDOW_MS:-4000}"
             export FLOWGATE_SHUTDOWN_DEADLINE_MS="${FLOWGATE_SHUTDOWN_DEADLINE_MS:-12000}"
+            close_fds
             exec setsid "$bin" serve
         ) >"$state/logs/$name.log" 2>&1 </dev/null &
         record_pid "$name" $!
@@ -317,8 +340,10 @@ cmd_up() {
         last_lines haproxy
         exit 1
     fi
-    env "${hx_env[@]}" setsid haproxy -db -f "$repo/deploy/haproxy.cfg" \
-        >"$state/logs/haproxy.log" 2>&1 </dev/null &
+    (
+        close_fds
+        exec env "${hx_env[@]}" setsid haproxy -db -f "$repo/deploy/haproxy.cfg"
+    ) >"$state/logs/haproxy.log" 2>&1 </dev/null &
     pid=$!
     record_pid haproxy "$pid"
     wait_healthy haproxy "http://127.0.0.1:$lb_port/health" "$pid" || exit 1

@@ -5,6 +5,9 @@ use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
 
 use anyhow::Context;
+use flowgate_redis::{RedisEngine, RedisSettings};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::auth::TokenVerifier;
 use crate::config::Config;
@@ -34,12 +37,14 @@ pub struct App {
     pub drain: Drain,
     /// Open connections, against `max_connections`.
     pub connections: AtomicUsize,
+    /// Background tasks (engine maintenance) and their stop signal.
+    pub background: (TaskTracker, CancellationToken),
 }
 
 impl App {
     /// Builds a node. `hub` shares an in-memory engine between in-process
     /// nodes (tests); `None` gives the node its own.
-    pub fn new(config: Config, hub: Option<Arc<MemoryHub>>) -> anyhow::Result<Arc<Self>> {
+    pub async fn new(config: Config, hub: Option<Arc<MemoryHub>>) -> anyhow::Result<Arc<Self>> {
         let table = match &config.events_file {
             Some(path) => RelayTable::load(path)
                 .map_err(|e| anyhow::anyhow!("FLOWGATE_EVENTS_FILE: {}: {e}", path.display()))?,
@@ -52,6 +57,7 @@ impl App {
         );
         let verifier = TokenVerifier::new(&config.jwt).context("JWT key")?;
         let fanout = Arc::new(Fanout::new(metrics.clone()));
+        let background = (TaskTracker::new(), CancellationToken::new());
         let engine = match &config.redis_url {
             None => hub.unwrap_or_default().engine(
                 &config.node_id,
@@ -59,9 +65,27 @@ impl App {
                 config.rate_per_sec,
                 config.rate_burst,
             ),
-            Some(_) => anyhow::bail!(
-                "REDIS_URL: the Redis engine is not built into this version yet; unset REDIS_URL"
-            ),
+            Some(url) => RedisEngine::start(
+                RedisSettings {
+                    url: url.clone(),
+                    node_id: config.node_id.clone(),
+                    rate_per_sec: config.rate_per_sec,
+                    burst: config.rate_burst,
+                    heartbeat: config.node_heartbeat,
+                    dead_after: config.node_dead_after,
+                    presence_refresh: config.presence_refresh,
+                    session_ttl: config.session_ttl,
+                    command_timeout: config.redis_timeout,
+                    log_len: config.room_log_len,
+                    log_ttl: config.room_log_ttl,
+                },
+                fanout.clone(),
+                metrics.registry(),
+                &background.0,
+                background.1.clone(),
+            )
+            .await
+            .context("REDIS_URL")?,
         };
         let rooms = Rooms::new(fanout, engine.bus.clone());
         Ok(Arc::new(App {
@@ -73,6 +97,7 @@ impl App {
             rooms,
             metrics,
             connections: AtomicUsize::new(0),
+            background,
         }))
     }
 }

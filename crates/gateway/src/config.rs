@@ -136,6 +136,24 @@ pub struct Config {
     pub shutdown_deadline: Duration,
     /// `FLOWGATE_LOG_FORMAT`: `text` (default) or `json`.
     pub log_format: LogFormat,
+    /// `FLOWGATE_NODE_HEARTBEAT_MS` (1 000): heartbeat and dead-node scan
+    /// interval (Redis engine).
+    pub node_heartbeat: Duration,
+    /// `FLOWGATE_NODE_DEAD_AFTER_MS` (5 000): a node silent this long is
+    /// dead; its sessions are removed with `user:left`.
+    pub node_dead_after: Duration,
+    /// `FLOWGATE_PRESENCE_REFRESH_MS` (5 000): how often a node extends its
+    /// sessions in Redis.
+    pub presence_refresh: Duration,
+    /// `FLOWGATE_SESSION_TTL_MS` (20 000): a session not refreshed for this
+    /// long is no longer listed.
+    pub session_ttl: Duration,
+    /// `FLOWGATE_REDIS_TIMEOUT_MS` (1 000): per-command timeout.
+    pub redis_timeout: Duration,
+    /// `FLOWGATE_ROOM_LOG_LEN` (1 000): events kept per room stream.
+    pub room_log_len: u64,
+    /// `FLOWGATE_ROOM_LOG_TTL_SECS` (86 400): idle room streams expire.
+    pub room_log_ttl: Duration,
 }
 
 fn get<'a>(vars: &'a HashMap<String, String>, name: &str) -> Option<&'a str> {
@@ -310,6 +328,34 @@ impl Config {
             drain_window: millis(vars, "FLOWGATE_DRAIN_WINDOW_MS", 10_000)?,
             shutdown_deadline: millis(vars, "FLOWGATE_SHUTDOWN_DEADLINE_MS", 30_000)?,
             log_format,
+            node_heartbeat: positive(
+                "FLOWGATE_NODE_HEARTBEAT_MS",
+                millis(vars, "FLOWGATE_NODE_HEARTBEAT_MS", 1_000)?,
+            )?,
+            node_dead_after: positive(
+                "FLOWGATE_NODE_DEAD_AFTER_MS",
+                millis(vars, "FLOWGATE_NODE_DEAD_AFTER_MS", 5_000)?,
+            )?,
+            presence_refresh: positive(
+                "FLOWGATE_PRESENCE_REFRESH_MS",
+                millis(vars, "FLOWGATE_PRESENCE_REFRESH_MS", 5_000)?,
+            )?,
+            session_ttl: positive(
+                "FLOWGATE_SESSION_TTL_MS",
+                millis(vars, "FLOWGATE_SESSION_TTL_MS", 20_000)?,
+            )?,
+            redis_timeout: positive(
+                "FLOWGATE_REDIS_TIMEOUT_MS",
+                millis(vars, "FLOWGATE_REDIS_TIMEOUT_MS", 1_000)?,
+            )?,
+            room_log_len: positive(
+                "FLOWGATE_ROOM_LOG_LEN",
+                parse(vars, "FLOWGATE_ROOM_LOG_LEN", 1_000)?,
+            )?,
+            room_log_ttl: Duration::from_secs(positive(
+                "FLOWGATE_ROOM_LOG_TTL_SECS",
+                parse(vars, "FLOWGATE_ROOM_LOG_TTL_SECS", 86_400)?,
+            )?),
         })
     }
 

@@ -748,6 +748,7 @@ impl Conn {
             socket_id: socket.id.clone(),
             user_id: socket.user_id.clone(),
             outbound: self.out.clone(),
+            session: Arc::new(session.clone()),
         };
         // One flow per socket: joining another leaves the first.
         self.leave_flow().await;

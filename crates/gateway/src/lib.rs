@@ -9,7 +9,6 @@ pub mod auth;
 pub mod config;
 pub mod connection;
 pub mod drain;
-pub mod engine;
 pub mod events;
 pub mod http;
 pub mod ids;
@@ -20,7 +19,7 @@ pub mod rooms;
 use std::future::{Future, IntoFuture};
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -28,6 +27,8 @@ use tracing::{info, warn};
 
 pub use app::App;
 pub use config::Config;
+/// The engine seam, re-exported so tests and the gateway share one path.
+pub use flowgate_engine as engine;
 
 /// Serves `app` on `listener` until `shutdown` resolves, then drains:
 /// `/health` turns 503 and upgrades are refused, the load balancer is given
@@ -80,6 +81,11 @@ pub async fn serve(
         Ok(r) => r??,
         Err(_) => server.abort(),
     }
+    let (tasks, stop) = &app.background;
+    stop.cancel();
+    tasks.close();
+    let left = deadline.saturating_duration_since(Instant::now());
+    let _ = tokio::time::timeout(left.max(Duration::from_millis(200)), tasks.wait()).await;
     info!("stopped");
     Ok(())
 }

@@ -42,7 +42,7 @@ fn main() -> ExitCode {
     };
     init_tracing(config.log_format);
     match cli.command.unwrap_or(Command::Serve) {
-        Command::CheckConfig => match App::new(config.clone(), None) {
+        Command::CheckConfig => match check(config.clone()) {
             Ok(_) => {
                 println!(
                     "configuration ok: listen {}, node {}, engine {}, access {:?}",
@@ -89,9 +89,20 @@ fn main() -> ExitCode {
     }
 }
 
+/// Builds the node's relay table and keys without starting it.
+fn check(config: Config) -> anyhow::Result<()> {
+    let mut config = config;
+    // Reachability of Redis is a runtime matter, not a configuration one.
+    config.redis_url = None;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(App::new(config, None)).map(|_| ())
+}
+
 async fn run(config: Config) -> anyhow::Result<()> {
     let listen = config.listen;
-    let app = App::new(config, None)?;
+    let app = App::new(config, None).await?;
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {listen}: {e}"))?;

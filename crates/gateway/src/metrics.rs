@@ -152,6 +152,12 @@ impl Metrics {
         }
     }
 
+    /// The registry, for collectors registered by other crates (the Redis
+    /// engine's).
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
     /// The label value for an event name.
     pub fn event_label<'a>(&self, event: &'a str) -> &'a str {
         if self.known_events.contains(event) {

@@ -12,7 +12,7 @@ use axum::extract::ws::Utf8Bytes;
 use dashmap::DashMap;
 use serde_json::Value;
 
-use crate::engine::{now_us, Deliver, EngineError, RoomBus, RoomMessage};
+use crate::engine::{now_us, Deliver, EngineError, RoomBus, RoomMessage, SessionInfo};
 use crate::metrics::Metrics;
 use crate::outbound::{EncodedEvent, OutFrame, Outbound};
 
@@ -33,6 +33,8 @@ pub struct Member {
     pub user_id: Arc<str>,
     /// Its queue.
     pub outbound: Outbound,
+    /// Its presence entry, to re-register it after a store outage.
+    pub session: Arc<SessionInfo>,
 }
 
 /// Local members by room; the bus delivers into it.
@@ -139,6 +141,23 @@ impl Deliver for Fanout {
             .inc_by(recipients as u64);
         let latency = Duration::from_micros(now_us().saturating_sub(msg.published_at_us));
         self.metrics.fanout_latency.observe(latency.as_secs_f64());
+    }
+
+    fn local_rooms(&self) -> Vec<String> {
+        self.rooms.iter().map(|r| r.key().clone()).collect()
+    }
+
+    fn local_sessions(&self) -> Vec<(String, SessionInfo)> {
+        self.rooms
+            .iter()
+            .flat_map(|r| {
+                let room = r.key().clone();
+                r.value()
+                    .iter()
+                    .map(move |m| (room.clone(), (*m.session).clone()))
+                    .collect::<Vec<_>>()
+            })
+            .collect()
     }
 }
 

@@ -4,6 +4,8 @@
 //! Real dependencies (Redis, Postgres, PgBouncer, HAProxy) are started as
 //! child processes by the modules that need them; nothing here mocks them.
 
+pub mod procs;
+
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -90,7 +92,7 @@ impl TestNode {
         let config = Config::from_vars(&map)?;
         let listener = TcpListener::bind(config.listen).await?;
         let addr = listener.local_addr()?;
-        let app = App::new(config, hub)?;
+        let app = App::new(config, hub).await?;
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(flowgate_gateway::serve(app.clone(), listener, async {
             let _ = stopped.await;
@@ -265,6 +267,37 @@ impl RawClient {
             v[0].as_str().unwrap_or_default().to_owned(),
             v.get(1).cloned().unwrap_or(Value::Null),
         ))
+    }
+
+    /// Waits for the event `name`, skipping others; returns its argument.
+    pub async fn expect_event(&mut self, name: &str) -> anyhow::Result<Value> {
+        loop {
+            let (event, data) = self.recv_event_or_other().await?;
+            if event == name {
+                return Ok(data);
+            }
+        }
+    }
+
+    /// The next frame as an event, or ("", frame) for any other frame.
+    async fn recv_event_or_other(&mut self) -> anyhow::Result<(String, Value)> {
+        let t = self.recv_text().await?;
+        match t.strip_prefix("42/flows,") {
+            Some(json) => {
+                let v: Value = serde_json::from_str(json)?;
+                Ok((
+                    v[0].as_str().unwrap_or_default().to_owned(),
+                    v.get(1).cloned().unwrap_or(Value::Null),
+                ))
+            }
+            None => Ok((String::new(), Value::String(t))),
+        }
+    }
+
+    /// Emits an event without an ack.
+    pub async fn emit(&mut self, event: &str, data: Value) -> anyhow::Result<()> {
+        self.send_text(&format!("42/flows,{}", json!([event, data])))
+            .await
     }
 
     /// Emits an event with ack id `id` and returns the ack payload,

@@ -166,7 +166,7 @@ export function user(url, userId, opts = {}) {
   return client(url, { auth: { token: token(userId) }, ...opts });
 }
 
-/** Closes every tracked socket, then SIGTERMs every node (bounded). */
+/** Closes every tracked socket, SIGTERMs every node (bounded), removes temp files. */
 export async function cleanup() {
   for (const s of liveSockets) s.close();
   liveSockets.clear();
@@ -179,6 +179,8 @@ export async function cleanup() {
       clearTimeout(killer);
     }),
   );
+  for (const dir of tempDirs) fs.rmSync(dir, { recursive: true, force: true });
+  tempDirs.clear();
 }
 
 /**
@@ -222,9 +224,12 @@ export function rawJwt(header, payload, secret) {
 
 export const nowSecs = () => Math.floor(Date.now() / 1000);
 
-/** A temp file holding `text`; removed by the OS temp cleaner / the test. */
+const tempDirs = new Set();
+
+/** A temp file holding `text`; `cleanup()` removes it. */
 export function tempFile(name, text) {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), "flowgate-interop-"));
+  tempDirs.add(dir);
   const file = path.join(dir, name);
   fs.writeFileSync(file, text);
   return file;

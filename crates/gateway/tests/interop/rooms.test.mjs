@@ -108,6 +108,19 @@ describe("default node (open policy)", () => {
     assert.deepEqual(echoes, [], "the sender gets none of its own events back");
   });
 
+  test("\"except the sender\" means the sending socket: the same user's other socket receives", async () => {
+    const s1 = await user(url, "twin");
+    const s2 = await user(url, "twin");
+    await join(s1, "f-twin");
+    await join(s2, "f-twin");
+    const at1 = recordAll(s1);
+    const got = next(s2, "pod:moved");
+    await emitAck(s1, "pod:move", { podId: "t", position: { x: 0, y: 0 } });
+    assert.deepEqual(await got, { podId: "t", position: { x: 0, y: 0 }, userId: "twin" });
+    await sleep(50);
+    assert.deepEqual(at1.filter(([n]) => n === "pod:moved"), []);
+  });
+
   test("events without an ack callback are relayed too", async () => {
     const { a, b } = await pair(url, "f-noack", "noack");
     const got = next(b, "pod:moved");

@@ -29,7 +29,7 @@ pub struct RoomMessage {
     /// Its single argument.
     pub data: Value,
     /// Binary attachments referenced by placeholders in `data`.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[serde(default, skip_serializing_if = "Vec::is_empty", with = "base64_frames")]
     pub attachments: Vec<Bytes>,
     /// The sender's socket id: everyone but the sender receives it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -55,6 +55,31 @@ impl RoomMessage {
     }
 }
 
+/// Attachments travel between nodes as base64 strings inside the JSON
+/// message (serde's default for bytes would be an array of numbers).
+mod base64_frames {
+    use base64::Engine as _;
+    use bytes::Bytes;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::STANDARD;
+
+    pub(crate) fn serialize<S: Serializer>(v: &[Bytes], s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(v.iter().map(|b| B64.encode(b)))
+    }
+
+    pub(crate) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Bytes>, D::Error> {
+        Vec::<String>::deserialize(d)?
+            .into_iter()
+            .map(|s| {
+                B64.decode(s)
+                    .map(Bytes::from)
+                    .map_err(serde::de::Error::custom)
+            })
+            .collect()
+    }
+}
+
 /// Microseconds since the Unix epoch.
 pub fn now_us() -> u64 {
     std::time::SystemTime::now()
@@ -63,11 +88,18 @@ pub fn now_us() -> u64 {
         .unwrap_or_default()
 }
 
-/// Where a node's bus hands the messages of the rooms it subscribed to.
-/// Called in room order; must not block (it only queues frames).
+/// The node's local side, as an engine sees it: where the bus hands the
+/// messages of the rooms the node subscribed to, and the node's own record
+/// of which sockets it holds (the source of truth for re-subscribing and
+/// re-registering presence after a store outage).
 pub trait Deliver: Send + Sync + 'static {
-    /// One message of `room`, with the offset the bus assigned.
+    /// One message of `room`, with the offset the bus assigned. Called in
+    /// room order; must not block (it only queues frames).
     fn deliver(&self, room: &str, offset: &str, msg: &RoomMessage);
+    /// Rooms with at least one local member.
+    fn local_rooms(&self) -> Vec<String>;
+    /// Every local member's session, by room.
+    fn local_sessions(&self) -> Vec<(String, SessionInfo)>;
 }
 
 /// Fans room messages out to every node that holds a member of the room.
@@ -150,4 +182,19 @@ impl std::fmt::Debug for Engine {
 pub trait EngineHealth: Send + Sync + 'static {
     /// How long the round trip took, or why it failed.
     async fn ping(&self) -> Result<Duration, EngineError>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn room_messages_round_trip_with_attachments() {
+        let mut m = RoomMessage::new("pod:updated", serde_json::json!({"a": 1}));
+        m.attachments = vec![Bytes::from_static(b"\x00\xffbin")];
+        m.except = Some("s".into());
+        let text = serde_json::to_string(&m).unwrap();
+        assert!(text.contains("\"AP9iaW4=\""), "{text}");
+        assert_eq!(serde_json::from_str::<RoomMessage>(&text).unwrap(), m);
+    }
 }

@@ -1,0 +1,321 @@
+//! Several nodes, one real Redis: cross-node relay and presence, per-room
+//! subscriptions, dead-node reaping, the shared limiter and Redis restarts.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use flowgate_test_support::procs::RedisServer;
+use flowgate_test_support::{http, token, RawClient, TestNode, SERVICE_TOKEN};
+use serde_json::{json, Value};
+
+const FAST: &[(&str, &str)] = &[
+    ("FLOWGATE_NODE_HEARTBEAT_MS", "200"),
+    ("FLOWGATE_NODE_DEAD_AFTER_MS", "1500"),
+    ("FLOWGATE_PRESENCE_REFRESH_MS", "300"),
+    ("FLOWGATE_SESSION_TTL_MS", "3000"),
+];
+
+async fn nodes(redis: &RedisServer, n: usize) -> Vec<TestNode> {
+    let url = redis.url();
+    let mut out = Vec::new();
+    for i in 0..n {
+        let id = format!("node{i}");
+        let mut vars: Vec<(&str, &str)> = vec![("REDIS_URL", &url), ("FLOWGATE_NODE_ID", &id)];
+        vars.extend_from_slice(FAST);
+        out.push(TestNode::start(&vars).await.expect("node starts"));
+    }
+    out
+}
+
+async fn joined(n: &TestNode, user: &str, flow: &str) -> (RawClient, Vec<Value>) {
+    let mut c = RawClient::connect(&n.ws_url(), &token(user, 600))
+        .await
+        .unwrap();
+    c.emit("flow:join", json!({"flowId": flow, "userName": user}))
+        .await
+        .unwrap();
+    let users = c.expect_event("flow:users").await.unwrap();
+    (c, users.as_array().unwrap().clone())
+}
+
+fn user_ids(users: &[Value]) -> Vec<String> {
+    let mut v: Vec<String> = users
+        .iter()
+        .map(|u| u["userId"].as_str().unwrap().to_owned())
+        .collect();
+    v.sort();
+    v
+}
+
+async fn presence(n: &TestNode, flow: &str) -> Vec<Value> {
+    let auth = format!("Bearer {SERVICE_TOKEN}");
+    let (s, body) = http(
+        n.addr,
+        "GET",
+        &format!("/v1/flows/{flow}/presence"),
+        &[("Authorization", &auth)],
+        None,
+    )
+    .await
+    .unwrap();
+    assert_eq!(s, 200, "{body}");
+    serde_json::from_str::<Value>(&body)
+        .unwrap()
+        .as_array()
+        .unwrap()
+        .clone()
+}
+
+#[tokio::test]
+async fn clients_on_three_nodes_see_each_other() {
+    let redis = RedisServer::start().unwrap();
+    let ns = nodes(&redis, 3).await;
+    let (mut a, users) = joined(&ns[0], "alice", "f1").await;
+    assert_eq!(user_ids(&users), ["alice"]);
+    let (mut b, users) = joined(&ns[1], "bob", "f1").await;
+    assert_eq!(user_ids(&users), ["alice", "bob"]);
+    assert_eq!(
+        a.expect_event("user:joined").await.unwrap()["userId"],
+        "bob"
+    );
+    let (mut c, users) = joined(&ns[2], "carol", "f1").await;
+    assert_eq!(user_ids(&users), ["alice", "bob", "carol"]);
+    assert_eq!(
+        a.expect_event("user:joined").await.unwrap()["userId"],
+        "carol"
+    );
+    assert_eq!(
+        b.expect_event("user:joined").await.unwrap()["userId"],
+        "carol"
+    );
+
+    let ack = c
+        .emit_ack(
+            7,
+            "pod:move",
+            json!({"podId": "p", "position": {"x": 3, "y": 4}}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(ack, json!({"ok": true}));
+    for r in [&mut a, &mut b] {
+        let moved = r.expect_event("pod:moved").await.unwrap();
+        assert_eq!(
+            moved,
+            json!({"podId": "p", "position": {"x": 3, "y": 4}, "userId": "carol"})
+        );
+    }
+
+    // The server API on any node reaches members on every node.
+    let auth = format!("Bearer {SERVICE_TOKEN}");
+    let (s, body) = http(
+        ns[1].addr,
+        "POST",
+        "/v1/flows/f1/events",
+        &[("Authorization", &auth)],
+        Some(r#"{"event":"execution:started","data":{"run":1}}"#),
+    )
+    .await
+    .unwrap();
+    assert_eq!(s, 202, "{body}");
+    for r in [&mut a, &mut b, &mut c] {
+        assert_eq!(
+            r.expect_event("execution:started").await.unwrap(),
+            json!({"run": 1})
+        );
+    }
+
+    b.emit("flow:leave", json!({})).await.unwrap();
+    for r in [&mut a, &mut c] {
+        assert_eq!(r.expect_event("user:left").await.unwrap()["userId"], "bob");
+    }
+    assert_eq!(user_ids(&presence(&ns[0], "f1").await), ["alice", "carol"]);
+}
+
+#[tokio::test]
+async fn a_room_spread_over_nodes_gets_each_event_once_in_order() {
+    let redis = RedisServer::start().unwrap();
+    let ns = nodes(&redis, 3).await;
+    let (mut sender, _) = joined(&ns[0], "s", "order").await;
+    let mut receivers = Vec::new();
+    for (i, n) in ns.iter().enumerate() {
+        receivers.push(joined(n, &format!("r{i}"), "order").await.0);
+    }
+    // Let the joins' user:joined settle, then count only pod:moved.
+    for r in &mut receivers {
+        r.pump(Duration::from_millis(200)).await.unwrap();
+    }
+    for i in 0..15 {
+        let ack = sender
+            .emit_ack(
+                100 + i,
+                "pod:move",
+                json!({"podId": "p", "position": {"x": i, "y": 0}}),
+            )
+            .await
+            .unwrap();
+        assert_eq!(ack, json!({"ok": true}), "event {i}");
+    }
+    for r in &mut receivers {
+        let mut seen = Vec::new();
+        loop {
+            match tokio::time::timeout(Duration::from_millis(500), r.expect_event("pod:moved"))
+                .await
+            {
+                Ok(Ok(v)) => seen.push(v["position"]["x"].as_i64().unwrap()),
+                _ => break,
+            }
+        }
+        assert_eq!(seen, (0..15).collect::<Vec<_>>(), "exactly once, in order");
+    }
+}
+
+#[tokio::test]
+async fn only_nodes_with_members_are_subscribed() {
+    let redis = RedisServer::start().unwrap();
+    let ns = nodes(&redis, 3).await;
+    let (mut a, _) = joined(&ns[0], "a", "quiet").await;
+    let (_b, _) = joined(&ns[1], "b", "quiet").await;
+    let shard = |r: &RedisServer| {
+        r.cli(&["PUBSUB", "SHARDNUMSUB", "{flow:quiet}:bus"])
+            .unwrap()
+    };
+    assert!(shard(&redis).ends_with('2'), "{}", shard(&redis));
+    for i in 0..10 {
+        a.emit_ack(i + 1, "pod:delete", json!({"podId": format!("p{i}")}))
+            .await
+            .unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(ns[1].metric("flowgate_bus_messages_total") >= 10.0);
+    assert_eq!(
+        ns[2].metric("flowgate_bus_messages_total"),
+        0.0,
+        "node2 has no member"
+    );
+
+    // The last local member leaving unsubscribes its node.
+    a.emit("flow:leave", json!({})).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while !shard(&redis).ends_with('1') {
+        assert!(Instant::now() < deadline, "{}", shard(&redis));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn one_user_shares_one_budget_across_nodes() {
+    let redis = RedisServer::start().unwrap();
+    let ns = nodes(&redis, 3).await;
+    let secs = 3.0;
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for (i, n) in ns.iter().enumerate() {
+        for user in ["greedy", "other"] {
+            if user == "other" && i > 0 {
+                continue;
+            }
+            let url = n.ws_url();
+            tasks.push(tokio::spawn(async move {
+                let mut c = RawClient::connect(&url, &token(user, 600)).await.unwrap();
+                let (mut ok, mut id) = (0u32, 0u64);
+                while started.elapsed().as_secs_f64() < secs {
+                    id += 1;
+                    // Unknown to the relay table, so it is refused after
+                    // the budget check; what matters is which code.
+                    let ack = c.emit_ack(id, "flow:leave", json!({})).await.unwrap();
+                    if ack["code"] != "RATE_LIMIT" {
+                        ok += 1;
+                    }
+                }
+                (user, ok)
+            }));
+        }
+    }
+    let mut accepted: HashMap<&str, u32> = HashMap::new();
+    for t in tasks {
+        let (user, ok) = t.await.unwrap();
+        *accepted.entry(user).or_default() += ok;
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    // Burst of 20, then 20/s, ±1/s.
+    let expected = 20.0 + 20.0 * elapsed;
+    let greedy = f64::from(accepted["greedy"]);
+    assert!(
+        (greedy - expected).abs() <= elapsed + 1.0,
+        "greedy accepted {greedy} in {elapsed:.2}s, expected {expected:.0}±{elapsed:.0}"
+    );
+    // A different user has a budget of its own.
+    assert!(
+        f64::from(accepted["other"]) >= expected - elapsed - 1.0,
+        "{accepted:?}"
+    );
+}
+
+#[tokio::test]
+async fn relay_and_presence_recover_after_a_redis_restart() {
+    let mut redis = RedisServer::start().unwrap();
+    let ns = nodes(&redis, 2).await;
+    let (mut a, _) = joined(&ns[0], "a", "phoenix").await;
+    let (mut b, _) = joined(&ns[1], "b", "phoenix").await;
+    a.expect_event("user:joined").await.unwrap();
+
+    redis.stop();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let (s, _) = http(ns[0].addr, "GET", "/health", &[], None).await.unwrap();
+        if s == 503 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "health did not turn 503");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Refused, not lost: the sender is told.
+    let ack = a
+        .emit_ack(1, "pod:delete", json!({"podId": "x"}))
+        .await
+        .unwrap();
+    assert_eq!(ack["ok"], false);
+    assert!(ns[0].metric("flowgate_redis_outages_total") >= 1.0);
+
+    redis.restart().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let ok0 = http(ns[0].addr, "GET", "/health", &[], None)
+            .await
+            .unwrap()
+            .0
+            == 200;
+        let ok1 = http(ns[1].addr, "GET", "/health", &[], None)
+            .await
+            .unwrap()
+            .0
+            == 200;
+        if ok0 && ok1 && presence(&ns[0], "phoenix").await.len() == 2 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "nodes did not recover");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Subscriptions are back: relay across nodes works again.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut id = 10;
+    loop {
+        id += 1;
+        let ack = a
+            .emit_ack(id, "pod:delete", json!({"podId": format!("y{id}")}))
+            .await
+            .unwrap();
+        if ack["ok"] == true {
+            if let Ok(Ok(v)) =
+                tokio::time::timeout(Duration::from_millis(500), b.expect_event("pod:deleted"))
+                    .await
+            {
+                assert_eq!(v["podId"], format!("y{id}"));
+                break;
+            }
+        }
+        assert!(Instant::now() < deadline, "relay did not recover");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
