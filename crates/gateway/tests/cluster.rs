@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use flowgate_test_support::procs::RedisServer;
+use flowgate_test_support::procs::{NodeProcess, RedisServer};
 use flowgate_test_support::{http, token, RawClient, TestNode, SERVICE_TOKEN};
 use serde_json::{json, Value};
 
@@ -318,4 +318,50 @@ async fn relay_and_presence_recover_after_a_redis_restart() {
         assert!(Instant::now() < deadline, "relay did not recover");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+#[tokio::test]
+async fn a_killed_node_leaves_no_ghosts() {
+    let redis = RedisServer::start().unwrap();
+    let ns = nodes(&redis, 2).await;
+    let url = redis.url();
+    let mut vars: Vec<(&str, &str)> = vec![("REDIS_URL", &url), ("FLOWGATE_NODE_ID", "doomed")];
+    vars.extend_from_slice(FAST);
+    let doomed = NodeProcess::start(std::path::Path::new(env!("CARGO_BIN_EXE_flowgate")), &vars).unwrap();
+
+    let (mut a, _) = joined(&ns[0], "a", "ghosts").await;
+    let (mut b, _) = joined(&ns[1], "b", "ghosts").await;
+    let mut victims = Vec::new();
+    for i in 0..3 {
+        let (c, _) = joined_url(&doomed.ws_url(), &format!("v{i}"), "ghosts").await;
+        victims.push(c);
+    }
+    assert_eq!(presence(&ns[0], "ghosts").await.len(), 5);
+    a.pump(Duration::from_millis(100)).await.unwrap();
+    b.pump(Duration::from_millis(100)).await.unwrap();
+
+    let killed = Instant::now();
+    doomed.signal("KILL").unwrap();
+    for r in [&mut a, &mut b] {
+        let mut left = Vec::new();
+        while left.len() < 3 {
+            let v = r.expect_event("user:left").await.unwrap();
+            left.push(v["userId"].as_str().unwrap().to_owned());
+        }
+        left.sort();
+        assert_eq!(left, ["v0", "v1", "v2"], "each dead session announced once");
+    }
+    let bound = Duration::from_millis(1500 + 200) + Duration::from_secs(2);
+    assert!(killed.elapsed() < bound, "user:left took {:?}", killed.elapsed());
+    assert_eq!(user_ids(&presence(&ns[1], "ghosts").await), ["a", "b"]);
+    let reaped: f64 = ns.iter().map(|n| n.metric("flowgate_presence_reaped_sessions_total")).sum();
+    assert_eq!(reaped, 3.0, "{}", ns[0].app.metrics.render());
+    drop(victims);
+}
+
+async fn joined_url(url: &str, user: &str, flow: &str) -> (RawClient, Value) {
+    let mut c = RawClient::connect(url, &token(user, 600)).await.unwrap();
+    c.emit("flow:join", json!({"flowId": flow})).await.unwrap();
+    let users = c.expect_event("flow:users").await.unwrap();
+    (c, users)
 }

@@ -3,67 +3,27 @@
 //! so clients reconnect elsewhere) spread over the drain window, and the
 //! process exits within its deadline.
 
-use std::io::{BufRead, BufReader};
-use std::net::SocketAddr;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
+use flowgate_test_support::procs::NodeProcess;
 use flowgate_test_support::{http, token, Closed, RawClient, SECRET};
 use serde_json::json;
 
-struct Child(std::process::Child);
-
-impl Drop for Child {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn start(envs: &[(&str, &str)]) -> (Child, SocketAddr) {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_flowgate"));
-    cmd.arg("serve")
-        .env_clear()
-        .env("HOST", "127.0.0.1")
-        .env("PORT", "0")
-        .env("JWT_ACCESS_TOKEN_SECRET", SECRET)
-        .env("FLOWGATE_LOG_FORMAT", "json")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit());
-    for (k, v) in envs {
-        cmd.env(k, v);
-    }
-    let mut child = Child(cmd.spawn().expect("flowgate starts"));
-    let stdout = child.0.stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if line.contains("\"message\":\"listening\"") {
-                let v: serde_json::Value = serde_json::from_str(&line).unwrap();
-                let _ = tx.send(
-                    v["fields"]["addr"]
-                        .as_str()
-                        .unwrap()
-                        .parse::<SocketAddr>()
-                        .unwrap(),
-                );
-            }
-        }
-    });
-    let addr = rx
-        .recv_timeout(Duration::from_secs(10))
-        .expect("listening line");
-    (child, addr)
+fn start(envs: &[(&str, &str)]) -> NodeProcess {
+    NodeProcess::start(std::path::Path::new(env!("CARGO_BIN_EXE_flowgate")), envs)
+        .expect("flowgate starts")
 }
 
 #[tokio::test]
 async fn sigterm_drains_every_socket_and_exits_within_the_deadline() {
-    let (mut child, addr) = start(&[
+    let mut node = start(&[
         ("FLOWGATE_DRAIN_NOTICE_MS", "400"),
         ("FLOWGATE_DRAIN_WINDOW_MS", "400"),
         ("FLOWGATE_SHUTDOWN_DEADLINE_MS", "3000"),
     ]);
-    let url = format!("ws://{addr}/socket.io/?EIO=4&transport=websocket");
+    let addr = node.addr;
+    let url = node.ws_url();
     let mut clients = Vec::new();
     for i in 0..20 {
         let mut c = RawClient::connect(&url, &token(&format!("u{i}"), 600))
@@ -81,11 +41,7 @@ async fn sigterm_drains_every_socket_and_exits_within_the_deadline() {
     assert_eq!(s, 200);
 
     let signalled = Instant::now();
-    let status = Command::new("kill")
-        .args(["-TERM", &child.0.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
+    node.signal("TERM").unwrap();
 
     // During the notice period the load balancer sees 503 and no new
     // WebSocket is accepted, while existing sockets stay open.
@@ -111,7 +67,7 @@ async fn sigterm_drains_every_socket_and_exits_within_the_deadline() {
 
     let deadline = signalled + Duration::from_millis(3000 + 1000);
     loop {
-        if let Some(status) = child.0.try_wait().unwrap() {
+        if let Some(status) = node.child.try_wait().unwrap() {
             assert!(status.success(), "exit status {status}");
             break;
         }

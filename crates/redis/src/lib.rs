@@ -488,6 +488,7 @@ impl RedisEngine {
                 .await;
             if let Ok(Some(json)) = left {
                 removed += 1;
+                self.0.metrics.reaped_sessions.inc();
                 if let Ok(s) = serde_json::from_str::<SessionInfo>(&json) {
                     let msg = RoomMessage::new(
                         "user:left",
@@ -504,7 +505,6 @@ impl RedisEngine {
             let _: Result<i64, _> = c.zrem(NODES_KEY, node.to_owned()).await;
         }
         let _: Result<i64, _> = c.del(lock).await;
-        self.0.metrics.reaped_sessions.inc_by(removed);
         if removed > 0 || node != self.0.settings.node_id {
             info!(
                 node,

@@ -157,3 +157,81 @@ impl Drop for RedisServer {
         self.stop();
     }
 }
+
+/// A `flowgate` binary running as a child process (for signals and
+/// `kill -9`), killed on drop if still running.
+#[derive(Debug)]
+pub struct NodeProcess {
+    /// The child.
+    pub child: Child,
+    /// Where it listens.
+    pub addr: std::net::SocketAddr,
+}
+
+impl NodeProcess {
+    /// Starts `bin serve` with a clean environment plus `envs` (HOST,
+    /// PORT=0, JSON logs and the test secret are preset) and waits for its
+    /// `listening` log line.
+    pub fn start(bin: &Path, envs: &[(&str, &str)]) -> anyhow::Result<Self> {
+        use std::io::{BufRead, BufReader};
+        let mut cmd = Command::new(bin);
+        cmd.arg("serve")
+            .env_clear()
+            .env("HOST", "127.0.0.1")
+            .env("PORT", "0")
+            .env("JWT_ACCESS_TOKEN_SECRET", crate::SECRET)
+            .env("FLOWGATE_SERVICE_TOKEN", crate::SERVICE_TOKEN)
+            .env("FLOWGATE_LOG_FORMAT", "json")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        for (k, v) in envs {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().context("starting flowgate")?;
+        let stdout = child.stdout.take().context("stdout")?;
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if line.contains("\"message\":\"listening\"") {
+                    let addr = serde_json::from_str::<serde_json::Value>(&line)
+                        .ok()
+                        .and_then(|v| v["fields"]["addr"].as_str()?.parse().ok());
+                    if let Some(addr) = addr {
+                        let _ = tx.send(addr);
+                    }
+                }
+            }
+        });
+        match rx.recv_timeout(Duration::from_secs(15)) {
+            Ok(addr) => Ok(NodeProcess { child, addr }),
+            Err(_) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                bail!("flowgate did not report listening")
+            }
+        }
+    }
+
+    /// `ws://…/socket.io/?EIO=4&transport=websocket`.
+    pub fn ws_url(&self) -> String {
+        format!("ws://{}/socket.io/?EIO=4&transport=websocket", self.addr)
+    }
+
+    /// Sends a signal by PID (`TERM`, `KILL`, …).
+    pub fn signal(&self, sig: &str) -> anyhow::Result<()> {
+        let status = Command::new("kill")
+            .args([&format!("-{sig}"), &self.child.id().to_string()])
+            .status()?;
+        if !status.success() {
+            bail!("kill -{sig} failed");
+        }
+        Ok(())
+    }
+}
+
+impl Drop for NodeProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
