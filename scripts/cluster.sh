@@ -40,13 +40,18 @@ err() { printf 'cluster: ERROR: %s\n' "$*" >&2; }
 # /proc/PID/stat) guards against stopping an unrelated process that reused
 # the PID after ours exited.
 
+# Fields 3.. of /proc/PID/stat (after "pid (comm) ", comm may hold spaces),
+# without forking; nothing if the process does not exist.
+stat_fields() {
+    local line
+    { read -r line <"/proc/$1/stat"; } 2>/dev/null || return 0
+    echo "${line##*) }"
+}
+
 starttime() { # PID -> start time in clock ticks, or nothing
-    local stat
-    stat="$(cat "/proc/$1/stat" 2>/dev/null)" || return 0
-    stat="${stat##*) }" # drop "pid (comm) " (comm may contain spaces)
-    # shellcheck disable=SC2086
-    set -- $stat
-    echo "${20}"
+    local fields
+    read -r -a fields <<<"$(stat_fields "$1")"
+    echo "${fields[19]:-}"
 }
 
 record_pid() { # NAME PID
@@ -65,7 +70,9 @@ live_pid() {
     echo "$pid"
 }
 
-is_zombie() { [[ "$(awk '{print $3}' "/proc/$1/stat" 2>/dev/null)" == Z ]]; }
+now_us() { echo "${EPOCHREALTIME//[!0-9]/}"; } # bash >= 5
+
+is_zombie() { [[ "$(stat_fields "$1")" == Z* ]]; }
 
 gone() { [[ ! -d /proc/$1 ]] || is_zombie "$1"; }
 
@@ -80,7 +87,7 @@ recorded_names() {
 
 # SIGTERM the given names, wait up to $stop_wait_secs, then SIGKILL.
 stop_names() {
-    local name pid pids=() names=() i
+    local name pid pids=() names=()
     for name in "$@"; do
         pid="$(live_pid "$name")"
         if [[ -n "$pid" ]]; then
@@ -89,7 +96,8 @@ stop_names() {
     done
     ((${#pids[@]})) || return 0
     log "stopping ${names[*]} (SIGTERM)"
-    for ((i = 0; i < stop_wait_secs * 10; i++)); do
+    local deadline=$(($(now_us) + stop_wait_secs * 1000000))
+    while (($(now_us) < deadline)); do
         local alive=0
         for pid in "${pids[@]}"; do
             gone "$pid" || alive=1
@@ -166,7 +174,7 @@ exit_status_of() { # PID (our child) -> "exited with status N" or ""
 # them forever).
 close_fds() {
     local fd
-    for fd in /proc/$BASHPID/fd/*; do
+    for fd in "/proc/$BASHPID/fd/"*; do
         fd="${fd##*/}"
         if ((fd > 2)); then eval "exec $fd>&-" 2>/dev/null || true; fi
     done
@@ -202,8 +210,9 @@ on_up_exit() {
 }
 
 wait_healthy() { # NAME URL PID
-    local name="$1" url="$2" pid="$3" code="" i why
-    for ((i = 0; i < wait_secs * 5; i++)); do
+    local name="$1" url="$2" pid="$3" code="" why
+    local deadline=$(($(now_us) + wait_secs * 1000000))
+    while (($(now_us) < deadline)); do
         code="$(http_status "$url")"
         [[ "$code" == 200 ]] && return 0
         why="$(exit_status_of "$pid")"
@@ -275,8 +284,9 @@ cmd_up() {
     ) >"$state/logs/redis.log" 2>&1 </dev/null &
     pid=$!
     record_pid redis "$pid"
-    local i ok=0
-    for ((i = 0; i < wait_secs * 10; i++)); do
+    local ok=0
+    local deadline=$(($(now_us) + wait_secs * 1000000))
+    while (($(now_us) < deadline)); do
         if [[ "$(redis-cli -h 127.0.0.1 -p "$redis_port" ping 2>/dev/null)" == PONG ]]; then
             ok=1
             break
@@ -292,6 +302,8 @@ cmd_up() {
     log "redis    pid $pid  redis://127.0.0.1:$redis_port"
 
     local redis_url="redis://127.0.0.1:$redis_port"
+    local jwt_secret="${JWT_ACCESS_TOKEN_SECRET:-dev-secret}"
+    local service_token="${FLOWGATE_SERVICE_TOKEN:-dev-service-token}"
     if [[ "${FLOWGATE_CLUSTER_NO_REDIS:-0}" == 1 ]]; then
         log "FLOWGATE_CLUSTER_NO_REDIS=1: nodes start WITHOUT REDIS_URL (separate in-memory engines, not a real cluster)"
     fi
@@ -307,8 +319,8 @@ cmd_up() {
                 export REDIS_URL="$redis_url"
             fi
             export HOST=127.0.0.1 PORT="$port" FLOWGATE_NODE_ID="$name"
-            export JWT_ACCESS_TOKEN_SECRET="${JWT_ACCESS_TOKEN_SECRET:-dev-secret}"
-            export FLOWGATE_SERVICE_TOKEN="${FLOWGATE_SERVICE_TOKEN:-dev-service-token}"
+            export JWT_ACCESS_TOKEN_SECRET="$jwt_secret"
+            export FLOWGATE_SERVICE_TOKEN="$service_token"
             export FLOWGATE_LOG_FORMAT=json
             # Drain: 5 s notice (HAProxy marks a node down after ~4 s),
             # then exit well within the 15 s that `down` waits.
@@ -349,19 +361,20 @@ cmd_up() {
     wait_healthy haproxy "http://127.0.0.1:$lb_port/health" "$pid" || exit 1
     log "haproxy  pid $pid  http://127.0.0.1:$lb_port  (a node's /health through it: 200)"
 
-    cat >"$state/cluster.env" <<EOF
-FLOWGATE_CLUSTER_DIR=$state
-LB_URL=http://127.0.0.1:$lb_port
-LB_PORT=$lb_port
-STATS_PORT=$stats_port
-REDIS_PORT=$redis_port
-REDIS_URL=$redis_url
-NODE1_PORT=${node_ports[0]}
-NODE2_PORT=${node_ports[1]}
-NODE3_PORT=${node_ports[2]}
-JWT_ACCESS_TOKEN_SECRET=${JWT_ACCESS_TOKEN_SECRET:-dev-secret}
-FLOWGATE_SERVICE_TOKEN=${FLOWGATE_SERVICE_TOKEN:-dev-service-token}
-EOF
+    {
+        printf '%s=%q\n' \
+            FLOWGATE_CLUSTER_DIR "$state" \
+            LB_URL "http://127.0.0.1:$lb_port" \
+            LB_PORT "$lb_port" \
+            STATS_PORT "$stats_port" \
+            REDIS_PORT "$redis_port" \
+            REDIS_URL "$redis_url" \
+            NODE1_PORT "${node_ports[0]}" \
+            NODE2_PORT "${node_ports[1]}" \
+            NODE3_PORT "${node_ports[2]}" \
+            JWT_ACCESS_TOKEN_SECRET "$jwt_secret" \
+            FLOWGATE_SERVICE_TOKEN "$service_token"
+    } >"$state/cluster.env"
 
     up_done=1
     trap - EXIT INT TERM
@@ -374,7 +387,7 @@ flowgate cluster is up (state, logs and PIDs in $state)
   node2          http://127.0.0.1:${node_ports[1]}    log: $state/logs/node2.log
   node3          http://127.0.0.1:${node_ports[2]}    log: $state/logs/node3.log
   redis          $redis_url$([[ "${FLOWGATE_CLUSTER_NO_REDIS:-0}" == 1 ]] && echo "    (NOT used by the nodes: FLOWGATE_CLUSTER_NO_REDIS=1)")
-  JWT secret     ${JWT_ACCESS_TOKEN_SECRET:-dev-secret}    service token: ${FLOWGATE_SERVICE_TOKEN:-dev-service-token}
+  JWT secret     $jwt_secret    service token: $service_token
   ports as shell variables: $0 env   (or: source $state/cluster.env)
 status: $0 status
 stop:   $0 down
@@ -435,7 +448,7 @@ cmd_env() {
         err "no cluster is up ($state/cluster.env missing)"
         exit 3
     }
-    sed 's/^/export /' "$state/cluster.env"
+    sed 's/^/export /' "$state/cluster.env" # values are already shell-quoted (%q)
 }
 
 # --- main ----------------------------------------------------------------------------

@@ -205,6 +205,12 @@ mod tests {
                 .lock()
                 .push((room.into(), offset.into(), msg.event.clone()));
         }
+        fn local_rooms(&self) -> Vec<String> {
+            Vec::new()
+        }
+        fn local_sessions(&self) -> Vec<(String, SessionInfo)> {
+            Vec::new()
+        }
     }
 
     #[tokio::test]

@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use flowgate_test_support::procs::{NodeProcess, RedisServer};
+use flowgate_test_support::procs::{HaProxy, NodeProcess, RedisServer};
 use flowgate_test_support::{http, token, RawClient, TestNode, SERVICE_TOKEN};
 use serde_json::{json, Value};
 
@@ -158,13 +158,10 @@ async fn a_room_spread_over_nodes_gets_each_event_once_in_order() {
     }
     for r in &mut receivers {
         let mut seen = Vec::new();
-        loop {
-            match tokio::time::timeout(Duration::from_millis(500), r.expect_event("pod:moved"))
-                .await
-            {
-                Ok(Ok(v)) => seen.push(v["position"]["x"].as_i64().unwrap()),
-                _ => break,
-            }
+        while let Ok(Ok(v)) =
+            tokio::time::timeout(Duration::from_millis(500), r.expect_event("pod:moved")).await
+        {
+            seen.push(v["position"]["x"].as_i64().unwrap());
         }
         assert_eq!(seen, (0..15).collect::<Vec<_>>(), "exactly once, in order");
     }
@@ -277,6 +274,9 @@ async fn relay_and_presence_recover_after_a_redis_restart() {
         .unwrap();
     assert_eq!(ack["ok"], false);
     assert!(ns[0].metric("flowgate_redis_outages_total") >= 1.0);
+    // The limiter fell back to the per-node budget, and said so.
+    assert!(ns[0].metric("flowgate_limiter_fallback_total") >= 1.0);
+    assert_eq!(ns[0].metric("flowgate_redis_up"), 0.0);
 
     redis.restart().unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -327,7 +327,8 @@ async fn a_killed_node_leaves_no_ghosts() {
     let url = redis.url();
     let mut vars: Vec<(&str, &str)> = vec![("REDIS_URL", &url), ("FLOWGATE_NODE_ID", "doomed")];
     vars.extend_from_slice(FAST);
-    let doomed = NodeProcess::start(std::path::Path::new(env!("CARGO_BIN_EXE_flowgate")), &vars).unwrap();
+    let doomed =
+        NodeProcess::start(std::path::Path::new(env!("CARGO_BIN_EXE_flowgate")), &vars).unwrap();
 
     let (mut a, _) = joined(&ns[0], "a", "ghosts").await;
     let (mut b, _) = joined(&ns[1], "b", "ghosts").await;
@@ -352,9 +353,16 @@ async fn a_killed_node_leaves_no_ghosts() {
         assert_eq!(left, ["v0", "v1", "v2"], "each dead session announced once");
     }
     let bound = Duration::from_millis(1500 + 200) + Duration::from_secs(2);
-    assert!(killed.elapsed() < bound, "user:left took {:?}", killed.elapsed());
+    assert!(
+        killed.elapsed() < bound,
+        "user:left took {:?}",
+        killed.elapsed()
+    );
     assert_eq!(user_ids(&presence(&ns[1], "ghosts").await), ["a", "b"]);
-    let reaped: f64 = ns.iter().map(|n| n.metric("flowgate_presence_reaped_sessions_total")).sum();
+    let reaped: f64 = ns
+        .iter()
+        .map(|n| n.metric("flowgate_presence_reaped_sessions_total"))
+        .sum();
     assert_eq!(reaped, 3.0, "{}", ns[0].app.metrics.render());
     drop(victims);
 }
@@ -364,4 +372,36 @@ async fn joined_url(url: &str, user: &str, flow: &str) -> (RawClient, Value) {
     c.emit("flow:join", json!({"flowId": flow})).await.unwrap();
     let users = c.expect_event("flow:users").await.unwrap();
     (c, users)
+}
+
+#[tokio::test]
+async fn clients_through_haproxy_reach_every_node() {
+    let redis = RedisServer::start().unwrap();
+    let ns = nodes(&redis, 3).await;
+    let lb = HaProxy::start([ns[0].addr.port(), ns[1].addr.port(), ns[2].addr.port()]).unwrap();
+    let mut clients = Vec::new();
+    for i in 0..6 {
+        let (c, users) = joined_url(&lb.ws_url(), &format!("lb{i}"), "balanced").await;
+        assert_eq!(
+            users.as_array().unwrap().len(),
+            i + 1,
+            "flow:users spans every node"
+        );
+        clients.push(c);
+    }
+    let spread = ns
+        .iter()
+        .filter(|n| n.metric("flowgate_connections") > 0.0)
+        .count();
+    assert!(spread >= 2, "leastconn spreads connections over the nodes");
+    let (mut direct, _) = joined(&ns[0], "direct", "balanced").await;
+    direct.pump(Duration::from_millis(100)).await.unwrap();
+    clients[5]
+        .emit_ack(1, "edge:create", json!({"edge": {"id": "e1"}}))
+        .await
+        .unwrap();
+    assert_eq!(
+        direct.expect_event("edge:created").await.unwrap()["edge"]["id"],
+        "e1"
+    );
 }

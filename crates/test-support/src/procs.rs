@@ -235,3 +235,57 @@ impl Drop for NodeProcess {
         let _ = self.child.wait();
     }
 }
+
+/// HAProxy with the project's `deploy/haproxy.cfg` in front of three nodes.
+#[derive(Debug)]
+pub struct HaProxy {
+    /// The load balancer's port on 127.0.0.1.
+    pub port: u16,
+    child: Child,
+    _dir: TempDir,
+}
+
+impl HaProxy {
+    /// Starts HAProxy balancing over the three node ports.
+    pub fn start(nodes: [u16; 3]) -> anyhow::Result<Self> {
+        let cfg = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/haproxy.cfg");
+        let dir = TempDir::new("haproxy")?;
+        let port = free_port()?;
+        let log = std::fs::File::create(dir.path().join("haproxy.log"))?;
+        let child = Command::new(find_program("haproxy")?)
+            .arg("-db")
+            .arg("-f")
+            .arg(&cfg)
+            .env("LB_PORT", port.to_string())
+            .env("STATS_PORT", free_port()?.to_string())
+            .env("NODE1_PORT", nodes[0].to_string())
+            .env("NODE2_PORT", nodes[1].to_string())
+            .env("NODE3_PORT", nodes[2].to_string())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .stdin(Stdio::null())
+            .spawn()
+            .context("starting haproxy")?;
+        wait_for_port(port, Duration::from_secs(10))?;
+        Ok(HaProxy {
+            port,
+            child,
+            _dir: dir,
+        })
+    }
+
+    /// The Engine.IO URL through the load balancer.
+    pub fn ws_url(&self) -> String {
+        format!(
+            "ws://127.0.0.1:{}/socket.io/?EIO=4&transport=websocket",
+            self.port
+        )
+    }
+}
+
+impl Drop for HaProxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
