@@ -39,6 +39,20 @@ pub struct RoomMessage {
     pub volatile: bool,
     /// Publish time (µs since the epoch), for the fan-out latency histogram.
     pub published_at_us: u64,
+    /// An instruction to the nodes instead of an event for clients.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub control: Option<Control>,
+}
+
+/// Instructions carried by the room bus to every node with members.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", tag = "kind")]
+pub enum Control {
+    /// The user lost access: remove their sockets from the room.
+    RemoveUser {
+        /// Whose sockets.
+        user_id: String,
+    },
 }
 
 impl RoomMessage {
@@ -51,6 +65,15 @@ impl RoomMessage {
             except: None,
             volatile: false,
             published_at_us: now_us(),
+            control: None,
+        }
+    }
+
+    /// A control message for every node with members of the room.
+    pub fn control(control: Control) -> Self {
+        RoomMessage {
+            control: Some(control),
+            ..RoomMessage::new("", Value::Null)
         }
     }
 }
@@ -154,6 +177,60 @@ pub trait UserLimiter: Send + Sync + 'static {
     async fn check(&self, user_id: &str) -> Result<bool, EngineError>;
 }
 
+/// An event waiting in the durable queue to be written to the event log.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct QueuedEvent {
+    /// The flow.
+    pub flow_id: String,
+    /// Its room offset.
+    pub offset: String,
+    /// The event members received.
+    pub event: String,
+    /// Its payload.
+    pub data: Value,
+    /// The sender, when a user sent it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user_id: Option<String>,
+}
+
+/// The queue between the room bus and the event-log writer. It must outlive
+/// a database outage: the writer acknowledges entries only once written.
+#[async_trait]
+pub trait EventQueue: Send + Sync + 'static {
+    /// Queues an event durably.
+    async fn push(&self, event: &QueuedEvent) -> Result<(), EngineError>;
+    /// Up to `max` entries for `consumer`: first its own unacknowledged
+    /// ones, then entries abandoned by other consumers, then new ones.
+    async fn take(
+        &self,
+        consumer: &str,
+        max: usize,
+    ) -> Result<Vec<(String, QueuedEvent)>, EngineError>;
+    /// Removes written entries.
+    async fn ack(&self, ids: &[String]) -> Result<(), EngineError>;
+    /// Entries not yet written.
+    async fn backlog(&self) -> Result<u64, EngineError>;
+}
+
+/// A short-lived shared cache of access decisions, so a reconnect storm
+/// does not become a query storm.
+#[async_trait]
+pub trait AccessCache: Send + Sync + 'static {
+    /// A cached decision.
+    async fn get(&self, flow_id: &str, user_id: &str) -> Result<Option<bool>, EngineError>;
+    /// Caches a decision for `ttl`.
+    async fn put(
+        &self,
+        flow_id: &str,
+        user_id: &str,
+        allowed: bool,
+        ttl: Duration,
+    ) -> Result<(), EngineError>;
+    /// Forgets a decision (membership changed).
+    async fn forget(&self, flow_id: &str, user_id: &str) -> Result<(), EngineError>;
+}
+
 /// The engine a node runs on.
 #[derive(Clone)]
 pub struct Engine {
@@ -167,6 +244,10 @@ pub struct Engine {
     pub limiter: Arc<dyn UserLimiter>,
     /// Liveness of the shared store, for `/health`.
     pub health: Arc<dyn EngineHealth>,
+    /// The durable queue of the event log (Redis engine only).
+    pub queue: Option<Arc<dyn EventQueue>>,
+    /// The access-decision cache (Redis engine only).
+    pub access_cache: Option<Arc<dyn AccessCache>>,
 }
 
 impl std::fmt::Debug for Engine {

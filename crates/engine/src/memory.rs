@@ -86,6 +86,8 @@ impl MemoryHub {
             presence: node.clone(),
             limiter: node.clone(),
             health: node,
+            queue: None,
+            access_cache: None,
         }
     }
 

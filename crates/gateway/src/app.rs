@@ -6,6 +6,9 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use flowgate_redis::{RedisEngine, RedisSettings};
+use flowgate_store::{Store, StoreError, StoreSettings};
+
+use crate::eventlog::{self, WriterMetrics};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -39,7 +42,14 @@ pub struct App {
     pub connections: AtomicUsize,
     /// Background tasks (engine maintenance) and their stop signal.
     pub background: (TaskTracker, CancellationToken),
+    /// Postgres through PgBouncer, when `DATABASE_URL` is set.
+    pub store: Option<Store>,
+    /// The last Postgres check for `/health` and when it was made.
+    pub pg_health: parking_lot::Mutex<Option<HealthCheck>>,
 }
+
+/// When a dependency was last checked, and the outcome.
+pub type HealthCheck = (std::time::Instant, Result<std::time::Duration, String>);
 
 impl App {
     /// Builds a node. `hub` shares an in-memory engine between in-process
@@ -88,6 +98,12 @@ impl App {
             .context("REDIS_URL")?,
         };
         let rooms = Rooms::new(fanout, engine.bus.clone());
+        let store = match &config.database_url {
+            None => None,
+            Some(url) => {
+                Some(Self::start_store(&config, url, &engine, &metrics, &background).await?)
+            }
+        };
         Ok(Arc::new(App {
             drain: Drain::new(config.drain_window),
             config: Arc::new(config),
@@ -98,6 +114,54 @@ impl App {
             metrics,
             connections: AtomicUsize::new(0),
             background,
+            store,
+            pg_health: parking_lot::Mutex::new(None),
         }))
+    }
+
+    async fn start_store(
+        config: &Config,
+        url: &str,
+        engine: &Engine,
+        metrics: &Metrics,
+        (tasks, stop): &(TaskTracker, CancellationToken),
+    ) -> anyhow::Result<Store> {
+        let store = Store::new(
+            StoreSettings {
+                url: url.to_owned(),
+                pool_size: config.db_pool_size,
+                connect_timeout: config.db_connect_timeout,
+                query_timeout: config.db_query_timeout,
+                statement_timeout: config.db_statement_timeout,
+                slow_query: config.db_slow_query,
+            },
+            metrics.registry(),
+        )
+        .context("DATABASE_URL")?;
+        match store.check_schema().await {
+            Ok(()) => {}
+            Err(e @ StoreError::SchemaBehind { .. }) => return Err(anyhow::anyhow!(e)),
+            // Unreachable now: start degraded, the writer retries.
+            Err(e) => tracing::warn!(error = %e, "Postgres unreachable at start; running degraded"),
+        }
+        let queue = engine
+            .queue
+            .clone()
+            .context("DATABASE_URL needs the Redis engine's durable queue")?;
+        let writer_metrics = WriterMetrics::new(metrics.registry())?;
+        tasks.spawn(eventlog::run(
+            queue,
+            store.clone(),
+            config.node_id.clone(),
+            config.eventlog_batch,
+            writer_metrics,
+            stop.clone(),
+        ));
+        tasks.spawn(eventlog::maintain_partitions(
+            store.clone(),
+            config.event_retention_months,
+            stop.clone(),
+        ));
+        Ok(store)
     }
 }

@@ -154,6 +154,23 @@ pub struct Config {
     pub room_log_len: u64,
     /// `FLOWGATE_ROOM_LOG_TTL_SECS` (86 400): idle room streams expire.
     pub room_log_ttl: Duration,
+    /// `FLOWGATE_DB_POOL_SIZE` (16): Postgres connections per node.
+    pub db_pool_size: usize,
+    /// `FLOWGATE_DB_CONNECT_TIMEOUT_MS` (5 000): wait for a pooled connection.
+    pub db_connect_timeout: Duration,
+    /// `FLOWGATE_DB_QUERY_TIMEOUT_MS` (30 000): client-side query bound.
+    pub db_query_timeout: Duration,
+    /// `FLOWGATE_DB_STATEMENT_TIMEOUT_MS` (30 000): server-side bound.
+    pub db_statement_timeout: Duration,
+    /// `FLOWGATE_DB_SLOW_QUERY_MS` (1 000): slower queries are logged.
+    pub db_slow_query: Duration,
+    /// `FLOWGATE_ACCESS_CACHE_SECS` (60): access decisions cached in Redis.
+    pub access_cache_ttl: Duration,
+    /// `FLOWGATE_EVENT_RETENTION_MONTHS` (12): older event-log partitions
+    /// are dropped; 0 keeps everything.
+    pub event_retention_months: u32,
+    /// `FLOWGATE_EVENTLOG_BATCH` (500): events per write.
+    pub eventlog_batch: usize,
 }
 
 fn get<'a>(vars: &'a HashMap<String, String>, name: &str) -> Option<&'a str> {
@@ -242,10 +259,10 @@ impl Config {
                 "the members policy reads memberships from Postgres: set DATABASE_URL, or choose open or claims",
             ));
         }
-        if database_url.is_some() {
+        if database_url.is_some() && redis_url.is_none() {
             return Err(err(
                 "DATABASE_URL",
-                "Postgres support is not built into this version yet; unset DATABASE_URL",
+                "the durable event log is fed from a queue in Redis: set REDIS_URL too",
             ));
         }
 
@@ -351,6 +368,29 @@ impl Config {
             room_log_len: positive(
                 "FLOWGATE_ROOM_LOG_LEN",
                 parse(vars, "FLOWGATE_ROOM_LOG_LEN", 1_000)?,
+            )?,
+            db_pool_size: positive(
+                "FLOWGATE_DB_POOL_SIZE",
+                parse(vars, "FLOWGATE_DB_POOL_SIZE", 16)?,
+            )?,
+            db_connect_timeout: positive(
+                "FLOWGATE_DB_CONNECT_TIMEOUT_MS",
+                millis(vars, "FLOWGATE_DB_CONNECT_TIMEOUT_MS", 5_000)?,
+            )?,
+            db_query_timeout: positive(
+                "FLOWGATE_DB_QUERY_TIMEOUT_MS",
+                millis(vars, "FLOWGATE_DB_QUERY_TIMEOUT_MS", 30_000)?,
+            )?,
+            db_statement_timeout: positive(
+                "FLOWGATE_DB_STATEMENT_TIMEOUT_MS",
+                millis(vars, "FLOWGATE_DB_STATEMENT_TIMEOUT_MS", 30_000)?,
+            )?,
+            db_slow_query: millis(vars, "FLOWGATE_DB_SLOW_QUERY_MS", 1_000)?,
+            access_cache_ttl: Duration::from_secs(parse(vars, "FLOWGATE_ACCESS_CACHE_SECS", 60)?),
+            event_retention_months: parse(vars, "FLOWGATE_EVENT_RETENTION_MONTHS", 12)?,
+            eventlog_batch: positive(
+                "FLOWGATE_EVENTLOG_BATCH",
+                parse(vars, "FLOWGATE_EVENTLOG_BATCH", 500)?,
             )?,
             room_log_ttl: Duration::from_secs(positive(
                 "FLOWGATE_ROOM_LOG_TTL_SECS",

@@ -21,8 +21,7 @@ use tracing::{debug, info, warn, Instrument};
 
 use crate::app::App;
 use crate::auth::{pick_token, AuthError, Identity};
-use crate::config::AccessPolicy;
-use crate::engine::{RoomMessage, SessionInfo};
+use crate::engine::{QueuedEvent, RoomMessage, SessionInfo};
 use crate::events::{RelayRule, Stamp};
 use crate::ids::{iso_now, random_id};
 use crate::outbound::{Kick, OutFrame, Outbound};
@@ -121,6 +120,8 @@ struct Conn {
     next_ping: Instant,
     pong_deadline: Option<Instant>,
     drain_at: Option<Instant>,
+    /// Handed to the rooms this socket joins, to evict it.
+    evict: mpsc::Sender<String>,
 }
 
 fn text(s: String) -> OutFrame {
@@ -173,7 +174,9 @@ async fn serve(ws: WebSocket, app: Arc<App>, hs: Handshake, sid: String) {
     debug!("engine.io open");
 
     let now = Instant::now();
+    let (evict, mut evicted) = mpsc::channel::<String>(4);
     let mut conn = Conn {
+        evict,
         app: app.clone(),
         hs,
         out: out.clone(),
@@ -199,6 +202,7 @@ async fn serve(ws: WebSocket, app: Arc<App>, hs: Handshake, sid: String) {
                 Kick::SlowConsumer => break End::SlowConsumer,
             },
             _ = write_failed.cancelled() => break End::WriteFailed,
+            Some(room) = evicted.recv() => conn.on_evicted(&room).await,
             delay = &mut closing, if conn.drain_at.is_none() => {
                 conn.drain_at = Some(Instant::now() + delay);
             }
@@ -699,24 +703,6 @@ impl Conn {
         Ok(())
     }
 
-    fn may_join(&self, identity: &Identity, flow_id: &str) -> bool {
-        match &self.app.config.access {
-            AccessPolicy::Open => true,
-            AccessPolicy::Claims { claim } => match identity.claims.get(claim) {
-                Some(Value::String(s)) => s == "*" || s == flow_id,
-                Some(Value::Array(a)) => a.iter().any(|v| match v {
-                    Value::String(s) => s == "*" || s == flow_id,
-                    Value::Number(n) => n.to_string() == flow_id,
-                    _ => false,
-                }),
-                _ => false,
-            },
-            // Needs the membership store, which a node without DATABASE_URL
-            // refuses to start with.
-            AccessPolicy::Members => false,
-        }
-    }
-
     async fn join(&mut self, payload: Option<&Value>) -> Result<(), Refusal> {
         let obj = payload.and_then(Value::as_object);
         let flow_id = obj
@@ -733,8 +719,13 @@ impl Conn {
             .socket
             .as_ref()
             .ok_or_else(|| refuse("JOIN_ERROR", "Not connected"))?;
-        if !self.may_join(&socket.identity, &flow_id) {
-            return Err(refuse("FORBIDDEN", "Not allowed to join this flow"));
+        match crate::access::may_join(&self.app, &socket.identity, &flow_id).await {
+            Ok(true) => {}
+            Ok(false) => return Err(refuse("FORBIDDEN", "Not allowed to join this flow")),
+            Err(e) => {
+                warn!(error = %e, flow_id, "join refused: access undecidable");
+                return Err(refuse("JOIN_ERROR", "Could not check access to the flow"));
+            }
         }
         let session = SessionInfo {
             user_id: socket.user_id.to_string(),
@@ -749,6 +740,7 @@ impl Conn {
             user_id: socket.user_id.clone(),
             outbound: self.out.clone(),
             session: Arc::new(session.clone()),
+            evict: self.evict.clone(),
         };
         // One flow per socket: joining another leaves the first.
         self.leave_flow().await;
@@ -796,6 +788,28 @@ impl Conn {
             s.flow = Some(Joined { room, session });
         }
         Ok(())
+    }
+
+    /// The user's membership of `room` was revoked.
+    async fn on_evicted(&mut self, room: &str) {
+        let current = self
+            .socket
+            .as_ref()
+            .and_then(|s| s.flow.as_ref())
+            .map(|j| j.room.as_str());
+        if current == Some(room) {
+            info!(room, "membership revoked: leaving the flow");
+            self.leave_flow().await;
+            self.app
+                .metrics
+                .refusals
+                .with_label_values(&["FORBIDDEN"])
+                .inc();
+            self.emit(
+                "error",
+                json!({"message": "Membership revoked", "code": "FORBIDDEN"}),
+            );
+        }
     }
 
     async fn leave_flow(&mut self) {
@@ -859,25 +873,46 @@ impl Conn {
         let data: Map<String, Value> = rule
             .build(payload, &socket.user_id, &socket.id, &timestamp)
             .map_err(|e| refuse("INVALID_PAYLOAD", e.0))?;
-        let mut msg = RoomMessage::new(rule.emit.clone(), Value::Object(data));
+        let data = Value::Object(data);
+        let logged = (rule.persist && self.app.store.is_some()).then(|| data.clone());
+        let mut msg = RoomMessage::new(rule.emit.clone(), data);
         msg.attachments = attachments;
         msg.except = Some(socket.id.to_string());
         msg.volatile = rule.volatile;
-        self.app
+        let app = &self.app;
+        let offset = app
             .engine
             .bus
             .publish(&joined.room, msg)
             .await
-            .map(|_offset| ())
             .map_err(|e| {
-                self.app
-                    .metrics
+                app.metrics
                     .engine_errors
                     .with_label_values(&["publish"])
                     .inc();
                 warn!(error = %e, "publish failed");
                 refuse("UNAVAILABLE", "The event could not be delivered; try again")
-            })
+            })?;
+        if let Some(data) = logged {
+            // The ack waits for this: an acknowledged event is durably
+            // queued for the event log.
+            let queued = QueuedEvent {
+                flow_id: joined.session.flow_id.clone(),
+                offset,
+                event: rule.emit.clone(),
+                data,
+                user_id: Some(socket.user_id.to_string()),
+            };
+            crate::eventlog::enqueue(app, &queued).await.map_err(|e| {
+                app.metrics
+                    .engine_errors
+                    .with_label_values(&["queue"])
+                    .inc();
+                warn!(error = %e, "event relayed but not queued for the log");
+                refuse("UNAVAILABLE", "The event was not stored; try again")
+            })?;
+        }
+        Ok(())
     }
 }
 

@@ -21,7 +21,7 @@ use tracing::{info, warn};
 
 use crate::app::App;
 use crate::connection::{self, Handshake};
-use crate::engine::RoomMessage;
+use crate::engine::{Control, QueuedEvent, RoomMessage};
 use crate::events::RESERVED;
 use crate::rooms::room_of;
 
@@ -33,8 +33,15 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/socket.io", any(engine_io))
         .route("/health", get(health))
         .route("/metrics", get(metrics))
-        .route("/v1/flows/{flow_id}/events", post(publish_event))
+        .route(
+            "/v1/flows/{flow_id}/events",
+            post(publish_event).get(history),
+        )
         .route("/v1/flows/{flow_id}/presence", get(presence))
+        .route(
+            "/v1/flows/{flow_id}/members/{user_id}",
+            axum::routing::put(grant).delete(revoke),
+        )
         .layer(DefaultBodyLimit::max(body_limit))
         .with_state(app)
 }
@@ -157,11 +164,19 @@ async fn health(State(app): State<Arc<App>>) -> Response {
     };
     let draining = app.drain.is_draining();
     let ok = engine_up && !draining;
+    // Postgres is shown but does not take the node out of the load
+    // balancer: rooms keep working without it.
+    let postgres = match postgres_health(&app).await {
+        None => json!({"state": "not configured"}),
+        Some(Ok(latency)) => json!({"state": "up", "latencyMs": latency.as_secs_f64() * 1e3}),
+        Some(Err(e)) => json!({"state": "down", "error": e}),
+    };
+    let degraded = postgres["state"] == "down";
     let body = json!({
-        "status": if draining { "draining" } else if ok { "ok" } else { "degraded" },
+        "status": if draining { "draining" } else if !ok { "unavailable" } else if degraded { "degraded" } else { "ok" },
         "node": app.config.node_id,
         "connections": app.connections.load(Ordering::Relaxed),
-        "dependencies": {"engine": engine},
+        "dependencies": {"engine": engine, "postgres": postgres},
     });
     let status = if ok {
         StatusCode::OK
@@ -171,7 +186,28 @@ async fn health(State(app): State<Arc<App>>) -> Response {
     (status, [(header::CACHE_CONTROL, "no-store")], Json(body)).into_response()
 }
 
+/// The Postgres check, cached for a second so that every load balancer
+/// hitting `/health` costs at most one query per second.
+async fn postgres_health(app: &App) -> Option<Result<Duration, String>> {
+    let store = app.store.as_ref()?;
+    if let Some((at, r)) = app.pg_health.lock().clone() {
+        if at.elapsed() < Duration::from_secs(1) {
+            return Some(r);
+        }
+    }
+    let r = match tokio::time::timeout(Duration::from_secs(1), store.ping()).await {
+        Ok(Ok(d)) => Ok(d),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err("timeout".to_owned()),
+    };
+    *app.pg_health.lock() = Some((std::time::Instant::now(), r.clone()));
+    Some(r)
+}
+
 async fn metrics(State(app): State<Arc<App>>) -> Response {
+    if let Some(store) = &app.store {
+        store.update_metrics();
+    }
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         app.metrics.render(),
@@ -268,18 +304,35 @@ async fn publish_event(
             "event must be a non-reserved name of 1-128 characters".into(),
         ));
     }
+    let logged = app
+        .store
+        .is_some()
+        .then(|| (body.event.clone(), body.data.clone()));
+    let unavailable = |e: crate::engine::EngineError| {
+        ApiError(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "UNAVAILABLE",
+            e.to_string(),
+        )
+    };
     let offset = app
         .engine
         .bus
         .publish(&room, RoomMessage::new(body.event, body.data))
         .await
-        .map_err(|e| {
-            ApiError(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "UNAVAILABLE",
-                e.to_string(),
-            )
-        })?;
+        .map_err(unavailable)?;
+    if let Some((event, data)) = logged {
+        let queued = QueuedEvent {
+            flow_id: flow_id.clone(),
+            offset: offset.clone(),
+            event,
+            data,
+            user_id: None,
+        };
+        crate::eventlog::enqueue(&app, &queued)
+            .await
+            .map_err(unavailable)?;
+    }
     Ok((
         StatusCode::ACCEPTED,
         Json(json!({"ok": true, "offset": offset})),
@@ -302,4 +355,178 @@ async fn presence(
         )
     })?;
     Ok(Json(members).into_response())
+}
+
+fn store(app: &App) -> Result<&flowgate_store::Store, ApiError> {
+    app.store.as_ref().ok_or_else(|| {
+        ApiError(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "NO_DATABASE",
+            "this node has no DATABASE_URL".into(),
+        )
+    })
+}
+
+fn db_error(e: flowgate_store::StoreError) -> ApiError {
+    warn!(error = %e, "database request failed");
+    ApiError(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "DATABASE_UNAVAILABLE",
+        "the database is unavailable; try again".into(),
+    )
+}
+
+fn check_user_id(user_id: &str) -> Result<(), ApiError> {
+    if user_id.is_empty() || user_id.len() > 256 {
+        return Err(ApiError(
+            StatusCode::BAD_REQUEST,
+            "INVALID_USER_ID",
+            "userId must be 1-256 characters".into(),
+        ));
+    }
+    Ok(())
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct GrantBody {
+    role: Option<String>,
+}
+
+async fn grant(
+    State(app): State<Arc<App>>,
+    Path((flow_id, user_id)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: Option<Json<GrantBody>>,
+) -> Result<Response, ApiError> {
+    service_auth(&app, &headers)?;
+    flow_room(&flow_id)?;
+    check_user_id(&user_id)?;
+    let role = body
+        .and_then(|Json(b)| b.role)
+        .unwrap_or_else(|| "member".to_owned());
+    if role.is_empty() || role.len() > 64 {
+        return Err(ApiError(
+            StatusCode::BAD_REQUEST,
+            "INVALID_ROLE",
+            "role must be 1-64 characters".into(),
+        ));
+    }
+    store(&app)?
+        .grant(&flow_id, &user_id, &role)
+        .await
+        .map_err(db_error)?;
+    if let Some(cache) = &app.engine.access_cache {
+        let _ = cache.forget(&flow_id, &user_id).await;
+    }
+    info!(flow_id, user_id, role, "membership granted");
+    Ok(
+        Json(json!({"ok": true, "flowId": flow_id, "userId": user_id, "role": role}))
+            .into_response(),
+    )
+}
+
+async fn revoke(
+    State(app): State<Arc<App>>,
+    Path((flow_id, user_id)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    service_auth(&app, &headers)?;
+    let room = flow_room(&flow_id)?;
+    check_user_id(&user_id)?;
+    let removed = store(&app)?
+        .revoke(&flow_id, &user_id)
+        .await
+        .map_err(db_error)?;
+    if let Some(cache) = &app.engine.access_cache {
+        let _ = cache.forget(&flow_id, &user_id).await;
+    }
+    // Every node holding a socket of this user in the room drops it now.
+    app.engine
+        .bus
+        .publish(
+            &room,
+            RoomMessage::control(Control::RemoveUser {
+                user_id: user_id.clone(),
+            }),
+        )
+        .await
+        .map_err(|e| {
+            ApiError(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "UNAVAILABLE",
+                e.to_string(),
+            )
+        })?;
+    info!(flow_id, user_id, removed, "membership revoked");
+    Ok(Json(json!({"ok": true, "removed": removed})).into_response())
+}
+
+#[derive(Debug, Deserialize)]
+struct HistoryQuery {
+    after: Option<String>,
+    limit: Option<i64>,
+}
+
+/// The durable log of a flow: a service token, or a user token whose user
+/// may join the flow.
+async fn history(
+    State(app): State<Arc<App>>,
+    Path(flow_id): Path<String>,
+    headers: HeaderMap,
+    query: Result<Query<HistoryQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ApiError> {
+    flow_room(&flow_id)?;
+    if service_auth(&app, &headers).is_err() {
+        let token = bearer(&headers).ok_or_else(|| {
+            ApiError(
+                StatusCode::UNAUTHORIZED,
+                "UNAUTHORIZED",
+                "Authorization: Bearer <token> required".into(),
+            )
+        })?;
+        let identity = app
+            .verifier
+            .verify(&token)
+            .map_err(|e| ApiError(StatusCode::UNAUTHORIZED, e.code(), e.to_string()))?;
+        let allowed = crate::access::may_join(&app, &identity, &flow_id)
+            .await
+            .map_err(|e| {
+                ApiError(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "UNAVAILABLE",
+                    e.to_string(),
+                )
+            })?;
+        if !allowed {
+            return Err(ApiError(
+                StatusCode::FORBIDDEN,
+                "FORBIDDEN",
+                "not a member of this flow".into(),
+            ));
+        }
+    }
+    let Query(q) =
+        query.map_err(|e| ApiError(StatusCode::BAD_REQUEST, "INVALID_QUERY", e.body_text()))?;
+    let limit = q.limit.unwrap_or(100);
+    if !(1..=1000).contains(&limit) {
+        return Err(ApiError(
+            StatusCode::BAD_REQUEST,
+            "INVALID_LIMIT",
+            "limit must be 1-1000".into(),
+        ));
+    }
+    let after = q.after.filter(|a| !a.is_empty());
+    if let Some(a) = &after {
+        flowgate_store::parse_offset(a)
+            .map_err(|e| ApiError(StatusCode::BAD_REQUEST, "INVALID_OFFSET", e.to_string()))?;
+    }
+    let events = store(&app)?
+        .events(&flow_id, after.as_deref(), limit)
+        .await
+        .map_err(db_error)?;
+    let next = (events.len() as i64 == limit)
+        .then(|| events.last().map(|e| e.offset.clone()))
+        .flatten();
+    Ok(Json(json!({"events": events, "next": next})).into_response())
 }

@@ -4,11 +4,13 @@
 //! The binary (`main.rs`) only parses configuration, starts tracing and
 //! calls [`serve`]; tests call [`serve`] on a listener bound to port 0.
 
+pub mod access;
 pub mod app;
 pub mod auth;
 pub mod config;
 pub mod connection;
 pub mod drain;
+pub mod eventlog;
 pub mod events;
 pub mod http;
 pub mod ids;

@@ -33,6 +33,9 @@ const EX_CONFIG: u8 = 78;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if matches!(cli.command, Some(Command::Migrate)) {
+        return migrate();
+    }
     let config = match Config::from_env() {
         Ok(c) => c,
         Err(e) => {
@@ -62,10 +65,7 @@ fn main() -> ExitCode {
                 ExitCode::from(EX_CONFIG)
             }
         },
-        Command::Migrate => {
-            eprintln!("flowgate: migrate: this version has no database support yet");
-            ExitCode::from(EX_CONFIG)
-        }
+        Command::Migrate => unreachable!("handled before the configuration is read"),
         Command::Serve => {
             let rt = match tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
@@ -89,11 +89,53 @@ fn main() -> ExitCode {
     }
 }
 
+/// `flowgate migrate`: needs only `DATABASE_DIRECT_URL` (Postgres itself,
+/// never PgBouncer).
+fn migrate() -> ExitCode {
+    init_tracing(LogFormat::Text);
+    let Some(url) = std::env::var("DATABASE_DIRECT_URL")
+        .ok()
+        .filter(|u| !u.is_empty())
+    else {
+        eprintln!("flowgate: configuration error: DATABASE_DIRECT_URL: not set (migrations run on a direct connection, not through PgBouncer)");
+        return ExitCode::from(EX_CONFIG);
+    };
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("flowgate: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(flowgate_store::migrate(&url)) {
+        Ok(applied) if applied.is_empty() => {
+            println!(
+                "schema is up to date (version {})",
+                flowgate_store::latest_migration()
+            );
+            ExitCode::SUCCESS
+        }
+        Ok(applied) => {
+            println!("applied migrations {applied:?}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("flowgate: migrate: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 /// Builds the node's relay table and keys without starting it.
 fn check(config: Config) -> anyhow::Result<()> {
     let mut config = config;
-    // Reachability of Redis is a runtime matter, not a configuration one.
+    // Reachability of Redis and Postgres is a runtime matter, not a
+    // configuration one.
     config.redis_url = None;
+    config.database_url = None;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;

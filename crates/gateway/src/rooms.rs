@@ -12,7 +12,7 @@ use axum::extract::ws::Utf8Bytes;
 use dashmap::DashMap;
 use serde_json::Value;
 
-use crate::engine::{now_us, Deliver, EngineError, RoomBus, RoomMessage, SessionInfo};
+use crate::engine::{now_us, Control, Deliver, EngineError, RoomBus, RoomMessage, SessionInfo};
 use crate::metrics::Metrics;
 use crate::outbound::{EncodedEvent, OutFrame, Outbound};
 
@@ -35,6 +35,8 @@ pub struct Member {
     pub outbound: Outbound,
     /// Its presence entry, to re-register it after a store outage.
     pub session: Arc<SessionInfo>,
+    /// Tells its connection to leave a room (membership revoked).
+    pub evict: tokio::sync::mpsc::Sender<String>,
 }
 
 /// Local members by room; the bus delivers into it.
@@ -118,6 +120,14 @@ impl Deliver for Fanout {
         let Some(members) = self.rooms.get(room) else {
             return;
         };
+        if let Some(Control::RemoveUser { user_id }) = &msg.control {
+            for m in members.iter().filter(|m| &*m.user_id == user_id) {
+                // The connection task does the leaving (it owns the socket's
+                // state); a full channel means an eviction is already due.
+                let _ = m.evict.try_send(room.to_owned());
+            }
+            return;
+        }
         let except = msg.except.as_deref();
         let recipients = members
             .iter()

@@ -35,7 +35,9 @@ pub enum StoreError {
     #[error("database query: {0}")]
     Query(String),
     /// The schema is older than this binary.
-    #[error("database schema is at version {found}, this binary needs {needed}: run `flowgate migrate`")]
+    #[error(
+        "database schema is at version {found}, this binary needs {needed}: run `flowgate migrate`"
+    )]
     SchemaBehind {
         /// Newest applied migration.
         found: i32,
@@ -93,11 +95,26 @@ pub struct LoggedEvent {
     pub user_id: Option<String>,
 }
 
+/// A batch of events as column arrays, for one `INSERT … SELECT FROM
+/// unnest(…)` (one round trip, one unnamed statement, whatever the size).
+#[derive(Default)]
+struct Columns<'a> {
+    flow: Vec<&'a str>,
+    ms: Vec<i64>,
+    seq: Vec<i64>,
+    event: Vec<&'a str>,
+    data: Vec<String>,
+    user: Vec<Option<&'a str>>,
+}
+
 /// Splits a Redis stream id `<ms>-<seq>`.
 pub fn parse_offset(offset: &str) -> Result<(i64, i64), StoreError> {
     let bad = || StoreError::BadOffset(offset.to_owned());
     let (ms, seq) = offset.split_once('-').ok_or_else(bad)?;
-    Ok((ms.parse().map_err(|_| bad())?, seq.parse().map_err(|_| bad())?))
+    Ok((
+        ms.parse().map_err(|_| bad())?,
+        seq.parse().map_err(|_| bad())?,
+    ))
 }
 
 /// The database of one node: a pool pointed at PgBouncer.
@@ -110,7 +127,9 @@ pub struct Store {
 
 impl std::fmt::Debug for Store {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Store").field("status", &self.pool.status()).finish()
+        f.debug_struct("Store")
+            .field("status", &self.pool.status())
+            .finish()
     }
 }
 
@@ -204,7 +223,10 @@ impl Store {
             available: gauge("db_pool_available", "Idle connections in the database pool")?,
             waiting: gauge("db_pool_waiting", "Tasks waiting for a database connection")?,
             errors: counter("db_errors_total", "Failed database operations")?,
-            slow: counter("db_slow_queries_total", "Queries slower than the slow-query threshold")?,
+            slow: counter(
+                "db_slow_queries_total",
+                "Queries slower than the slow-query threshold",
+            )?,
         };
         Ok(Store {
             pool,
@@ -245,7 +267,11 @@ impl Store {
         let took = started.elapsed();
         if took >= self.settings.slow_query {
             self.metrics.slow.inc();
-            warn!(query = what, took_ms = took.as_millis() as u64, "slow query");
+            warn!(
+                query = what,
+                took_ms = took.as_millis() as u64,
+                "slow query"
+            );
         }
         if r.is_err() {
             self.metrics.errors.inc();
@@ -257,7 +283,11 @@ impl Store {
     pub async fn ping(&self) -> Result<Duration, StoreError> {
         let started = Instant::now();
         self.timed("ping", async {
-            self.client().await?.simple_query("SELECT 1").await.map_err(q)?;
+            self.client()
+                .await?
+                .simple_query("SELECT 1")
+                .await
+                .map_err(q)?;
             Ok(())
         })
         .await?;
@@ -279,7 +309,11 @@ impl Store {
                 match rows {
                     Ok(rows) => Ok(rows.first().map(|r| r.get::<_, i32>(0)).unwrap_or(0)),
                     // No history table: nothing was ever migrated.
-                    Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::UNDEFINED_TABLE) => Ok(0),
+                    Err(e)
+                        if e.code() == Some(&tokio_postgres::error::SqlState::UNDEFINED_TABLE) =>
+                    {
+                        Ok(0)
+                    }
                     Err(e) => Err(q(e)),
                 }
             })
@@ -315,7 +349,11 @@ impl Store {
                 .execute_typed(
                     "INSERT INTO flow_members (flow_id, user_id, role) VALUES ($1, $2, $3) \
                      ON CONFLICT (flow_id, user_id) DO UPDATE SET role = EXCLUDED.role",
-                    &[(&flow_id, Type::TEXT), (&user_id, Type::TEXT), (&role, Type::TEXT)],
+                    &[
+                        (&flow_id, Type::TEXT),
+                        (&user_id, Type::TEXT),
+                        (&role, Type::TEXT),
+                    ],
                 )
                 .await
                 .map_err(q)?;
@@ -348,16 +386,15 @@ impl Store {
         if events.is_empty() {
             return Ok(0);
         }
-        let mut cols: (Vec<&str>, Vec<i64>, Vec<i64>, Vec<&str>, Vec<String>, Vec<Option<&str>>) =
-            Default::default();
+        let mut cols = Columns::default();
         for e in events {
             let (ms, seq) = parse_offset(&e.offset)?;
-            cols.0.push(&e.flow_id);
-            cols.1.push(ms);
-            cols.2.push(seq);
-            cols.3.push(&e.event);
-            cols.4.push(e.data.to_string());
-            cols.5.push(e.user_id.as_deref());
+            cols.flow.push(&e.flow_id);
+            cols.ms.push(ms);
+            cols.seq.push(seq);
+            cols.event.push(&e.event);
+            cols.data.push(e.data.to_string());
+            cols.user.push(e.user_id.as_deref());
         }
         let insert = || async {
             let mut c = self.client().await?;
@@ -369,12 +406,12 @@ impl Store {
             .await
             .map_err(q)?;
             let params: [(&(dyn ToSql + Sync), Type); 6] = [
-                (&cols.0, Type::TEXT_ARRAY),
-                (&cols.1, Type::INT8_ARRAY),
-                (&cols.2, Type::INT8_ARRAY),
-                (&cols.3, Type::TEXT_ARRAY),
-                (&cols.4, Type::TEXT_ARRAY),
-                (&cols.5, Type::TEXT_ARRAY),
+                (&cols.flow, Type::TEXT_ARRAY),
+                (&cols.ms, Type::INT8_ARRAY),
+                (&cols.seq, Type::INT8_ARRAY),
+                (&cols.event, Type::TEXT_ARRAY),
+                (&cols.data, Type::TEXT_ARRAY),
+                (&cols.user, Type::TEXT_ARRAY),
             ];
             let n = tx
                 .execute_typed(
@@ -391,8 +428,9 @@ impl Store {
                     tx.commit().await.map_err(q)?;
                     Ok(Ok(n))
                 }
-                Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::CHECK_VIOLATION)
-                    || e.to_string().contains("no partition") =>
+                Err(e)
+                    if e.code() == Some(&tokio_postgres::error::SqlState::CHECK_VIOLATION)
+                        || e.to_string().contains("no partition") =>
                 {
                     Ok(Err(()))
                 }
@@ -404,7 +442,12 @@ impl Store {
             Err(()) => {
                 // Events dated in a month without a partition: create the
                 // partitions their offsets fall in, then write again.
-                for ms in cols.1.iter().copied().collect::<std::collections::BTreeSet<_>>() {
+                for ms in cols
+                    .ms
+                    .iter()
+                    .copied()
+                    .collect::<std::collections::BTreeSet<_>>()
+                {
                     let t = time::OffsetDateTime::from_unix_timestamp(ms / 1000)
                         .map_err(|e| StoreError::BadOffset(e.to_string()))?;
                     self.ensure_partition(t.year(), t.month() as u8).await?;
@@ -442,7 +485,11 @@ impl Store {
 
     /// Drops the partitions that end on or before the first day of
     /// (`year`, `month`); returns their names.
-    pub async fn drop_partitions_before(&self, year: i32, month: u8) -> Result<Vec<String>, StoreError> {
+    pub async fn drop_partitions_before(
+        &self,
+        year: i32,
+        month: u8,
+    ) -> Result<Vec<String>, StoreError> {
         let cutoff = partition_name(year, month);
         let names: Vec<String> = self
             .timed("list partitions", async {
@@ -546,7 +593,10 @@ mod tests {
 
     #[test]
     fn offsets_and_partitions() {
-        assert_eq!(parse_offset("1700000000123-4").unwrap(), (1_700_000_000_123, 4));
+        assert_eq!(
+            parse_offset("1700000000123-4").unwrap(),
+            (1_700_000_000_123, 4)
+        );
         assert!(parse_offset("x").is_err());
         assert!(parse_offset("1-x").is_err());
         assert_eq!(partition_name(2026, 1), "room_events_y2026m01");

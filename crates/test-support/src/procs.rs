@@ -4,6 +4,7 @@
 //! instance or a fixed port.
 
 use std::net::TcpListener as StdListener;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -287,5 +288,237 @@ impl Drop for HaProxy {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
+
+/// The uid and gid of the unprivileged `postgres` system user: PostgreSQL
+/// and PgBouncer refuse to run as root.
+fn postgres_ids() -> anyhow::Result<(u32, u32)> {
+    let id = |flag: &str| -> anyhow::Result<u32> {
+        let out = Command::new("id").args([flag, "postgres"]).output()?;
+        if !out.status.success() {
+            bail!("no postgres system user: run scripts/deps.sh");
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).trim().parse()?)
+    };
+    Ok((id("-u")?, id("-g")?))
+}
+
+/// A real PostgreSQL 15 (initdb in a temp dir) with a real PgBouncer in
+/// transaction mode in front of it, configured from `deploy/pgbouncer.ini`.
+#[derive(Debug)]
+pub struct PgStack {
+    /// Postgres' port.
+    pub pg_port: u16,
+    /// PgBouncer's port.
+    pub bouncer_port: u16,
+    dir: TempDir,
+    postgres: Option<Child>,
+    bouncer: Option<Child>,
+}
+
+impl PgStack {
+    /// initdb, start Postgres, create the `flowgate` role and database,
+    /// start PgBouncer.
+    pub fn start() -> anyhow::Result<Self> {
+        let (uid, gid) = postgres_ids()?;
+        let dir = TempDir::new("pg")?;
+        let chown = |p: &Path| -> anyhow::Result<()> {
+            let ok = Command::new("chown")
+                .arg("-R")
+                .arg("postgres:postgres")
+                .arg(p)
+                .status()?
+                .success();
+            if !ok {
+                bail!("chown {}", p.display());
+            }
+            Ok(())
+        };
+        chown(dir.path())?;
+        let data = dir.path().join("data");
+        let out = Command::new(format!("{PG_BIN}/initdb"))
+            .args([
+                "-D",
+                &data.display().to_string(),
+                "-U",
+                "postgres",
+                "--auth-local=trust",
+            ])
+            .args(["--auth-host=scram-sha-256", "--no-sync", "-E", "UTF8"])
+            .uid(uid)
+            .gid(gid)
+            .output()
+            .context("initdb (run scripts/deps.sh to install PostgreSQL 15)")?;
+        if !out.status.success() {
+            bail!("initdb: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        let mut stack = PgStack {
+            pg_port: free_port()?,
+            bouncer_port: free_port()?,
+            dir,
+            postgres: None,
+            bouncer: None,
+        };
+        stack.start_postgres()?;
+        stack.psql("CREATE ROLE flowgate LOGIN PASSWORD 'flowgate'", "postgres")?;
+        stack.psql("CREATE DATABASE flowgate OWNER flowgate", "postgres")?;
+        let ini = std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/pgbouncer.ini"),
+        )?;
+        let d = stack.dir.path().display().to_string();
+        let ini: String = ini
+            .lines()
+            .map(|l| {
+                let key = l.split('=').next().unwrap_or("").trim();
+                match key {
+                    "flowgate" => format!(
+                        "flowgate = host=127.0.0.1 port={} dbname=flowgate",
+                        stack.pg_port
+                    ),
+                    "listen_addr" => "listen_addr = 127.0.0.1".to_owned(),
+                    "listen_port" => format!("listen_port = {}", stack.bouncer_port),
+                    "auth_file" => format!("auth_file = {d}/userlist.txt"),
+                    "logfile" => format!("logfile = {d}/pgbouncer.log"),
+                    "pidfile" => format!("pidfile = {d}/pgbouncer.pid"),
+                    "unix_socket_dir" => "unix_socket_dir =".to_owned(),
+                    _ => l.to_owned(),
+                }
+            })
+            .collect::<Vec<_>>()
+            .join("\n");
+        std::fs::write(stack.dir.path().join("pgbouncer.ini"), ini)?;
+        std::fs::write(
+            stack.dir.path().join("userlist.txt"),
+            "\"flowgate\" \"flowgate\"\n",
+        )?;
+        chown(stack.dir.path())?;
+        stack.start_bouncer()?;
+        Ok(stack)
+    }
+
+    /// Runs SQL as the superuser over the Unix socket.
+    pub fn psql(&self, sql: &str, db: &str) -> anyhow::Result<String> {
+        let out = Command::new(format!("{PG_BIN}/psql"))
+            .args(["-h", &self.dir.path().display().to_string()])
+            .args(["-p", &self.pg_port.to_string(), "-U", "postgres", "-d", db])
+            .args(["-v", "ON_ERROR_STOP=1", "-At", "-c", sql])
+            .output()?;
+        if !out.status.success() {
+            bail!("psql: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+    }
+
+    /// Starts (or restarts) Postgres on its port.
+    pub fn start_postgres(&mut self) -> anyhow::Result<()> {
+        let (uid, gid) = postgres_ids()?;
+        let d = self.dir.path().display().to_string();
+        let log = std::fs::File::create(self.dir.path().join("postgres.log"))?;
+        let child = Command::new(format!("{PG_BIN}/postgres"))
+            .args([
+                "-D",
+                &format!("{d}/data"),
+                "-p",
+                &self.pg_port.to_string(),
+                "-k",
+                &d,
+            ])
+            .args(["-c", "listen_addresses=127.0.0.1", "-c", "fsync=off"])
+            .args(["-c", "full_page_writes=off", "-c", "max_connections=100"])
+            .uid(uid)
+            .gid(gid)
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .stdin(Stdio::null())
+            .spawn()
+            .context("starting postgres")?;
+        self.postgres = Some(child);
+        wait_for_port(self.pg_port, Duration::from_secs(20))?;
+        // Accepting TCP is not accepting queries yet.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while self.psql("SELECT 1", "postgres").is_err() {
+            if Instant::now() > deadline {
+                bail!("postgres does not answer");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(())
+    }
+
+    /// Starts (or restarts) PgBouncer on its port.
+    pub fn start_bouncer(&mut self) -> anyhow::Result<()> {
+        let (uid, gid) = postgres_ids()?;
+        let bin = find_program("pgbouncer")?;
+        let ini = self.dir.path().join("pgbouncer.ini");
+        // PgBouncer wants more open files than the default soft limit for
+        // its max_client_conn; raise it up to the hard limit.
+        let child = Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "ulimit -n 4096 2>/dev/null || ulimit -n \"$(ulimit -Hn)\"; exec {} {}",
+                bin.display(),
+                ini.display()
+            ))
+            .uid(uid)
+            .gid(gid)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting pgbouncer")?;
+        self.bouncer = Some(child);
+        wait_for_port(self.bouncer_port, Duration::from_secs(10))
+    }
+
+    /// Stops PgBouncer (SIGKILL: an outage, not a shutdown).
+    pub fn stop_bouncer(&mut self) {
+        if let Some(mut c) = self.bouncer.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Stops Postgres (fast shutdown, as an operator would).
+    pub fn stop_postgres(&mut self) {
+        if let Some(mut c) = self.postgres.take() {
+            let _ = Command::new("kill")
+                .args(["-INT", &c.id().to_string()])
+                .status();
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = c.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Through PgBouncer: what a node's `DATABASE_URL` is.
+    pub fn bouncer_url(&self) -> String {
+        format!(
+            "postgres://flowgate:flowgate@127.0.0.1:{}/flowgate",
+            self.bouncer_port
+        )
+    }
+
+    /// Straight to Postgres: what `flowgate migrate` uses.
+    pub fn direct_url(&self) -> String {
+        format!(
+            "postgres://flowgate:flowgate@127.0.0.1:{}/flowgate",
+            self.pg_port
+        )
+    }
+}
+
+impl Drop for PgStack {
+    fn drop(&mut self) {
+        self.stop_bouncer();
+        self.stop_postgres();
     }
 }
