@@ -305,6 +305,19 @@ impl Config {
         positive("FLOWGATE_PING_INTERVAL_MS", ping_interval)?;
         positive("FLOWGATE_PING_TIMEOUT_MS", ping_timeout)?;
 
+        let drain_notice = millis(vars, "FLOWGATE_DRAIN_NOTICE_MS", 5_000)?;
+        let drain_window = millis(vars, "FLOWGATE_DRAIN_WINDOW_MS", 10_000)?;
+        let shutdown_deadline = millis(vars, "FLOWGATE_SHUTDOWN_DEADLINE_MS", 30_000)?;
+        if drain_notice + drain_window >= shutdown_deadline {
+            return Err(err(
+                "FLOWGATE_SHUTDOWN_DEADLINE_MS",
+                format!(
+                    "must exceed FLOWGATE_DRAIN_NOTICE_MS + FLOWGATE_DRAIN_WINDOW_MS ({} ms), or sockets are cut before they are drained",
+                    (drain_notice + drain_window).as_millis()
+                ),
+            ));
+        }
+
         Ok(Config {
             listen: SocketAddr::new(host, port),
             node_id,
@@ -341,9 +354,9 @@ impl Config {
                 "FLOWGATE_MAX_CONNECTIONS",
                 parse(vars, "FLOWGATE_MAX_CONNECTIONS", 100_000)?,
             )?,
-            drain_notice: millis(vars, "FLOWGATE_DRAIN_NOTICE_MS", 5_000)?,
-            drain_window: millis(vars, "FLOWGATE_DRAIN_WINDOW_MS", 10_000)?,
-            shutdown_deadline: millis(vars, "FLOWGATE_SHUTDOWN_DEADLINE_MS", 30_000)?,
+            drain_notice,
+            drain_window,
+            shutdown_deadline,
             log_format,
             node_heartbeat: positive(
                 "FLOWGATE_NODE_HEARTBEAT_MS",
@@ -526,6 +539,18 @@ mod tests {
         ]))
         .unwrap_err();
         assert_eq!(e.var, "FLOWGATE_MAX_PAYLOAD");
+        let e = Config::from_vars(&vars(&[
+            ("JWT_ACCESS_TOKEN_SECRET", "s"),
+            ("FLOWGATE_SHUTDOWN_DEADLINE_MS", "1000"),
+        ]))
+        .unwrap_err();
+        assert_eq!(e.var, "FLOWGATE_SHUTDOWN_DEADLINE_MS");
+        let e = Config::from_vars(&vars(&[
+            ("JWT_ACCESS_TOKEN_SECRET", "s"),
+            ("DATABASE_URL", "postgres://x@127.0.0.1/db"),
+        ]))
+        .unwrap_err();
+        assert_eq!(e.var, "DATABASE_URL");
     }
 
     #[test]
