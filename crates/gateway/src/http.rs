@@ -229,6 +229,15 @@ impl IntoResponse for ApiError {
     }
 }
 
+/// A dependency (Redis, the membership check) failed: 503, try again.
+fn unavailable(e: impl std::fmt::Display) -> ApiError {
+    ApiError(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "UNAVAILABLE",
+        e.to_string(),
+    )
+}
+
 fn service_auth(app: &App, headers: &HeaderMap) -> Result<(), ApiError> {
     let Some(expected) = &app.config.service_token else {
         return Err(ApiError(
@@ -347,13 +356,12 @@ async fn presence(
 ) -> Result<Response, ApiError> {
     service_auth(&app, &headers)?;
     let room = flow_room(&flow_id)?;
-    let members = app.engine.presence.members(&room).await.map_err(|e| {
-        ApiError(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "UNAVAILABLE",
-            e.to_string(),
-        )
-    })?;
+    let members = app
+        .engine
+        .presence
+        .members(&room)
+        .await
+        .map_err(unavailable)?;
     Ok(Json(members).into_response())
 }
 
@@ -451,13 +459,7 @@ async fn revoke(
             }),
         )
         .await
-        .map_err(|e| {
-            ApiError(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "UNAVAILABLE",
-                e.to_string(),
-            )
-        })?;
+        .map_err(unavailable)?;
     info!(flow_id, user_id, removed, "membership revoked");
     Ok(Json(json!({"ok": true, "removed": removed})).into_response())
 }
@@ -491,13 +493,7 @@ async fn history(
             .map_err(|e| ApiError(StatusCode::UNAUTHORIZED, e.code(), e.to_string()))?;
         let allowed = crate::access::may_join(&app, &identity, &flow_id)
             .await
-            .map_err(|e| {
-                ApiError(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "UNAVAILABLE",
-                    e.to_string(),
-                )
-            })?;
+            .map_err(unavailable)?;
         if !allowed {
             return Err(ApiError(
                 StatusCode::FORBIDDEN,

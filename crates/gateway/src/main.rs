@@ -67,15 +67,9 @@ fn main() -> ExitCode {
         },
         Command::Migrate => unreachable!("handled before the configuration is read"),
         Command::Serve => {
-            let rt = match tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()
-            {
+            let rt = match runtime(tokio::runtime::Builder::new_multi_thread()) {
                 Ok(rt) => rt,
-                Err(e) => {
-                    eprintln!("flowgate: cannot start the runtime: {e}");
-                    return ExitCode::FAILURE;
-                }
+                Err(code) => return code,
             };
             match rt.block_on(run(config)) {
                 Ok(()) => ExitCode::SUCCESS,
@@ -89,6 +83,13 @@ fn main() -> ExitCode {
     }
 }
 
+fn runtime(mut builder: tokio::runtime::Builder) -> Result<tokio::runtime::Runtime, ExitCode> {
+    builder.enable_all().build().map_err(|e| {
+        eprintln!("flowgate: cannot start the runtime: {e}");
+        ExitCode::FAILURE
+    })
+}
+
 /// `flowgate migrate`: needs only `DATABASE_DIRECT_URL` (Postgres itself,
 /// never PgBouncer).
 fn migrate() -> ExitCode {
@@ -100,15 +101,9 @@ fn migrate() -> ExitCode {
         eprintln!("flowgate: configuration error: DATABASE_DIRECT_URL: not set (migrations run on a direct connection, not through PgBouncer)");
         return ExitCode::from(EX_CONFIG);
     };
-    let rt = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
+    let rt = match runtime(tokio::runtime::Builder::new_current_thread()) {
         Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("flowgate: cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
+        Err(code) => return code,
     };
     match rt.block_on(flowgate_store::migrate(&url)) {
         Ok(applied) if applied.is_empty() => {

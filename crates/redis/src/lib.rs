@@ -240,8 +240,8 @@ impl RedisEngine {
             local: RateLimiter::keyed(quota),
             scripts: Scripts {
                 publish: Script::from_lua(scripts::PUBLISH),
-                join: Script::from_lua(scripts::PRESENCE_JOIN),
-                members: Script::from_lua(scripts::PRESENCE_MEMBERS),
+                join: Script::from_lua(scripts::presence_join()),
+                members: Script::from_lua(scripts::presence_members()),
                 leave: Script::from_lua(scripts::PRESENCE_LEAVE),
                 refresh: Script::from_lua(scripts::PRESENCE_REFRESH),
                 heartbeat: Script::from_lua(scripts::HEARTBEAT),

@@ -13,16 +13,15 @@ redis.call('SPUBLISH', KEYS[2], id .. ' ' .. ARGV[1])
 return id
 "#;
 
-/// Adds (or re-adds) a session to a room's presence and, when ARGV[4] is
-/// "1", returns the live sessions of the room.
-/// KEYS: presence hash, expiry zset. ARGV: socket id, session JSON, TTL (ms),
-/// want-members flag.
-pub(crate) const PRESENCE_JOIN: &str = r#"
+/// Redis time in milliseconds, as `now`.
+const NOW_MS: &str = r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
-redis.call('ZADD', KEYS[2], now + tonumber(ARGV[3]), ARGV[1])
-if ARGV[4] ~= '1' then return {} end
+"#;
+
+/// Returns the sessions of KEYS[1]/KEYS[2] whose expiry is after `now`
+/// (HMGET in chunks: Lua's unpack has a small stack limit).
+const LIVE_MEMBERS: &str = r#"
 local sids = redis.call('ZRANGEBYSCORE', KEYS[2], now, '+inf')
 local out = {}
 for i = 1, #sids, 500 do
@@ -34,21 +33,26 @@ end
 return out
 "#;
 
+/// Adds (or re-adds) a session to a room's presence and, when ARGV[4] is
+/// "1", returns the live sessions of the room.
+/// KEYS: presence hash, expiry zset. ARGV: socket id, session JSON, TTL (ms),
+/// want-members flag.
+pub(crate) fn presence_join() -> String {
+    format!(
+        "{NOW_MS}{}{LIVE_MEMBERS}",
+        r#"
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+redis.call('ZADD', KEYS[2], now + tonumber(ARGV[3]), ARGV[1])
+if ARGV[4] ~= '1' then return {} end
+"#
+    )
+}
+
 /// The live sessions of a room (those whose expiry is in the future).
 /// KEYS: presence hash, expiry zset.
-pub(crate) const PRESENCE_MEMBERS: &str = r#"
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local sids = redis.call('ZRANGEBYSCORE', KEYS[2], now, '+inf')
-local out = {}
-for i = 1, #sids, 500 do
-  local chunk = {}
-  for j = i, math.min(i + 499, #sids) do chunk[#chunk + 1] = sids[j] end
-  local vals = redis.call('HMGET', KEYS[1], unpack(chunk))
-  for _, v in ipairs(vals) do if v then out[#out + 1] = v end end
-end
-return out
-"#;
+pub(crate) fn presence_members() -> String {
+    format!("{NOW_MS}{LIVE_MEMBERS}")
+}
 
 /// Removes a session; returns its JSON, or nil if it was not there (so
 /// exactly one caller emits `user:left` for it).
