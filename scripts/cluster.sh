@@ -1,28 +1,45 @@
 #!/usr/bin/env bash
-# A local flowgate cluster on loopback: one redis-server, three flowgate
-# nodes and HAProxy (deploy/haproxy.cfg) in front of them, all as child
-# processes with free ports, their state, logs and PIDs in one directory.
+# A local flowgate cluster on loopback: one redis-server, PostgreSQL 15 with
+# PgBouncer in front of it (transaction pooling, deploy/pgbouncer.ini), three
+# flowgate nodes and HAProxy (deploy/haproxy.cfg) in front of them, all as
+# child processes with free ports, their state, logs and PIDs in one directory.
+# Postgres and PgBouncer refuse to run as root: they run as the `postgres`
+# system user (setpriv, no PAM: the PID we record is the server's own) in
+# <state>/pg, which that user owns. `flowgate migrate` runs over
+# DATABASE_DIRECT_URL (straight to Postgres) before any node starts; the nodes
+# get DATABASE_URL through PgBouncer.
 #
 #   scripts/cluster.sh up       start everything, wait until healthy, print the ports
 #   scripts/cluster.sh status   show what runs (PIDs, ports, health)
 #   scripts/cluster.sh down     stop exactly the recorded PIDs, remove the state dir
-#   scripts/cluster.sh env      print the cluster's ports as shell assignments
+#   scripts/cluster.sh env      print the cluster's ports and URLs as shell assignments
 #
 # Environment (all optional):
-#   FLOWGATE_CLUSTER_DIR       state dir (default: <repo>/.tmp/cluster)
+#   FLOWGATE_CLUSTER_DIR       state dir (default: <repo>/.tmp/cluster); the
+#                              `postgres` user must be able to traverse it
 #   FLOWGATE_BIN               flowgate binary (default: target/release/flowgate,
 #                              built with cargo when missing)
+#   FLOWGATE_CLUSTER_NO_DB     1: no Postgres/PgBouncer, no DATABASE_URL for the
+#                              nodes (the old topology; access policy then
+#                              defaults to open)
 #   FLOWGATE_CLUSTER_NO_REDIS  1: do not give the nodes REDIS_URL (each node then
 #                              runs its own in-memory engine: NOT a real cluster;
-#                              for testing this script's mechanics)
+#                              for testing this script's mechanics). Implies
+#                              FLOWGATE_CLUSTER_NO_DB=1: a node refuses
+#                              DATABASE_URL without REDIS_URL.
+#   FLOWGATE_ACCESS_POLICY     passed to the nodes when set; unset, a node with
+#                              DATABASE_URL uses `members` (a user joins a flow
+#                              only with a membership row: grant one with
+#                              PUT /v1/flows/F/members/USER and the service token)
 #   FLOWGATE_CLUSTER_SKIP_DEPS 1: do not run scripts/deps.sh first
 #   FLOWGATE_CLUSTER_WAIT_SECS how long to wait for health (default 30)
 #   LB_PORT, STATS_PORT        fixed ports for the load balancer and its stats
 #                              page (default: free ports)
 #   JWT_ACCESS_TOKEN_SECRET    default "dev-secret"
 #   FLOWGATE_SERVICE_TOKEN     default "dev-service-token"
-#   Any other variable (RUST_LOG, FLOWGATE_*, DATABASE_URL, ...) is passed to
-#   the nodes as is.
+#   Any other variable (RUST_LOG, FLOWGATE_*, ...) is passed to the nodes as
+#   is (DATABASE_URL too with FLOWGATE_CLUSTER_NO_DB=1; otherwise the script
+#   sets it).
 set -euo pipefail
 
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -31,6 +48,8 @@ wait_secs="${FLOWGATE_CLUSTER_WAIT_SECS:-30}"
 stop_wait_secs=15
 nodes=(node1 node2 node3)
 PATH="$PATH:/usr/sbin:/usr/local/sbin"
+PG_BIN=/usr/lib/postgresql/15/bin
+PG_USER=postgres
 
 log() { printf 'cluster: %s\n' "$*"; }
 err() { printf 'cluster: ERROR: %s\n' "$*" >&2; }
@@ -85,17 +104,30 @@ recorded_names() {
     done
 }
 
-# SIGTERM the given names, wait up to $stop_wait_secs, then SIGKILL.
+# The signal that shuts NAME down cleanly: SIGINT is Postgres' "fast"
+# shutdown (what `pg_ctl stop -m fast` sends: roll back, disconnect, write a
+# checkpoint, exit; SIGTERM would be "smart" and wait for every client).
+# SIGTERM for PgBouncer (immediate shutdown; its clients are gone by then),
+# the nodes (drain), HAProxy and Redis.
+stop_signal() {
+    case "$1" in
+        postgres) echo INT ;;
+        *) echo TERM ;;
+    esac
+}
+
+# Signal the given names (stop_signal), wait up to $stop_wait_secs, then SIGKILL.
 stop_names() {
-    local name pid pids=() names=()
+    local name pid sig pids=() names=()
     for name in "$@"; do
         pid="$(live_pid "$name")"
         if [[ -n "$pid" ]]; then
-            kill -TERM "$pid" 2>/dev/null && { pids+=("$pid"); names+=("$name"); }
+            sig="$(stop_signal "$name")"
+            kill -"$sig" "$pid" 2>/dev/null && { pids+=("$pid"); names+=("$name(SIG$sig)"); }
         fi
     done
     ((${#pids[@]})) || return 0
-    log "stopping ${names[*]} (SIGTERM)"
+    log "stopping ${names[*]}"
     local deadline=$(($(now_us) + stop_wait_secs * 1000000))
     while (($(now_us) < deadline)); do
         local alive=0
@@ -117,15 +149,21 @@ stop_names() {
 }
 
 # Stops everything recorded: the load balancer and nodes first (the nodes
-# drain while Redis is still there), Redis last.
+# drain, and flush their event log, while Redis and the database are still
+# there), then PgBouncer, Postgres, Redis last.
 stop_all() {
     local names=() others=() name
     mapfile -t names < <(recorded_names)
     for name in "${names[@]}"; do
-        [[ "$name" == redis ]] || others+=("$name")
+        case "$name" in
+            redis | postgres | pgbouncer) ;;
+            *) others+=("$name") ;;
+        esac
     done
     ((${#others[@]})) && stop_names "${others[@]}"
-    [[ -f "$state/pids/redis.pid" ]] && stop_names redis
+    for name in pgbouncer postgres redis; do
+        [[ -f "$state/pids/$name.pid" ]] && stop_names "$name"
+    done
     return 0
 }
 
@@ -190,6 +228,144 @@ raise_nofile() {
     fi
     # root may raise the hard limit too
     ulimit -n 1048576 2>/dev/null || true
+}
+
+# --- Postgres and PgBouncer ------------------------------------------------------
+# Both refuse to run as root. setpriv switches to the postgres user and execs
+# (no fork, no PAM session: unlike runuser it neither leaves a parent process
+# in between nor resets the open-files limit), so $! is the server itself;
+# the PID is still checked against postmaster.pid / PgBouncer's pidfile.
+as_pg=(setpriv --reuid="$PG_USER" --regid="$PG_USER" --init-groups
+    env -i PATH=/usr/bin:/bin LANG=C.UTF-8)
+
+psql_super() { # psql as the superuser over the Unix socket; extra args follow
+    "$PG_BIN/psql" -X -q -At -v ON_ERROR_STOP=1 -h "$pg_sock" -p "$pg_port" \
+        -U postgres "$@"
+}
+
+# Waits until CMD... succeeds, while PID lives; NAME for messages.
+wait_until() { # NAME PID CMD...
+    local name="$1" pid="$2" why
+    shift 2
+    local deadline=$(($(now_us) + wait_secs * 1000000))
+    while (($(now_us) < deadline)); do
+        "$@" >/dev/null 2>&1 && return 0
+        why="$(exit_status_of "$pid")"
+        if [[ -n "$why" ]]; then
+            err "$name (pid $pid) $why before it became ready"
+            last_lines "$name"
+            return 1
+        fi
+        sleep 0.1
+    done
+    err "$name (pid $pid) not ready within ${wait_secs}s"
+    last_lines "$name"
+    return 1
+}
+
+# Records NAME's PID from the server's own pidfile (first line) if it
+# differs from the launcher's $! (it does not with setpriv; belt and braces).
+record_server_pid() { # NAME LAUNCHER_PID PIDFILE
+    local real=""
+    if [[ -f "$3" ]]; then read -r real <"$3" || true; fi
+    if [[ -n "$real" && "$real" != "$2" && -d "/proc/$real" ]]; then
+        record_pid "$1" "$real"
+        echo "$real"
+    else
+        echo "$2"
+    fi
+}
+
+# initdb, Postgres, role and database, PgBouncer. Sets db_password,
+# direct_url and database_url. Uses pg_port, bouncer_port.
+start_db() {
+    pg_dir="$state/pg"
+    pg_sock="$pg_dir/run"
+    local data="$pg_dir/data" pid
+    if ! id -u "$PG_USER" >/dev/null 2>&1; then
+        err "no '$PG_USER' system user (run scripts/deps.sh; or FLOWGATE_CLUSTER_NO_DB=1)"
+        exit 1
+    fi
+    # Unix socket paths are limited to 107 bytes.
+    if ((${#pg_sock} + 14 > 107)); then
+        err "state dir path too long for a Unix socket ($pg_sock); set FLOWGATE_CLUSTER_DIR to a shorter path"
+        exit 1
+    fi
+    mkdir -p "$pg_sock"
+    chown -R "$PG_USER:$PG_USER" "$pg_dir"
+    chmod 700 "$pg_dir"
+    if ! "${as_pg[@]}" test -w "$pg_dir"; then
+        err "the $PG_USER user cannot reach $pg_dir (a parent directory is not traversable); set FLOWGATE_CLUSTER_DIR, e.g. to /tmp/flowgate-cluster"
+        exit 1
+    fi
+    db_password="$(python3 -c 'import secrets; print(secrets.token_hex(16))')"
+
+    if ! (close_fds; exec "${as_pg[@]}" "$PG_BIN/initdb" -D "$data" -U postgres \
+        --auth-local=trust --auth-host=scram-sha-256 -E UTF8 --locale=C --no-sync) \
+        >"$state/logs/initdb.log" 2>&1 </dev/null; then
+        err "initdb failed"
+        last_lines initdb
+        exit 1
+    fi
+
+    (
+        close_fds
+        exec setsid "${as_pg[@]}" "$PG_BIN/postgres" -D "$data" -p "$pg_port" \
+            -k "$pg_sock" -c listen_addresses=127.0.0.1
+    ) >"$state/logs/postgres.log" 2>&1 </dev/null &
+    pid=$!
+    record_pid postgres "$pid"
+    wait_until postgres "$pid" psql_super -d postgres -c 'SELECT 1' || exit 1
+    pid="$(record_server_pid postgres "$pid" "$data/postmaster.pid")"
+    if ! psql_super -d postgres -v pw="$db_password" >>"$state/logs/initdb.log" 2>&1 <<'SQL'; then
+CREATE ROLE flowgate LOGIN PASSWORD :'pw';
+CREATE DATABASE flowgate OWNER flowgate;
+SQL
+        err "creating the flowgate role and database failed"
+        last_lines initdb
+        exit 1
+    fi
+    direct_url="postgres://flowgate:$db_password@127.0.0.1:$pg_port/flowgate"
+    log "postgres  pid $pid  127.0.0.1:$pg_port  socket dir $pg_sock"
+
+    # PgBouncer: deploy/pgbouncer.ini with its placeholder keys rewritten.
+    local ini="$pg_dir/pgbouncer.ini"
+    if ! awk -v pgport="$pg_port" -v port="$bouncer_port" -v dir="$pg_dir" '
+        BEGIN { n = split("flowgate listen_addr listen_port auth_file logfile pidfile unix_socket_dir", want, " ") }
+        {
+            k = $0; sub(/=.*/, "", k); gsub(/[ \t]/, "", k)
+            if (k == "flowgate") v = "host=127.0.0.1 port=" pgport " dbname=flowgate"
+            else if (k == "listen_addr") v = "127.0.0.1"
+            else if (k == "listen_port") v = port
+            else if (k == "auth_file") v = dir "/userlist.txt"
+            else if (k == "logfile") v = ""            # stderr: logs/pgbouncer.log
+            else if (k == "pidfile") v = dir "/pgbouncer.pid"
+            else if (k == "unix_socket_dir") v = dir "/run"
+            else { print; next }
+            seen[k]++
+            print k " = " v
+        }
+        END { for (i = 1; i <= n; i++) if (seen[want[i]] != 1) { print "placeholder " want[i] " found " seen[want[i]] + 0 " times" > "/dev/stderr"; bad = 1 }; exit bad }
+    ' "$repo/deploy/pgbouncer.ini" >"$ini" 2>"$state/logs/pgbouncer.log"; then
+        err "rewriting deploy/pgbouncer.ini failed"
+        last_lines pgbouncer
+        exit 1
+    fi
+    printf '"flowgate" "%s"\n' "$db_password" >"$pg_dir/userlist.txt"
+    chmod 600 "$pg_dir/userlist.txt" "$ini"
+    chown "$PG_USER:$PG_USER" "$pg_dir/userlist.txt" "$ini"
+    (
+        close_fds
+        exec setsid "${as_pg[@]}" /usr/sbin/pgbouncer "$ini"
+    ) >"$state/logs/pgbouncer.log" 2>&1 </dev/null &
+    pid=$!
+    record_pid pgbouncer "$pid"
+    database_url="postgres://flowgate:$db_password@127.0.0.1:$bouncer_port/flowgate"
+    # A real login through PgBouncer (SCRAM) to Postgres.
+    wait_until pgbouncer "$pid" env PGCONNECT_TIMEOUT=2 "$PG_BIN/psql" -X -At \
+        -d "$database_url" -c 'SELECT 1' || exit 1
+    pid="$(record_server_pid pgbouncer "$pid" "$pg_dir/pgbouncer.pid")"
+    log "pgbouncer pid $pid  127.0.0.1:$bouncer_port  (transaction pooling; SELECT 1 through it: ok)"
 }
 
 # --- up ------------------------------------------------------------------------------
@@ -268,12 +444,22 @@ cmd_up() {
     trap on_up_exit EXIT
     trap 'exit 130' INT TERM
 
+    local no_db=0
+    [[ "${FLOWGATE_CLUSTER_NO_DB:-0}" == 1 ]] && no_db=1
+    if [[ "${FLOWGATE_CLUSTER_NO_REDIS:-0}" == 1 && $no_db == 0 ]]; then
+        log "FLOWGATE_CLUSTER_NO_REDIS=1 implies FLOWGATE_CLUSTER_NO_DB=1 (a node refuses DATABASE_URL without REDIS_URL)"
+        no_db=1
+    fi
+
     local ports
-    mapfile -t ports < <(free_ports 6)
+    mapfile -t ports < <(free_ports 8)
     local redis_port="${ports[0]}"
     local node_ports=("${ports[1]}" "${ports[2]}" "${ports[3]}")
     local lb_port="${LB_PORT:-${ports[4]}}"
     local stats_port="${STATS_PORT:-${ports[5]}}"
+    # globals: start_db and the summary use them
+    pg_port="${ports[6]}" bouncer_port="${ports[7]}"
+    pg_dir="" pg_sock="" db_password="" direct_url="" database_url=""
 
     # Redis: loopback only, no persistence, foreground (we hold its PID).
     (
@@ -299,9 +485,27 @@ cmd_up() {
         last_lines redis
         exit 1
     fi
-    log "redis    pid $pid  redis://127.0.0.1:$redis_port"
+    log "redis     pid $pid  redis://127.0.0.1:$redis_port"
 
     local redis_url="redis://127.0.0.1:$redis_port"
+
+    local access_policy
+    if ((no_db)); then
+        log "no Postgres/PgBouncer (FLOWGATE_CLUSTER_NO_DB=1 or NO_REDIS=1)"
+        access_policy="${FLOWGATE_ACCESS_POLICY:-$([[ -n "${DATABASE_URL:-}" ]] && echo members || echo open)}"
+    else
+        start_db
+        # Migrations: straight to Postgres, with nothing but DATABASE_DIRECT_URL.
+        if ! env -i PATH="$PATH" DATABASE_DIRECT_URL="$direct_url" ${RUST_LOG:+RUST_LOG="$RUST_LOG"} \
+            "$bin" migrate >"$state/logs/migrate.log" 2>&1 </dev/null; then
+            err "flowgate migrate failed"
+            last_lines migrate
+            exit 1
+        fi
+        log "migrate   $(tail -n 1 "$state/logs/migrate.log")"
+        access_policy="${FLOWGATE_ACCESS_POLICY:-members}"
+    fi
+
     local jwt_secret="${JWT_ACCESS_TOKEN_SECRET:-dev-secret}"
     local service_token="${FLOWGATE_SERVICE_TOKEN:-dev-service-token}"
     if [[ "${FLOWGATE_CLUSTER_NO_REDIS:-0}" == 1 ]]; then
@@ -321,6 +525,13 @@ cmd_up() {
             export HOST=127.0.0.1 PORT="$port" FLOWGATE_NODE_ID="$name"
             export JWT_ACCESS_TOKEN_SECRET="$jwt_secret"
             export FLOWGATE_SERVICE_TOKEN="$service_token"
+            if ((!no_db)); then
+                # shellcheck disable=SC2030 # this subshell becomes the node
+                export DATABASE_URL="$database_url" # through PgBouncer
+                unset DATABASE_DIRECT_URL           # migrations only, done above
+            fi
+            # FLOWGATE_ACCESS_POLICY: inherited when set (e.g. open);
+            # unset, a node with DATABASE_URL uses members.
             export FLOWGATE_LOG_FORMAT=json
             # Drain: 5 s notice (HAProxy marks a node down after ~4 s),
             # then exit well within the 15 s that `down` waits.
@@ -338,7 +549,7 @@ cmd_up() {
         pid="$(live_pid "$name")"
         [[ -n "$pid" ]] || pid="$(cut -d' ' -f1 "$state/pids/$name.pid")"
         wait_healthy "$name" "http://127.0.0.1:${node_ports[$n]}/health" "$pid" || exit 1
-        log "$name    pid $pid  http://127.0.0.1:${node_ports[$n]}  (health 200)"
+        log "$name     pid $pid  http://127.0.0.1:${node_ports[$n]}  (health 200)"
     done
 
     # HAProxy
@@ -359,7 +570,7 @@ cmd_up() {
     pid=$!
     record_pid haproxy "$pid"
     wait_healthy haproxy "http://127.0.0.1:$lb_port/health" "$pid" || exit 1
-    log "haproxy  pid $pid  http://127.0.0.1:$lb_port  (a node's /health through it: 200)"
+    log "haproxy   pid $pid  http://127.0.0.1:$lb_port  (a node's /health through it: 200)"
 
     {
         printf '%s=%q\n' \
@@ -369,11 +580,20 @@ cmd_up() {
             STATS_PORT "$stats_port" \
             REDIS_PORT "$redis_port" \
             REDIS_URL "$redis_url" \
+            CLUSTER_ACCESS_POLICY "$access_policy" \
             NODE1_PORT "${node_ports[0]}" \
             NODE2_PORT "${node_ports[1]}" \
             NODE3_PORT "${node_ports[2]}" \
             JWT_ACCESS_TOKEN_SECRET "$jwt_secret" \
             FLOWGATE_SERVICE_TOKEN "$service_token"
+        if ((!no_db)); then
+            printf '%s=%q\n' \
+                PG_PORT "$pg_port" \
+                PGBOUNCER_PORT "$bouncer_port" \
+                PG_SOCKET_DIR "$pg_sock" \
+                DATABASE_URL "$database_url" \
+                DATABASE_DIRECT_URL "$direct_url"
+        fi
     } >"$state/cluster.env"
 
     up_done=1
@@ -387,6 +607,15 @@ flowgate cluster is up (state, logs and PIDs in $state)
   node2          http://127.0.0.1:${node_ports[1]}    log: $state/logs/node2.log
   node3          http://127.0.0.1:${node_ports[2]}    log: $state/logs/node3.log
   redis          $redis_url$([[ "${FLOWGATE_CLUSTER_NO_REDIS:-0}" == 1 ]] && echo "    (NOT used by the nodes: FLOWGATE_CLUSTER_NO_REDIS=1)")
+$(if ((no_db)); then
+        echo "  postgres       none (FLOWGATE_CLUSTER_NO_DB=1)"
+    else
+        echo "  postgres       127.0.0.1:$pg_port    log: $state/logs/postgres.log    (superuser: psql -h $pg_sock -p $pg_port -U postgres flowgate)"
+        echo "  pgbouncer      127.0.0.1:$bouncer_port    log: $state/logs/pgbouncer.log    (transaction pooling)"
+        echo "  DATABASE_URL          $database_url    (nodes, through PgBouncer)"
+        echo "  DATABASE_DIRECT_URL   $direct_url    (flowgate migrate, straight to Postgres)"
+    fi)
+  access policy  $access_policy$([[ "$access_policy" == members ]] && echo "    grant: curl -X PUT -H \"Authorization: Bearer $service_token\" http://127.0.0.1:$lb_port/v1/flows/FLOW/members/USER")
   JWT secret     $jwt_secret    service token: $service_token
   ports as shell variables: $0 env   (or: source $state/cluster.env)
 status: $0 status
@@ -396,6 +625,7 @@ EOF
 
 # --- status / down / env ---------------------------------------------------------------
 
+# shellcheck disable=SC2031 # ports[DATABASE_URL] is a key, not the variable
 cmd_status() {
     if [[ ! -d "$state/pids" ]]; then
         log "not running (no state dir $state)"
@@ -407,7 +637,7 @@ cmd_status() {
         # shellcheck disable=SC1091
         while IFS='=' read -r k v; do ports[$k]="$v"; done <"$state/cluster.env"
     fi
-    printf '%-8s %-8s %-8s %-7s %s\n' NAME PID STATE PORT HEALTH
+    printf '%-10s %-8s %-8s %-7s %s\n' NAME PID STATE PORT HEALTH
     for name in $(recorded_names); do
         pid="$(live_pid "$name")"
         port="" url="" code=""
@@ -415,19 +645,33 @@ cmd_status() {
             redis) port="${ports[REDIS_PORT]:-}" ;;
             haproxy) port="${ports[LB_PORT]:-}" ;;
             node*) port="${ports[${name^^}_PORT]:-}" ;;
+            postgres) port="${ports[PG_PORT]:-}" ;;
+            pgbouncer) port="${ports[PGBOUNCER_PORT]:-}" ;;
         esac
         if [[ -z "$pid" ]]; then
-            printf '%-8s %-8s %-8s %-7s %s\n' "$name" "$(cut -d' ' -f1 "$state/pids/$name.pid")" dead "${port:--}" -
+            printf '%-10s %-8s %-8s %-7s %s\n' "$name" "$(cut -d' ' -f1 "$state/pids/$name.pid")" dead "${port:--}" -
             dead=1
             continue
         fi
         case "$name" in
             redis) [[ -n "$port" ]] && code="$(redis-cli -h 127.0.0.1 -p "$port" ping 2>/dev/null || true)" ;;
+            postgres) [[ -n "$port" ]] && code="$("$PG_BIN/pg_isready" -t 2 -h 127.0.0.1 -p "$port" 2>&1 || true)" ;;
+            pgbouncer)
+                if [[ -n "${ports[DATABASE_URL]:-}" ]]; then
+                    if [[ "$(PGCONNECT_TIMEOUT=2 "$PG_BIN/psql" -X -At -d "${ports[DATABASE_URL]}" -c 'SELECT 1' 2>/dev/null)" == 1 ]]; then
+                        code="SELECT 1 through it: ok"
+                    else
+                        code="SELECT 1 through it: FAILED"
+                    fi
+                fi
+                ;;
             *) [[ -n "$port" ]] && code="GET /health: $(http_status "http://127.0.0.1:$port/health")" ;;
         esac
-        printf '%-8s %-8s %-8s %-7s %s\n' "$name" "$pid" running "${port:--}" "${code:--}"
+        printf '%-10s %-8s %-8s %-7s %s\n' "$name" "$pid" running "${port:--}" "${code:--}"
     done
     [[ -n "${ports[STATS_PORT]:-}" ]] && echo "stats page: http://127.0.0.1:${ports[STATS_PORT]}/"
+    [[ -n "${ports[CLUSTER_ACCESS_POLICY]:-}" ]] && echo "access policy: ${ports[CLUSTER_ACCESS_POLICY]}"
+    [[ -n "${ports[DATABASE_URL]:-}" ]] && echo "DATABASE_URL (nodes): ${ports[DATABASE_URL]}    DATABASE_DIRECT_URL (migrate): ${ports[DATABASE_DIRECT_URL]:-}"
     [[ -f "$state/cluster.env" ]] || echo "(the cluster is starting or failed to start: no cluster.env yet)"
     ((dead)) && exit 1
     return 0

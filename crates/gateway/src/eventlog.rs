@@ -26,6 +26,8 @@ pub struct WriterMetrics {
     pub failures: IntCounter,
     /// Entries waiting in the queue.
     pub backlog: IntGauge,
+    /// Failed reads of the queue (Redis unreachable).
+    pub queue_errors: IntCounter,
 }
 
 impl WriterMetrics {
@@ -40,6 +42,11 @@ impl WriterMetrics {
             "Failed event-log batch writes",
         )?;
         let backlog = IntGauge::new("eventlog_backlog", "Room events queued and not yet written")?;
+        let queue_errors = IntCounter::new(
+            "eventlog_queue_errors_total",
+            "Failed reads of the event-log queue",
+        )?;
+        registry.register(Box::new(queue_errors.clone()))?;
         registry.register(Box::new(written.clone()))?;
         registry.register(Box::new(failures.clone()))?;
         registry.register(Box::new(backlog.clone()))?;
@@ -47,6 +54,7 @@ impl WriterMetrics {
             written,
             failures,
             backlog,
+            queue_errors,
         })
     }
 }
@@ -73,6 +81,7 @@ pub async fn run(
         let entries = match queue.take(&consumer, batch).await {
             Ok(e) => e,
             Err(e) => {
+                metrics.queue_errors.inc();
                 warn!(error = %e, "event-log queue unavailable");
                 sleep_or_stop(&stop, backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(5));

@@ -813,10 +813,10 @@ fn decode_autoclaim(v: Value) -> Entries {
 
 impl RedisEngine {
     async fn read_group(&self, consumer: &str, max: usize, id: &str) -> Result<Entries, Error> {
-        let r: fred::types::streams::XReadResponse<String, String, String, String> = self
+        let v: Value = self
             .0
             .client
-            .xreadgroup_map(
+            .xreadgroup(
                 QUEUE_GROUP,
                 consumer,
                 Some(max as u64),
@@ -826,6 +826,12 @@ impl RedisEngine {
                 id,
             )
             .await?;
+        // Nothing new is a nil reply, which the typed helper cannot read.
+        if v.is_null() {
+            return Ok(Vec::new());
+        }
+        let r: fred::types::streams::XReadResponse<String, String, String, String> =
+            v.into_xread_response()?;
         Ok(r.into_values().flat_map(decode_entries).collect())
     }
 
