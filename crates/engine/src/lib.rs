@@ -13,6 +13,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 use serde_json::Value;
 use thiserror::Error;
 
@@ -22,12 +23,13 @@ use thiserror::Error;
 pub struct EngineError(pub String);
 
 /// One message on a room's bus: an event for the room's members.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RoomMessage {
     /// The event name members receive.
     pub event: String,
-    /// Its single argument.
-    pub data: Value,
+    /// Its single argument, as JSON text: serialized once by the publisher,
+    /// copied into each node's frame without being parsed again.
+    pub data: Box<RawValue>,
     /// Binary attachments referenced by placeholders in `data`.
     #[serde(default, skip_serializing_if = "Vec::is_empty", with = "base64_frames")]
     pub attachments: Vec<Bytes>,
@@ -60,7 +62,9 @@ impl RoomMessage {
     pub fn new(event: impl Into<String>, data: Value) -> Self {
         RoomMessage {
             event: event.into(),
-            data,
+            // Serializing a `Value` cannot fail.
+            data: serde_json::value::to_raw_value(&data)
+                .unwrap_or_else(|_| RawValue::from_string("null".into()).expect("valid JSON")),
             attachments: Vec::new(),
             except: None,
             volatile: false,
@@ -276,6 +280,10 @@ mod tests {
         m.except = Some("s".into());
         let text = serde_json::to_string(&m).unwrap();
         assert!(text.contains("\"AP9iaW4=\""), "{text}");
-        assert_eq!(serde_json::from_str::<RoomMessage>(&text).unwrap(), m);
+        let back = serde_json::from_str::<RoomMessage>(&text).unwrap();
+        assert_eq!(back.data.get(), r#"{"a":1}"#);
+        assert_eq!(back.attachments, m.attachments);
+        assert_eq!(back.except, m.except);
+        assert_eq!(serde_json::to_string(&back).unwrap(), text);
     }
 }

@@ -49,21 +49,30 @@ pub struct Fanout {
 /// Encodes `event` with one argument into the Engine.IO `message` frame of
 /// an EVENT (or BINARY_EVENT) of the flows namespace.
 pub fn encode_event(event: &str, data: &Value, attachments: &[bytes::Bytes]) -> EncodedEvent {
-    let args = Value::Array(vec![Value::String(event.to_owned()), data.clone()]);
-    encode_args(&args, attachments)
+    // Writing a `Value` into a String cannot fail.
+    encode_raw(
+        event,
+        &serde_json::to_string(data).unwrap_or_default(),
+        attachments,
+    )
 }
 
-fn encode_args(args: &Value, attachments: &[bytes::Bytes]) -> EncodedEvent {
-    let mut text = String::with_capacity(64);
+/// The same, with the argument already JSON text: the fan-out path, where
+/// it is copied into the frame as is.
+pub fn encode_raw(event: &str, data_json: &str, attachments: &[bytes::Bytes]) -> EncodedEvent {
+    let mut text = String::with_capacity(16 + NSP.len() + event.len() + data_json.len());
     if attachments.is_empty() {
         text.push_str("42");
     } else {
         text.push_str(&format!("45{}-", attachments.len()));
     }
     text.push_str(NSP);
+    text.push_str(",[");
+    // An event name is a JSON string; serializing a &str cannot fail.
+    text.push_str(&serde_json::to_string(event).unwrap_or_default());
     text.push(',');
-    // Writing a `Value` into a String cannot fail.
-    text.push_str(&serde_json::to_string(args).unwrap_or_default());
+    text.push_str(data_json);
+    text.push(']');
     EncodedEvent {
         text: Utf8Bytes::from(text),
         attachments: attachments.to_vec(),
@@ -136,9 +145,9 @@ impl Deliver for Fanout {
         if recipients == 0 {
             return;
         }
-        let frame = OutFrame::Shared(Arc::new(encode_event(
+        let frame = OutFrame::Shared(Arc::new(encode_raw(
             &msg.event,
-            &msg.data,
+            msg.data.get(),
             &msg.attachments,
         )));
         for m in members.iter().filter(|m| Some(&*m.socket_id) != except) {
