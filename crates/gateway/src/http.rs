@@ -135,8 +135,13 @@ async fn engine_io(
         peer: peer.to_string(),
     };
     let max = app.config.max_payload;
+    // tungstenite's default buffers are 128 KiB each per connection; most
+    // frames here are tens of bytes, so small buffers (which grow for a
+    // large frame) keep an idle connection cheap.
     ws.max_message_size(max)
         .max_frame_size(max)
+        .read_buffer_size(4 * 1024)
+        .write_buffer_size(16 * 1024)
         .on_upgrade(move |socket| {
             let tracker = app.drain.tracker().clone();
             tracker.track_future(async move {

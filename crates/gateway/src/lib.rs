@@ -44,6 +44,13 @@ pub async fn serve(
     let addr = listener.local_addr()?;
     info!(addr = %addr, node = %app.config.node_id, engine = app.engine.kind, "listening");
     let stop_accepting = CancellationToken::new();
+    // Small frames must leave at once: Nagle's algorithm would hold a
+    // pod:moved behind the previous one's ACK (tens of ms at p99).
+    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(error = %e, "TCP_NODELAY not set");
+        }
+    });
     let server = axum::serve(
         listener,
         http::router(app.clone()).into_make_service_with_connect_info::<SocketAddr>(),
