@@ -140,8 +140,8 @@ async fn engine_io(
     // large frame) keep an idle connection cheap.
     ws.max_message_size(max)
         .max_frame_size(max)
-        .read_buffer_size(4 * 1024)
-        .write_buffer_size(16 * 1024)
+        .read_buffer_size(2 * 1024)
+        .write_buffer_size(4 * 1024)
         .on_upgrade(move |socket| {
             let tracker = app.drain.tracker().clone();
             tracker.track_future(async move {
