@@ -233,7 +233,12 @@ async fn serve(ws: WebSocket, app: Arc<App>, hs: Handshake, sid: String) {
                 }
             }
         }
-        timer.as_mut().reset(conn.next_deadline().into());
+        // Resetting re-registers the timer: only when the deadline moved
+        // (a pong, a CONNECT, a refresh), not on every frame.
+        let next = tokio::time::Instant::from_std(conn.next_deadline());
+        if timer.deadline() != next || timer.is_elapsed() {
+            timer.as_mut().reset(next);
+        }
     };
 
     match &end {
