@@ -223,7 +223,8 @@ pub trait EventQueue: Send + Sync + 'static {
 pub trait AccessCache: Send + Sync + 'static {
     /// A cached decision.
     async fn get(&self, flow_id: &str, user_id: &str) -> Result<Option<bool>, EngineError>;
-    /// Caches a decision for `ttl`.
+    /// Caches a decision for `ttl`. A decision already cached is kept (a
+    /// refusal written by a revocation wins over a grant read before it).
     async fn put(
         &self,
         flow_id: &str,

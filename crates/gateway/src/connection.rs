@@ -138,8 +138,9 @@ fn expiry_instant(exp: Option<u64>, leeway: Duration) -> Option<Instant> {
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap_or_default();
-    let at = Duration::from_secs(exp) + leeway;
-    Some(Instant::now() + at.saturating_sub(now))
+    let at = Duration::from_secs(exp).saturating_add(leeway);
+    // An `exp` centuries away is no expiry at all (and must not overflow).
+    Instant::now().checked_add(at.saturating_sub(now))
 }
 
 /// Serves one upgraded WebSocket until it ends.
@@ -831,7 +832,10 @@ impl Conn {
             warn!(error = %e, room, "unsubscribe failed");
         }
         match app.engine.presence.leave(&room, &session.socket_id).await {
-            Ok(_) => {
+            // Already gone (reaped while this node was cut off): its
+            // user:left was announced then.
+            Ok(None) => {}
+            Ok(Some(_)) => {
                 let mut left = RoomMessage::new(
                     "user:left",
                     json!({"userId": session.user_id, "socketId": session.socket_id, "userName": session.user_name}),
@@ -880,6 +884,12 @@ impl Conn {
             .map_err(|e| refuse("INVALID_PAYLOAD", e.0))?;
         let data = Value::Object(data);
         let logged = (rule.persist && self.app.store.is_some()).then(|| data.clone());
+        if logged.as_ref().is_some_and(crate::eventlog::has_nul) {
+            return Err(refuse(
+                "INVALID_PAYLOAD",
+                "Text must not contain NUL characters",
+            ));
+        }
         let mut msg = RoomMessage::new(rule.emit.clone(), data);
         msg.attachments = attachments;
         msg.except = Some(socket.id.to_string());
@@ -954,6 +964,18 @@ fn optional_string<'a>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_exp_centuries_away_does_not_overflow() {
+        assert!(expiry_instant(Some(u64::MAX), Duration::from_secs(5)).is_none());
+        assert!(expiry_instant(None, Duration::ZERO).is_none());
+        let soon = expiry_instant(
+            Some(crate::engine::now_us() / 1_000_000 + 60),
+            Duration::ZERO,
+        )
+        .unwrap();
+        assert!(soon > Instant::now() + Duration::from_secs(55));
+    }
 
     #[test]
     fn flow_ids() {

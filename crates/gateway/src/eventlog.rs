@@ -13,7 +13,7 @@ use std::time::Duration;
 use flowgate_store::{LoggedEvent, Store};
 use prometheus::{IntCounter, IntGauge};
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use crate::engine::EventQueue;
 
@@ -28,6 +28,9 @@ pub struct WriterMetrics {
     pub backlog: IntGauge,
     /// Failed reads of the queue (Redis unreachable).
     pub queue_errors: IntCounter,
+    /// Events Postgres refused outright, logged in full and dropped so they
+    /// do not hold back the rest of the queue.
+    pub dead_letters: IntCounter,
 }
 
 impl WriterMetrics {
@@ -47,6 +50,11 @@ impl WriterMetrics {
             "Failed reads of the event-log queue",
         )?;
         registry.register(Box::new(queue_errors.clone()))?;
+        let dead_letters = IntCounter::new(
+            "eventlog_dead_letters_total",
+            "Events the database refused (logged and dropped)",
+        )?;
+        registry.register(Box::new(dead_letters.clone()))?;
         registry.register(Box::new(written.clone()))?;
         registry.register(Box::new(failures.clone()))?;
         registry.register(Box::new(backlog.clone()))?;
@@ -55,6 +63,7 @@ impl WriterMetrics {
             failures,
             backlog,
             queue_errors,
+            dead_letters,
         })
     }
 }
@@ -121,6 +130,25 @@ pub async fn run(
                     warn!(error = %e, "written events not acknowledged");
                 }
             }
+            Err(e) if e.is_permanent() => {
+                // One bad event must not hold the queue back forever: write
+                // the batch one by one and set aside what Postgres refuses.
+                let mut done = Vec::new();
+                for (id, event) in ids.iter().zip(&events) {
+                    match store.write_events(std::slice::from_ref(event)).await {
+                        Ok(n) => metrics.written.inc_by(n),
+                        Err(e) if e.is_permanent() => {
+                            metrics.dead_letters.inc();
+                            error!(error = %e, event = ?event, "event refused by the database; dropped from the log");
+                        }
+                        Err(_) => break,
+                    }
+                    done.push(id.clone());
+                }
+                if let Err(e) = queue.ack(&done).await {
+                    warn!(error = %e, "written events not acknowledged");
+                }
+            }
             Err(e) => {
                 metrics.failures.inc();
                 if !was_failing {
@@ -169,5 +197,17 @@ pub async fn enqueue(
     match (&app.store, &app.engine.queue) {
         (Some(_), Some(queue)) => queue.push(event).await,
         _ => Ok(()),
+    }
+}
+
+/// Whether a payload holds a NUL character, which Postgres' `jsonb` refuses:
+/// such an event is refused at the door rather than acked and then lost.
+pub fn has_nul(v: &serde_json::Value) -> bool {
+    use serde_json::Value;
+    match v {
+        Value::String(s) => s.contains('\0'),
+        Value::Array(a) => a.iter().any(has_nul),
+        Value::Object(o) => o.iter().any(|(k, v)| k.contains('\0') || has_nul(v)),
+        _ => false,
     }
 }

@@ -9,6 +9,7 @@
 
 use std::collections::HashMap;
 use std::path::Path;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
@@ -90,7 +91,7 @@ pub const RESERVED: &[&str] = &[
 /// The relay table, looked up by client event name.
 #[derive(Debug, Clone)]
 pub struct RelayTable {
-    rules: HashMap<String, RelayRule>,
+    rules: HashMap<String, Arc<RelayRule>>,
 }
 
 fn rule(
@@ -217,6 +218,13 @@ impl RelayTable {
                     r.event
                 ));
             }
+            if r.persist && r.volatile {
+                // A volatile event has no offset, and the log is keyed by it.
+                return Err(format!(
+                    "{:?}: a volatile event cannot be persisted",
+                    r.event
+                ));
+            }
             if r.event.is_empty() || r.emit.is_empty() {
                 return Err("event and emit must not be empty".into());
             }
@@ -230,7 +238,7 @@ impl RelayTable {
                     r.event
                 ));
             }
-            if rules.insert(r.event.clone(), r).is_some() {
+            if rules.insert(r.event.clone(), Arc::new(r)).is_some() {
                 return Err("an event appears twice".into());
             }
         }
@@ -238,13 +246,13 @@ impl RelayTable {
     }
 
     /// The rule of a client event.
-    pub fn get(&self, event: &str) -> Option<&RelayRule> {
+    pub fn get(&self, event: &str) -> Option<&Arc<RelayRule>> {
         self.rules.get(event)
     }
 
     /// Every rule.
     pub fn rules(&self) -> impl Iterator<Item = &RelayRule> {
-        self.rules.values()
+        self.rules.values().map(|r| &**r)
     }
 }
 

@@ -322,6 +322,13 @@ async fn publish_event(
         .store
         .is_some()
         .then(|| (body.event.clone(), body.data.clone()));
+    if logged.is_some() && crate::eventlog::has_nul(&body.data) {
+        return Err(ApiError(
+            StatusCode::BAD_REQUEST,
+            "INVALID_BODY",
+            "data must not contain NUL characters".into(),
+        ));
+    }
     let unavailable = |e: crate::engine::EngineError| {
         ApiError(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -410,14 +417,19 @@ async fn grant(
     State(app): State<Arc<App>>,
     Path((flow_id, user_id)): Path<(String, String)>,
     headers: HeaderMap,
-    body: Option<Json<GrantBody>>,
+    body: axum::body::Bytes,
 ) -> Result<Response, ApiError> {
     service_auth(&app, &headers)?;
     flow_room(&flow_id)?;
     check_user_id(&user_id)?;
-    let role = body
-        .and_then(|Json(b)| b.role)
-        .unwrap_or_else(|| "member".to_owned());
+    // The body is optional; when present it must be `{role?}`.
+    let body: GrantBody = if body.iter().all(u8::is_ascii_whitespace) {
+        GrantBody::default()
+    } else {
+        serde_json::from_slice(&body)
+            .map_err(|e| ApiError(StatusCode::BAD_REQUEST, "INVALID_BODY", e.to_string()))?
+    };
+    let role = body.role.unwrap_or_else(|| "member".to_owned());
     if role.is_empty() || role.len() > 64 {
         return Err(ApiError(
             StatusCode::BAD_REQUEST,
@@ -451,8 +463,12 @@ async fn revoke(
         .revoke(&flow_id, &user_id)
         .await
         .map_err(db_error)?;
+    // Cache the refusal rather than forgetting the grant: a join that read
+    // the membership just before the delete cannot then cache it back.
     if let Some(cache) = &app.engine.access_cache {
-        let _ = cache.forget(&flow_id, &user_id).await;
+        let _ = cache
+            .put(&flow_id, &user_id, false, app.config.access_cache_ttl)
+            .await;
     }
     // Every node holding a socket of this user in the room drops it now.
     app.engine

@@ -492,3 +492,45 @@ async fn many_more_joins_than_pool_connections_queue_without_errors() {
     assert_eq!(n.metric("flowgate_db_errors_total"), 0.0);
     assert!(n.metric("flowgate_db_pool_size") <= 2.0);
 }
+
+#[tokio::test]
+async fn a_poisoned_queue_entry_does_not_stall_the_log() {
+    let e = env().await;
+    let n = node(&e, "a", &[("FLOWGATE_ACCESS_POLICY", "open")]).await;
+    let (mut c, _) = join(&n, "w", "poison").await;
+    // NUL cannot be stored in jsonb: refused at the door, never acked.
+    let ack = c
+        .emit_ack(2, "pod:create", json!({"pod": "a\u{0}b"}))
+        .await
+        .unwrap();
+    assert_eq!(ack["code"], "INVALID_PAYLOAD");
+    let (s, _) = api(
+        &n,
+        "POST",
+        "/v1/flows/poison/events",
+        Some(r#"{"event":"execution:token","data":"x\u0000"}"#),
+    )
+    .await;
+    assert_eq!(s, 400);
+    // An entry Postgres refuses (however it got into the queue) is set
+    // aside; the events around it are written.
+    let bad = json!({"flowId": "poison", "offset": "1-1", "event": "pod:created", "data": {"v": "\u{0}"}}).to_string();
+    e.redis
+        .cli(&["XADD", "flowgate:eventlog", "*", "e", &bad])
+        .unwrap();
+    for i in 0..3 {
+        let ack = c
+            .emit_ack(10 + i, "pod:create", json!({"pod": {"i": i}}))
+            .await
+            .unwrap();
+        assert_eq!(ack, json!({"ok": true}));
+    }
+    let log = wait_for_log(&n, "poison", 3).await;
+    assert_eq!(log.len(), 3);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while n.metric("flowgate_eventlog_dead_letters_total") < 1.0 {
+        assert!(Instant::now() < deadline, "the bad entry was not set aside");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(e.redis.cli(&["XLEN", "flowgate:eventlog"]).unwrap(), "0");
+}

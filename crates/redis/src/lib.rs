@@ -263,6 +263,7 @@ impl RedisEngine {
         }
         tasks.spawn(engine.clone().pump(stop.clone()));
         tasks.spawn(engine.clone().resubscriber(stop.clone()));
+        tasks.spawn(engine.clone().heartbeats(stop.clone()));
         tasks.spawn(engine.clone().maintenance(stop.clone()));
         tasks.spawn(engine.clone().pinger(stop));
         Ok(Engine {
@@ -393,7 +394,24 @@ impl RedisEngine {
         }
     }
 
-    /// Heartbeat, dead-node reaping and presence refresh.
+    /// The heartbeat, alone in its task: reaping a large dead node or
+    /// refreshing many rooms must not delay it past `dead_after`, or the
+    /// other nodes would reap this live one.
+    async fn heartbeats(self, stop: CancellationToken) {
+        let mut tick = tokio::time::interval(self.0.settings.heartbeat);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            if self.is_up() {
+                self.heartbeat().await;
+            }
+        }
+    }
+
+    /// Dead-node reaping and presence refresh.
     async fn maintenance(self, stop: CancellationToken) {
         let s = &self.0.settings;
         let mut tick = tokio::time::interval(s.heartbeat);
@@ -407,7 +425,6 @@ impl RedisEngine {
             if !self.is_up() {
                 continue;
             }
-            self.heartbeat().await;
             self.reap_dead().await;
             if last_refresh.elapsed() >= s.presence_refresh {
                 last_refresh = Instant::now();
@@ -950,7 +967,9 @@ impl AccessCache for RedisEngine {
                 access_key(flow_id, user_id),
                 if allowed { "1" } else { "0" },
                 Some(Expiration::PX(ttl.as_millis().max(1) as i64)),
-                None,
+                // A revocation's refusal is written with SET (no NX) and
+                // must not be overwritten by a join's earlier read.
+                if allowed { Some(SetOptions::NX) } else { None },
                 false,
             )
             .await

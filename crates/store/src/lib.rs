@@ -47,6 +47,17 @@ pub enum StoreError {
     /// An offset that is not a Redis stream id.
     #[error("bad offset {0:?}")]
     BadOffset(String),
+    /// Postgres refused the data itself (SQLSTATE class 22): retrying the
+    /// same rows cannot succeed.
+    #[error("rows refused: {0}")]
+    Rejected(String),
+}
+
+impl StoreError {
+    /// Whether retrying the same input can never succeed.
+    pub fn is_permanent(&self) -> bool {
+        matches!(self, StoreError::Rejected(_) | StoreError::BadOffset(_))
+    }
 }
 
 /// Pool and query settings.
@@ -433,6 +444,9 @@ impl Store {
                         || e.to_string().contains("no partition") =>
                 {
                     Ok(Err(()))
+                }
+                Err(e) if e.code().is_some_and(|c| c.code().starts_with("22")) => {
+                    Err(StoreError::Rejected(e.to_string()))
                 }
                 Err(e) => Err(q(e)),
             }
