@@ -127,6 +127,9 @@ pub trait Deliver: Send + Sync + 'static {
     fn local_rooms(&self) -> Vec<String>;
     /// Every local member's session, by room.
     fn local_sessions(&self) -> Vec<(String, SessionInfo)>;
+    /// Room messages for this node were lost (the bus fell behind): every
+    /// local member must reload.
+    fn resync(&self);
 }
 
 /// Fans room messages out to every node that holds a member of the room.

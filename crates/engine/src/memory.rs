@@ -213,6 +213,7 @@ mod tests {
         fn local_sessions(&self) -> Vec<(String, SessionInfo)> {
             Vec::new()
         }
+        fn resync(&self) {}
     }
 
     #[tokio::test]

@@ -53,6 +53,8 @@ enum End {
     ConnectTimeout,
     /// The client does not read its frames.
     SlowConsumer,
+    /// Room messages were lost before reaching this node.
+    Resync,
     /// The node is draining.
     Drain,
     /// The token expired without a refresh.
@@ -70,6 +72,9 @@ impl End {
             End::PingTimeout => (1000, "ping timeout"),
             End::ConnectTimeout => (1008, "no connect"),
             End::SlowConsumer => (1008, "slow consumer"),
+            // 1012 "service restart": clients reconnect, and rejoin with a
+            // fresh flow:users.
+            End::Resync => (1012, "resync"),
             End::Drain => (1001, "server shutting down"),
             End::TokenExpired => (1000, "token expired"),
         })
@@ -201,6 +206,7 @@ async fn serve(ws: WebSocket, app: Arc<App>, hs: Handshake, sid: String) {
             biased;
             kick = out.kicked() => match kick {
                 Kick::SlowConsumer => break End::SlowConsumer,
+                Kick::Resync => break End::Resync,
             },
             _ = write_failed.cancelled() => break End::WriteFailed,
             Some(room) = evicted.recv() => conn.on_evicted(&room).await,

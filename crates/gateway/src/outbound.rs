@@ -42,6 +42,10 @@ pub struct EncodedEvent {
 pub enum Kick {
     /// The client did not read its frames.
     SlowConsumer,
+    /// Room messages for this node were lost on the way (the bus fell
+    /// behind): the client must reconnect and reload rather than go on
+    /// silently out of date.
+    Resync,
 }
 
 /// Shared between the connection and every room it is in.
@@ -114,7 +118,8 @@ impl Outbound {
         }
     }
 
-    fn kick(&self, why: Kick) {
+    /// Closes the connection for `why` (the first reason wins).
+    pub fn kick(&self, why: Kick) {
         if self.shared.reason.set(why).is_ok() {
             if why == Kick::SlowConsumer {
                 self.shared.metrics.slow_consumer_disconnects.inc();

@@ -14,7 +14,7 @@ use serde_json::Value;
 
 use crate::engine::{now_us, Control, Deliver, EngineError, RoomBus, RoomMessage, SessionInfo};
 use crate::metrics::Metrics;
-use crate::outbound::{EncodedEvent, OutFrame, Outbound};
+use crate::outbound::{EncodedEvent, Kick, OutFrame, Outbound};
 
 /// The Socket.IO namespace of flow rooms.
 pub const NSP: &str = "/flows";
@@ -162,6 +162,14 @@ impl Deliver for Fanout {
         self.metrics.fanout_latency.observe(latency.as_secs_f64());
     }
 
+    fn resync(&self) {
+        for room in self.rooms.iter() {
+            for m in room.value() {
+                m.outbound.kick(Kick::Resync);
+            }
+        }
+    }
+
     fn local_rooms(&self) -> Vec<String> {
         self.rooms.iter().map(|r| r.key().clone()).collect()
     }
@@ -244,6 +252,42 @@ impl Rooms {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[tokio::test]
+    async fn resync_closes_every_local_member() {
+        let metrics = Metrics::new([]);
+        let fanout = Fanout::new(metrics.clone());
+        let mut outs = Vec::new();
+        for (i, room) in ["flow:a", "flow:a", "flow:b"].iter().enumerate() {
+            let (out, rx) = Outbound::new(8, Duration::from_secs(5), metrics.clone());
+            let (evict, _) = tokio::sync::mpsc::channel(1);
+            let session = SessionInfo {
+                user_id: "u".into(),
+                socket_id: format!("s{i}"),
+                flow_id: room.to_string(),
+                user_name: "n".into(),
+                user_color: "c".into(),
+                joined_at: "t".into(),
+            };
+            fanout.insert(
+                room,
+                Member {
+                    socket_id: session.socket_id.as_str().into(),
+                    user_id: "u".into(),
+                    outbound: out.clone(),
+                    session: Arc::new(session),
+                    evict,
+                },
+            );
+            outs.push((out, rx));
+        }
+        fanout.resync();
+        for (out, _rx) in &outs {
+            let why = tokio::time::timeout(Duration::from_secs(1), out.kicked()).await;
+            assert_eq!(why.unwrap(), Kick::Resync);
+        }
+        assert_eq!(metrics.slow_consumer_disconnects.get(), 0);
+    }
 
     #[test]
     fn encodes_plain_and_binary_events() {

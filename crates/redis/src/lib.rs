@@ -346,7 +346,11 @@ impl RedisEngine {
                 Ok(m) => self.on_message(&m.channel, &m.value),
                 Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
                     self.0.metrics.bus_lagged.inc_by(n);
-                    error!(lost = n, "room messages lost: subscriber fell behind");
+                    error!(
+                        lost = n,
+                        "room messages lost: subscriber fell behind; members reconnect to reload"
+                    );
+                    self.0.sink.resync();
                 }
                 Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
             }
