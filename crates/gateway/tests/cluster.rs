@@ -405,3 +405,24 @@ async fn clients_through_haproxy_reach_every_node() {
         "e1"
     );
 }
+
+#[tokio::test]
+async fn expired_sessions_are_hidden_and_swept() {
+    let redis = RedisServer::start().unwrap();
+    let ns = nodes(&redis, 1).await;
+    let (_a, _) = joined(&ns[0], "alive", "sweep").await;
+    // A session whose leave never reached Redis: its expiry is in the past.
+    let ghost = r#"{"userId":"ghost","socketId":"g1","flowId":"sweep","userName":"g","userColor":"c","joinedAt":"t"}"#;
+    redis
+        .cli(&["HSET", "{flow:sweep}:presence", "g1", ghost])
+        .unwrap();
+    redis
+        .cli(&["ZADD", "{flow:sweep}:presence:exp", "1", "g1"])
+        .unwrap();
+    assert_eq!(user_ids(&presence(&ns[0], "sweep").await), ["alive"]);
+    assert_eq!(redis.cli(&["HLEN", "{flow:sweep}:presence"]).unwrap(), "1");
+    assert_eq!(
+        redis.cli(&["ZCARD", "{flow:sweep}:presence:exp"]).unwrap(),
+        "1"
+    );
+}

@@ -19,9 +19,16 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 "#;
 
-/// Returns the sessions of KEYS[1]/KEYS[2] whose expiry is after `now`
-/// (HMGET in chunks: Lua's unpack has a small stack limit).
+/// Drops the sessions of KEYS[1]/KEYS[2] whose expiry passed (a leave that
+/// failed, a node reaped while its set was lost) so they do not pile up,
+/// then returns those whose expiry is after `now` (HMGET in chunks: Lua's
+/// unpack has a small stack limit).
 const LIVE_MEMBERS: &str = r#"
+local expired = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', '(' .. now, 'LIMIT', 0, 500)
+for _, sid in ipairs(expired) do
+  redis.call('HDEL', KEYS[1], sid)
+  redis.call('ZREM', KEYS[2], sid)
+end
 local sids = redis.call('ZRANGEBYSCORE', KEYS[2], now, '+inf')
 local out = {}
 for i = 1, #sids, 500 do
