@@ -5,7 +5,7 @@
 //! behave like nodes sharing one Redis (used by fast tests); a single node
 //! with its own hub is the zero-dependency `flowgate serve`.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::Duration;
@@ -181,17 +181,6 @@ impl EngineHealth for MemoryNode {
     async fn ping(&self) -> Result<Duration, EngineError> {
         Ok(Duration::ZERO)
     }
-}
-
-/// Subscribed rooms per node, for tests and metrics.
-pub fn subscriptions(hub: &MemoryHub) -> HashMap<String, Vec<String>> {
-    let mut out: HashMap<String, Vec<String>> = HashMap::new();
-    for r in hub.rooms.iter() {
-        for n in &r.value().lock().subscribers {
-            out.entry(n.clone()).or_default().push(r.key().clone());
-        }
-    }
-    out
 }
 
 #[cfg(test)]

@@ -117,11 +117,6 @@ impl Fanout {
     fn has_members(&self, room: &str) -> bool {
         self.rooms.get(room).is_some_and(|m| !m.is_empty())
     }
-
-    /// Local members of a room (a snapshot).
-    pub fn members(&self, room: &str) -> Vec<Member> {
-        self.rooms.get(room).map(|m| m.clone()).unwrap_or_default()
-    }
 }
 
 impl Deliver for Fanout {
@@ -240,11 +235,6 @@ impl Rooms {
             self.bus.unsubscribe(room).await?;
         }
         Ok(())
-    }
-
-    /// The fan-out, for looking up local members.
-    pub fn fanout(&self) -> &Fanout {
-        &self.fanout
     }
 }
 

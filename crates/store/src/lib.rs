@@ -594,11 +594,6 @@ impl Store {
         })
         .await
     }
-
-    /// The underlying pool, for tests.
-    pub fn pool(&self) -> &Pool {
-        &self.pool
-    }
 }
 
 #[cfg(test)]
