@@ -60,11 +60,14 @@ pub enum Control {
 impl RoomMessage {
     /// A message stamped with the current time.
     pub fn new(event: impl Into<String>, data: Value) -> Self {
+        Self::with_raw(event, raw_json(&data))
+    }
+
+    /// A message whose argument is already JSON text.
+    pub fn with_raw(event: impl Into<String>, data: Box<RawValue>) -> Self {
         RoomMessage {
             event: event.into(),
-            // Serializing a `Value` cannot fail.
-            data: serde_json::value::to_raw_value(&data)
-                .unwrap_or_else(|_| RawValue::from_string("null".into()).expect("valid JSON")),
+            data,
             attachments: Vec::new(),
             except: None,
             volatile: false,
@@ -105,6 +108,13 @@ mod base64_frames {
             })
             .collect()
     }
+}
+
+/// A value as JSON text, serialized once.
+pub fn raw_json(v: &Value) -> Box<RawValue> {
+    // Serializing a `Value` cannot fail; `null` is a valid fallback anyway.
+    serde_json::value::to_raw_value(v)
+        .unwrap_or_else(|_| RawValue::from_string("null".into()).expect("`null` is JSON"))
 }
 
 /// Microseconds since the Unix epoch.
@@ -185,7 +195,7 @@ pub trait UserLimiter: Send + Sync + 'static {
 }
 
 /// An event waiting in the durable queue to be written to the event log.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct QueuedEvent {
     /// The flow.
@@ -194,8 +204,9 @@ pub struct QueuedEvent {
     pub offset: String,
     /// The event members received.
     pub event: String,
-    /// Its payload.
-    pub data: Value,
+    /// Its payload, as the JSON text the room received (not parsed again
+    /// on the hot path; the writer parses it).
+    pub data: Box<RawValue>,
     /// The sender, when a user sent it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub user_id: Option<String>,

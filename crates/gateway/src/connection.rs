@@ -889,14 +889,16 @@ impl Conn {
             .build(payload, &socket.user_id, &socket.id, &timestamp)
             .map_err(|e| refuse("INVALID_PAYLOAD", e.0))?;
         let data = Value::Object(data);
-        let logged = (rule.persist && self.app.store.is_some()).then(|| data.clone());
-        if logged.as_ref().is_some_and(crate::eventlog::has_nul) {
+        let persist = rule.persist && self.app.store.is_some();
+        if persist && crate::eventlog::has_nul(&data) {
             return Err(refuse(
                 "INVALID_PAYLOAD",
                 "Text must not contain NUL characters",
             ));
         }
-        let mut msg = RoomMessage::new(rule.emit.clone(), data);
+        let data = crate::engine::raw_json(&data);
+        let logged = persist.then(|| data.clone());
+        let mut msg = RoomMessage::with_raw(rule.emit.clone(), data);
         msg.attachments = attachments;
         msg.except = Some(socket.id.to_string());
         msg.volatile = rule.volatile;

@@ -110,7 +110,9 @@ pub async fn run(
                         flow_id: e.flow_id,
                         offset: e.offset,
                         event: e.event,
-                        data: e.data,
+                        // Valid JSON by construction (it was serialized
+                        // by the gateway); parsed here, off the hot path.
+                        data: serde_json::from_str(e.data.get()).unwrap_or_default(),
                         user_id: e.user_id,
                     },
                 )

@@ -318,28 +318,20 @@ async fn publish_event(
             "event must be a non-reserved name of 1-128 characters".into(),
         ));
     }
-    let logged = app
-        .store
-        .is_some()
-        .then(|| (body.event.clone(), body.data.clone()));
-    if logged.is_some() && crate::eventlog::has_nul(&body.data) {
+    let persist = app.store.is_some();
+    if persist && crate::eventlog::has_nul(&body.data) {
         return Err(ApiError(
             StatusCode::BAD_REQUEST,
             "INVALID_BODY",
             "data must not contain NUL characters".into(),
         ));
     }
-    let unavailable = |e: crate::engine::EngineError| {
-        ApiError(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "UNAVAILABLE",
-            e.to_string(),
-        )
-    };
+    let data = crate::engine::raw_json(&body.data);
+    let logged = persist.then(|| (body.event.clone(), data.clone()));
     let offset = app
         .engine
         .bus
-        .publish(&room, RoomMessage::new(body.event, body.data))
+        .publish(&room, RoomMessage::with_raw(body.event, data))
         .await
         .map_err(unavailable)?;
     if let Some((event, data)) = logged {
