@@ -682,10 +682,7 @@ impl Conn {
                 // rather than refusing every user.
                 self.app
                     .metrics
-                    .engine_errors
-                    .with_label_values(&["limiter"])
-                    .inc();
-                warn!(error = %e, "rate limiter unavailable");
+                    .engine_failed("limiter", &e, "", "rate limiter unavailable");
                 true
             }
         }
@@ -761,20 +758,14 @@ impl Conn {
         let room = room_of(&flow_id);
         if let Err(e) = app.rooms.join(&room, member).await {
             app.metrics
-                .engine_errors
-                .with_label_values(&["subscribe"])
-                .inc();
-            warn!(error = %e, room, "join failed");
+                .engine_failed("subscribe", &e, &room, "join failed");
             return Err(refuse("JOIN_ERROR", "Could not join the flow"));
         }
         let members = match app.engine.presence.join(&room, &session).await {
             Ok(m) => m,
             Err(e) => {
                 app.metrics
-                    .engine_errors
-                    .with_label_values(&["presence"])
-                    .inc();
-                warn!(error = %e, room, "presence join failed");
+                    .engine_failed("presence", &e, &room, "presence join failed");
                 let _ = app.rooms.leave(&room, &session.socket_id).await;
                 return Err(refuse("JOIN_ERROR", "Could not join the flow"));
             }
@@ -790,10 +781,7 @@ impl Conn {
         joined.except = Some(session.socket_id.clone());
         if let Err(e) = app.engine.bus.publish(&room, joined).await {
             app.metrics
-                .engine_errors
-                .with_label_values(&["publish"])
-                .inc();
-            warn!(error = %e, room, "user:joined not published");
+                .engine_failed("publish", &e, &room, "user:joined not published");
         }
         info!(user = %session.user_id, room, "joined flow");
         if let Some(s) = self.socket.as_mut() {
@@ -832,10 +820,7 @@ impl Conn {
         let Joined { room, session } = joined;
         if let Err(e) = app.rooms.leave(&room, &session.socket_id).await {
             app.metrics
-                .engine_errors
-                .with_label_values(&["unsubscribe"])
-                .inc();
-            warn!(error = %e, room, "unsubscribe failed");
+                .engine_failed("unsubscribe", &e, &room, "unsubscribe failed");
         }
         match app.engine.presence.leave(&room, &session.socket_id).await {
             // Already gone (reaped while this node was cut off): its
@@ -849,18 +834,12 @@ impl Conn {
                 left.except = Some(session.socket_id.clone());
                 if let Err(e) = app.engine.bus.publish(&room, left).await {
                     app.metrics
-                        .engine_errors
-                        .with_label_values(&["publish"])
-                        .inc();
-                    warn!(error = %e, room, "user:left not published");
+                        .engine_failed("publish", &e, &room, "user:left not published");
                 }
             }
             Err(e) => {
                 app.metrics
-                    .engine_errors
-                    .with_label_values(&["presence"])
-                    .inc();
-                warn!(error = %e, room, "presence leave failed");
+                    .engine_failed("presence", &e, &room, "presence leave failed");
             }
         }
         debug!(room, "left flow");
@@ -910,10 +889,7 @@ impl Conn {
             .await
             .map_err(|e| {
                 app.metrics
-                    .engine_errors
-                    .with_label_values(&["publish"])
-                    .inc();
-                warn!(error = %e, "publish failed");
+                    .engine_failed("publish", &e, "", "publish failed");
                 refuse("UNAVAILABLE", "The event could not be delivered; try again")
             })?;
         if let Some(data) = logged {
@@ -927,11 +903,12 @@ impl Conn {
                 user_id: Some(socket.user_id.to_string()),
             };
             crate::eventlog::enqueue(app, &queued).await.map_err(|e| {
-                app.metrics
-                    .engine_errors
-                    .with_label_values(&["queue"])
-                    .inc();
-                warn!(error = %e, "event relayed but not queued for the log");
+                app.metrics.engine_failed(
+                    "queue",
+                    &e,
+                    "",
+                    "event relayed but not queued for the log",
+                );
                 refuse("UNAVAILABLE", "The event was not stored; try again")
             })?;
         }

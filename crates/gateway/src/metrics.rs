@@ -158,6 +158,19 @@ impl Metrics {
         &self.registry
     }
 
+    /// Counts and logs a failed engine operation (the caller refuses or
+    /// carries on, as the operation allows).
+    pub fn engine_failed(
+        &self,
+        operation: &'static str,
+        error: &dyn std::fmt::Display,
+        room: &str,
+        what: &str,
+    ) {
+        self.engine_errors.with_label_values(&[operation]).inc();
+        tracing::warn!(operation, error = %error, room, "{what}");
+    }
+
     /// The label value for an event name.
     pub fn event_label<'a>(&self, event: &'a str) -> &'a str {
         if self.known_events.contains(event) {
