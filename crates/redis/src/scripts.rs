@@ -1,6 +1,37 @@
 //! The Lua scripts of the Redis engine. Each touches only keys of one hash
 //! tag (one room, or one user), so it runs atomically on a Redis Cluster
 //! too. Time comes from Redis `TIME`, never from a node's clock.
+//! [`Scripts`] holds them loaded, each with its SHA, so calls use
+//! `EVALSHA` and send the source only when Redis does not know it.
+
+use fred::types::scripts::Script;
+
+/// The engine's scripts, built once at start.
+pub(crate) struct Scripts {
+    pub(crate) publish: Script,
+    pub(crate) join: Script,
+    pub(crate) members: Script,
+    pub(crate) leave: Script,
+    pub(crate) refresh: Script,
+    pub(crate) heartbeat: Script,
+    pub(crate) dead_nodes: Script,
+    pub(crate) gcra: Script,
+}
+
+impl Scripts {
+    pub(crate) fn new() -> Self {
+        Scripts {
+            publish: Script::from_lua(PUBLISH),
+            join: Script::from_lua(presence_join()),
+            members: Script::from_lua(presence_members()),
+            leave: Script::from_lua(PRESENCE_LEAVE),
+            refresh: Script::from_lua(PRESENCE_REFRESH),
+            heartbeat: Script::from_lua(HEARTBEAT),
+            dead_nodes: Script::from_lua(DEAD_NODES),
+            gcra: Script::from_lua(GCRA),
+        }
+    }
+}
 
 /// Appends a room event to the room's stream and publishes it on the
 /// room's shard channel in one atomic step, so offsets and delivery order

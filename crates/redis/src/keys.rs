@@ -1,0 +1,66 @@
+//! Every Redis key and channel name the engine uses, in one place. A room's
+//! keys and channel share its hash tag (`{room}`) so one Lua script can
+//! touch them atomically on a Redis Cluster; a user's limiter key is tagged
+//! by the user.
+
+/// The sorted set of node heartbeats (node id → last beat, Redis time).
+pub(crate) const NODES_KEY: &str = "flowgate:nodes";
+/// The durable queue between the room bus and the event-log writers.
+pub(crate) const QUEUE_KEY: &str = "flowgate:eventlog";
+/// The consumer group of the writers (one consumer per node).
+pub(crate) const QUEUE_GROUP: &str = "writers";
+/// A queue entry unacknowledged this long (its writer died) is taken over.
+pub(crate) const QUEUE_CLAIM_IDLE_MS: u64 = 30_000;
+
+/// The set of a node's sessions (`room\nsocket id`), so a survivor can
+/// find them when the node dies.
+pub(crate) fn node_sessions_key(node: &str) -> String {
+    format!("flowgate:node:{node}:sessions")
+}
+/// The lock a survivor holds while it reaps a dead node.
+pub(crate) fn reap_lock_key(node: &str) -> String {
+    format!("flowgate:reap:{node}")
+}
+/// A room's event stream: the recovery log, its ids are the offsets.
+pub(crate) fn stream_key(room: &str) -> String {
+    format!("{{{room}}}:log")
+}
+/// A room's shard channel.
+pub(crate) fn channel(room: &str) -> String {
+    format!("{{{room}}}:bus")
+}
+pub(crate) fn room_of_channel(channel: &str) -> Option<&str> {
+    channel.strip_prefix('{')?.strip_suffix("}:bus")
+}
+/// A room's presence hash (socket id → session JSON) and expiry sorted set
+/// (socket id → expiry), in the order the presence scripts take them.
+pub(crate) fn presence_keys(room: &str) -> Vec<String> {
+    vec![
+        format!("{{{room}}}:presence"),
+        format!("{{{room}}}:presence:exp"),
+    ]
+}
+/// A user's GCRA state (theoretical arrival time).
+pub(crate) fn limit_key(user_id: &str) -> String {
+    format!("flowgate:limit:{{{user_id}}}")
+}
+/// The cached access decision of a user in a flow.
+pub(crate) fn access_key(flow_id: &str, user_id: &str) -> String {
+    format!("flowgate:access:{{flow:{flow_id}}}:{user_id}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_share_the_room_hash_tag() {
+        assert_eq!(stream_key("flow:1"), "{flow:1}:log");
+        assert_eq!(channel("flow:1"), "{flow:1}:bus");
+        assert_eq!(room_of_channel("{flow:1}:bus"), Some("flow:1"));
+        assert_eq!(room_of_channel("other"), None);
+        for k in presence_keys("flow:1") {
+            assert!(k.starts_with("{flow:1}"));
+        }
+    }
+}

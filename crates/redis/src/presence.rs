@@ -1,0 +1,195 @@
+//! Presence: who is in a room. Per room a hash and an expiry sorted set
+//! (see `keys::presence_keys`); this node lists its sessions in a set of its
+//! own, extends their expiry on an interval, and heartbeats so the other
+//! nodes know it is alive (the reaper removes the sessions of nodes that
+//! stop).
+
+use std::collections::HashMap;
+
+use async_trait::async_trait;
+use flowgate_engine::{EngineError, Presence, RoomBus, RoomMessage, SessionInfo};
+use fred::prelude::*;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+use crate::keys::{node_sessions_key, presence_keys, NODES_KEY};
+use crate::{err, RedisEngine};
+
+impl RedisEngine {
+    /// The heartbeat, alone in its task: reaping a large dead node or
+    /// refreshing many rooms must not delay it past `dead_after`, or the
+    /// other nodes would reap this live one.
+    pub(crate) async fn heartbeats(self, stop: CancellationToken) {
+        let mut tick = tokio::time::interval(self.0.settings.heartbeat);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            if self.is_up() {
+                self.heartbeat().await;
+            }
+        }
+    }
+
+    pub(crate) async fn heartbeat(&self) {
+        let r: Result<i64, _> = self
+            .0
+            .scripts
+            .heartbeat
+            .evalsha_with_reload(
+                &self.0.client,
+                vec![NODES_KEY],
+                vec![self.0.settings.node_id.clone()],
+            )
+            .await;
+        if let Err(e) = r {
+            warn!(error = %e, "heartbeat failed");
+        }
+    }
+
+    /// Extends this node's sessions; re-registers (and announces) any that
+    /// Redis lost.
+    pub(crate) async fn refresh_presence(&self) {
+        let sessions = self.0.sink.local_sessions();
+        if sessions.is_empty() {
+            return;
+        }
+        let c = &self.0.client;
+        let ttl = self.0.settings.session_ttl.as_millis() as i64;
+        let members: Vec<String> = sessions
+            .iter()
+            .map(|(room, s)| format!("{room}\n{}", s.socket_id))
+            .collect();
+        if let Err(e) = c
+            .sadd::<i64, _, _>(node_sessions_key(&self.0.settings.node_id), members)
+            .await
+        {
+            warn!(error = %e, "node session set not refreshed");
+            return;
+        }
+        let mut by_room: HashMap<&str, Vec<&SessionInfo>> = HashMap::new();
+        for (room, s) in &sessions {
+            by_room.entry(room.as_str()).or_default().push(s);
+        }
+        for (room, list) in by_room {
+            let mut args = vec![ttl.to_string()];
+            args.extend(list.iter().map(|s| s.socket_id.clone()));
+            let missing: Vec<String> = match self
+                .0
+                .scripts
+                .refresh
+                .evalsha_with_reload(c, presence_keys(room), args)
+                .await
+            {
+                Ok(m) => m,
+                Err(e) => {
+                    warn!(room, error = %e, "presence refresh failed");
+                    continue;
+                }
+            };
+            for sid in missing {
+                let Some(s) = list.iter().find(|s| s.socket_id == sid) else {
+                    continue;
+                };
+                if self.register(room, s, false).await.is_ok() {
+                    let mut joined = RoomMessage::new(
+                        "user:joined",
+                        serde_json::to_value(s).unwrap_or_default(),
+                    );
+                    joined.except = Some(s.socket_id.clone());
+                    let _ = self.publish(room, joined).await;
+                    debug!(room, socket = %sid, "re-registered a lost session");
+                }
+            }
+        }
+    }
+
+    async fn register(
+        &self,
+        room: &str,
+        s: &SessionInfo,
+        want_members: bool,
+    ) -> Result<Vec<String>, EngineError> {
+        let json = serde_json::to_string(s).map_err(err)?;
+        self.0
+            .scripts
+            .join
+            .evalsha_with_reload(
+                &self.0.client,
+                presence_keys(room),
+                vec![
+                    s.socket_id.clone(),
+                    json,
+                    (self.0.settings.session_ttl.as_millis() as i64).to_string(),
+                    if want_members { "1" } else { "0" }.to_owned(),
+                ],
+            )
+            .await
+            .map_err(err)
+    }
+}
+
+fn parse_sessions(list: Vec<String>) -> Vec<SessionInfo> {
+    list.iter()
+        .filter_map(|j| serde_json::from_str(j).ok())
+        .collect()
+}
+
+#[async_trait]
+impl Presence for RedisEngine {
+    async fn join(
+        &self,
+        room: &str,
+        session: &SessionInfo,
+    ) -> Result<Vec<SessionInfo>, EngineError> {
+        self.ensure_up()?;
+        let _: i64 = self
+            .0
+            .client
+            .sadd(
+                node_sessions_key(&self.0.settings.node_id),
+                format!("{room}\n{}", session.socket_id),
+            )
+            .await
+            .map_err(err)?;
+        self.register(room, session, true).await.map(parse_sessions)
+    }
+
+    async fn leave(&self, room: &str, socket_id: &str) -> Result<Option<SessionInfo>, EngineError> {
+        self.ensure_up()?;
+        let left: Option<String> = self
+            .0
+            .scripts
+            .leave
+            .evalsha_with_reload(
+                &self.0.client,
+                presence_keys(room),
+                vec![socket_id.to_owned()],
+            )
+            .await
+            .map_err(err)?;
+        let _: Result<i64, _> = self
+            .0
+            .client
+            .srem(
+                node_sessions_key(&self.0.settings.node_id),
+                format!("{room}\n{socket_id}"),
+            )
+            .await;
+        Ok(left.and_then(|j| serde_json::from_str(&j).ok()))
+    }
+
+    async fn members(&self, room: &str) -> Result<Vec<SessionInfo>, EngineError> {
+        self.ensure_up()?;
+        let list: Vec<String> = self
+            .0
+            .scripts
+            .members
+            .evalsha_with_reload(&self.0.client, presence_keys(room), Vec::<String>::new())
+            .await
+            .map_err(err)?;
+        Ok(parse_sessions(list))
+    }
+}

@@ -1,0 +1,135 @@
+//! Dead nodes: finding nodes that stopped heartbeating, removing their
+//! sessions and announcing `user:left` for each; and the maintenance loop
+//! that drives it.
+//!
+//! The maintenance loop lives here rather than in `presence.rs` because
+//! its cadence is the reaper's: it ticks every heartbeat interval to scan
+//! for dead nodes, and only every `presence_refresh` does it also extend
+//! this node's sessions. Its clean exit (dropping this node's heartbeat and
+//! session set) is what keeps the other nodes' reapers from acting on it.
+
+use std::time::Instant;
+
+use flowgate_engine::{RoomBus, RoomMessage, SessionInfo};
+use fred::prelude::*;
+use fred::types::{Expiration, SetOptions};
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::keys::{node_sessions_key, presence_keys, reap_lock_key, NODES_KEY};
+use crate::RedisEngine;
+
+impl RedisEngine {
+    /// Dead-node reaping and presence refresh.
+    pub(crate) async fn maintenance(self, stop: CancellationToken) {
+        let s = &self.0.settings;
+        let mut tick = tokio::time::interval(s.heartbeat);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_refresh = Instant::now();
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => break,
+                _ = tick.tick() => {}
+            }
+            if !self.is_up() {
+                continue;
+            }
+            self.reap_dead().await;
+            if last_refresh.elapsed() >= s.presence_refresh {
+                last_refresh = Instant::now();
+                self.refresh_presence().await;
+                self.0.local.retain_recent();
+            }
+        }
+        // Clean exit: this node's sessions left with their sockets; drop
+        // its heartbeat so no one reaps it later.
+        let _: Result<i64, _> = self.0.client.zrem(NODES_KEY, s.node_id.clone()).await;
+        let _: Result<i64, _> = self.0.client.del(node_sessions_key(&s.node_id)).await;
+    }
+
+    async fn reap_dead(&self) {
+        let dead: Result<Vec<String>, _> = self
+            .0
+            .scripts
+            .dead_nodes
+            .evalsha_with_reload(
+                &self.0.client,
+                vec![NODES_KEY],
+                vec![self.0.settings.dead_after.as_millis() as i64],
+            )
+            .await;
+        match dead {
+            Ok(nodes) => {
+                for node in nodes.iter().filter(|n| **n != self.0.settings.node_id) {
+                    self.reap(node).await;
+                }
+            }
+            Err(e) => warn!(error = %e, "dead-node scan failed"),
+        }
+    }
+
+    /// Removes every session of `node` and announces `user:left` for each.
+    /// A lock with a TTL makes one survivor do it; if that survivor dies
+    /// midway, the lock expires and another finishes the job.
+    pub(crate) async fn reap(&self, node: &str) {
+        let c = &self.0.client;
+        let lock = reap_lock_key(node);
+        let claimed: Result<Option<String>, _> = c
+            .set(
+                lock.clone(),
+                self.0.settings.node_id.clone(),
+                Some(Expiration::PX(10_000)),
+                Some(SetOptions::NX),
+                false,
+            )
+            .await;
+        if !matches!(claimed, Ok(Some(_))) {
+            return;
+        }
+        let members: Vec<String> = match c.smembers(node_sessions_key(node)).await {
+            Ok(m) => m,
+            Err(e) => {
+                warn!(node, error = %e, "cannot list a dead node's sessions");
+                return;
+            }
+        };
+        let mut removed = 0u64;
+        for m in &members {
+            let Some((room, sid)) = m.split_once('\n') else {
+                continue;
+            };
+            let left: Result<Option<String>, _> = self
+                .0
+                .scripts
+                .leave
+                .evalsha_with_reload(c, presence_keys(room), vec![sid.to_owned()])
+                .await;
+            if let Ok(Some(json)) = left {
+                removed += 1;
+                self.0.metrics.reaped_sessions.inc();
+                if let Ok(s) = serde_json::from_str::<SessionInfo>(&json) {
+                    let msg = RoomMessage::new(
+                        "user:left",
+                        json!({"userId": s.user_id, "socketId": s.socket_id, "userName": s.user_name}),
+                    );
+                    if let Err(e) = self.publish(room, msg).await {
+                        warn!(room, error = %e, "user:left for a dead node's session not published");
+                    }
+                }
+            }
+        }
+        let _: Result<i64, _> = c.del(node_sessions_key(node)).await;
+        if node != self.0.settings.node_id {
+            let _: Result<i64, _> = c.zrem(NODES_KEY, node.to_owned()).await;
+        }
+        let _: Result<i64, _> = c.del(lock).await;
+        if removed > 0 || node != self.0.settings.node_id {
+            info!(
+                node,
+                sessions = removed,
+                "removed the sessions of a dead node"
+            );
+        }
+    }
+}
