@@ -7,20 +7,28 @@
 //! `execute_typed` (unnamed statements) or the simple query protocol, and
 //! nothing uses deadpool's statement cache. Migrations run over a direct
 //! connection (`DATABASE_DIRECT_URL`), never through PgBouncer.
+//!
+//! One module per job, all adding methods to [`Store`]: `migrate`
+//! (migrations and the schema check), `members` (flow memberships),
+//! `event_log` (event writes and history reads) and `partitions` (month
+//! partitions and retention). This file holds the pool, its metrics and
+//! the query helpers they share.
 
 use std::time::{Duration, Instant};
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use prometheus::{IntCounter, IntGauge, Registry};
-use serde::Serialize;
 use thiserror::Error;
-use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::NoTls;
-use tracing::{info, warn};
+use tracing::warn;
 
-mod embedded {
-    refinery::embed_migrations!("../../migrations");
-}
+mod event_log;
+mod members;
+mod migrate;
+mod partitions;
+
+pub use event_log::{parse_offset, LoggedEvent};
+pub use migrate::{latest_migration, migrate};
 
 /// A failure of the durable side; never fatal to rooms.
 #[derive(Debug, Error)]
@@ -89,45 +97,6 @@ struct Metrics {
     slow: IntCounter,
 }
 
-/// One event of the durable log.
-#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct LoggedEvent {
-    /// The flow.
-    pub flow_id: String,
-    /// Its room offset (Redis stream id).
-    pub offset: String,
-    /// The event members received.
-    pub event: String,
-    /// Its payload.
-    pub data: serde_json::Value,
-    /// The sender, when a user sent it.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub user_id: Option<String>,
-}
-
-/// A batch of events as column arrays, for one `INSERT … SELECT FROM
-/// unnest(…)` (one round trip, one unnamed statement, whatever the size).
-#[derive(Default)]
-struct Columns<'a> {
-    flow: Vec<&'a str>,
-    ms: Vec<i64>,
-    seq: Vec<i64>,
-    event: Vec<&'a str>,
-    data: Vec<String>,
-    user: Vec<Option<&'a str>>,
-}
-
-/// Splits a Redis stream id `<ms>-<seq>`.
-pub fn parse_offset(offset: &str) -> Result<(i64, i64), StoreError> {
-    let bad = || StoreError::BadOffset(offset.to_owned());
-    let (ms, seq) = offset.split_once('-').ok_or_else(bad)?;
-    Ok((
-        ms.parse().map_err(|_| bad())?,
-        seq.parse().map_err(|_| bad())?,
-    ))
-}
-
 /// The database of one node: a pool pointed at PgBouncer.
 #[derive(Clone)]
 pub struct Store {
@@ -146,49 +115,6 @@ impl std::fmt::Debug for Store {
 
 fn q(e: impl std::fmt::Display) -> StoreError {
     StoreError::Query(e.to_string())
-}
-
-/// Applies the embedded migrations over a direct connection; idempotent.
-/// Returns the versions applied now.
-pub async fn migrate(direct_url: &str) -> Result<Vec<i32>, StoreError> {
-    let (mut client, conn) = tokio_postgres::connect(direct_url, NoTls)
-        .await
-        .map_err(|e| StoreError::Pool(e.to_string()))?;
-    let task = tokio::spawn(conn);
-    let report = embedded::migrations::runner()
-        .run_async(&mut client)
-        .await
-        .map_err(q)?;
-    drop(client);
-    let _ = task.await;
-    Ok(report
-        .applied_migrations()
-        .iter()
-        .map(|m| m.version())
-        .collect())
-}
-
-/// The newest migration this binary carries.
-pub fn latest_migration() -> i32 {
-    embedded::migrations::runner()
-        .get_migrations()
-        .iter()
-        .map(|m| m.version())
-        .max()
-        .unwrap_or(0)
-}
-
-/// The name of the partition holding `month` (first day of it).
-fn partition_name(year: i32, month: u8) -> String {
-    format!("room_events_y{year:04}m{month:02}")
-}
-
-fn next_month(year: i32, month: u8) -> (i32, u8) {
-    if month == 12 {
-        (year + 1, 1)
-    } else {
-        (year, month + 1)
-    }
 }
 
 impl Store {
@@ -303,313 +229,5 @@ impl Store {
         })
         .await?;
         Ok(started.elapsed())
-    }
-
-    /// Refuses a schema older than this binary.
-    pub async fn check_schema(&self) -> Result<(), StoreError> {
-        let needed = latest_migration();
-        let found: i32 = self
-            .timed("schema version", async {
-                let c = self.client().await?;
-                let rows = c
-                    .query_typed(
-                        "SELECT COALESCE(MAX(version), 0) FROM refinery_schema_history",
-                        &[],
-                    )
-                    .await;
-                match rows {
-                    Ok(rows) => Ok(rows.first().map(|r| r.get::<_, i32>(0)).unwrap_or(0)),
-                    // No history table: nothing was ever migrated.
-                    Err(e)
-                        if e.code() == Some(&tokio_postgres::error::SqlState::UNDEFINED_TABLE) =>
-                    {
-                        Ok(0)
-                    }
-                    Err(e) => Err(q(e)),
-                }
-            })
-            .await?;
-        if found < needed {
-            return Err(StoreError::SchemaBehind { found, needed });
-        }
-        Ok(())
-    }
-
-    /// Whether `user_id` holds a membership of `flow_id`.
-    pub async fn is_member(&self, flow_id: &str, user_id: &str) -> Result<bool, StoreError> {
-        self.timed("is_member", async {
-            let rows = self
-                .client()
-                .await?
-                .query_typed(
-                    "SELECT 1 FROM flow_members WHERE flow_id = $1 AND user_id = $2",
-                    &[(&flow_id, Type::TEXT), (&user_id, Type::TEXT)],
-                )
-                .await
-                .map_err(q)?;
-            Ok(!rows.is_empty())
-        })
-        .await
-    }
-
-    /// Grants (or updates) a membership.
-    pub async fn grant(&self, flow_id: &str, user_id: &str, role: &str) -> Result<(), StoreError> {
-        self.timed("grant", async {
-            self.client()
-                .await?
-                .execute_typed(
-                    "INSERT INTO flow_members (flow_id, user_id, role) VALUES ($1, $2, $3) \
-                     ON CONFLICT (flow_id, user_id) DO UPDATE SET role = EXCLUDED.role",
-                    &[
-                        (&flow_id, Type::TEXT),
-                        (&user_id, Type::TEXT),
-                        (&role, Type::TEXT),
-                    ],
-                )
-                .await
-                .map_err(q)?;
-            Ok(())
-        })
-        .await
-    }
-
-    /// Revokes a membership; `true` if there was one.
-    pub async fn revoke(&self, flow_id: &str, user_id: &str) -> Result<bool, StoreError> {
-        self.timed("revoke", async {
-            let n = self
-                .client()
-                .await?
-                .execute_typed(
-                    "DELETE FROM flow_members WHERE flow_id = $1 AND user_id = $2",
-                    &[(&flow_id, Type::TEXT), (&user_id, Type::TEXT)],
-                )
-                .await
-                .map_err(q)?;
-            Ok(n > 0)
-        })
-        .await
-    }
-
-    /// Writes a batch of events in one transaction; events already in the
-    /// log are skipped, so a retried batch is written exactly once. Creates
-    /// a missing month partition and retries once.
-    pub async fn write_events(&self, events: &[LoggedEvent]) -> Result<u64, StoreError> {
-        if events.is_empty() {
-            return Ok(0);
-        }
-        let mut cols = Columns::default();
-        for e in events {
-            let (ms, seq) = parse_offset(&e.offset)?;
-            cols.flow.push(&e.flow_id);
-            cols.ms.push(ms);
-            cols.seq.push(seq);
-            cols.event.push(&e.event);
-            cols.data.push(e.data.to_string());
-            cols.user.push(e.user_id.as_deref());
-        }
-        let insert = || async {
-            let mut c = self.client().await?;
-            let tx = c.transaction().await.map_err(q)?;
-            tx.batch_execute(&format!(
-                "SET LOCAL statement_timeout = {}",
-                self.settings.statement_timeout.as_millis()
-            ))
-            .await
-            .map_err(q)?;
-            let params: [(&(dyn ToSql + Sync), Type); 6] = [
-                (&cols.flow, Type::TEXT_ARRAY),
-                (&cols.ms, Type::INT8_ARRAY),
-                (&cols.seq, Type::INT8_ARRAY),
-                (&cols.event, Type::TEXT_ARRAY),
-                (&cols.data, Type::TEXT_ARRAY),
-                (&cols.user, Type::TEXT_ARRAY),
-            ];
-            let n = tx
-                .execute_typed(
-                    "INSERT INTO room_events (flow_id, offset_ms, offset_seq, created_at, event, data, user_id) \
-                     SELECT f, ms, s, to_timestamp(ms / 1000.0), e, d::jsonb, u \
-                     FROM unnest($1::text[], $2::int8[], $3::int8[], $4::text[], $5::text[], $6::text[]) \
-                          AS t(f, ms, s, e, d, u) \
-                     ON CONFLICT DO NOTHING",
-                    &params,
-                )
-                .await;
-            match n {
-                Ok(n) => {
-                    tx.commit().await.map_err(q)?;
-                    Ok(Ok(n))
-                }
-                Err(e)
-                    if e.code() == Some(&tokio_postgres::error::SqlState::CHECK_VIOLATION)
-                        || e.to_string().contains("no partition") =>
-                {
-                    Ok(Err(()))
-                }
-                Err(e) if e.code().is_some_and(|c| c.code().starts_with("22")) => {
-                    Err(StoreError::Rejected(e.to_string()))
-                }
-                Err(e) => Err(q(e)),
-            }
-        };
-        match self.timed("write_events", insert()).await? {
-            Ok(n) => Ok(n),
-            Err(()) => {
-                // Events dated in a month without a partition: create the
-                // partitions their offsets fall in, then write again.
-                for ms in cols
-                    .ms
-                    .iter()
-                    .copied()
-                    .collect::<std::collections::BTreeSet<_>>()
-                {
-                    let t = time::OffsetDateTime::from_unix_timestamp(ms / 1000)
-                        .map_err(|e| StoreError::BadOffset(e.to_string()))?;
-                    self.ensure_partition(t.year(), t.month() as u8).await?;
-                }
-                match self.timed("write_events", insert()).await? {
-                    Ok(n) => Ok(n),
-                    Err(()) => Err(StoreError::Query("no partition for the events".into())),
-                }
-            }
-        }
-    }
-
-    /// Creates the month partition if missing.
-    pub async fn ensure_partition(&self, year: i32, month: u8) -> Result<(), StoreError> {
-        let (ny, nm) = next_month(year, month);
-        let sql = format!(
-            "CREATE TABLE IF NOT EXISTS {} PARTITION OF room_events \
-             FOR VALUES FROM ('{year:04}-{month:02}-01 00:00:00+00') TO ('{ny:04}-{nm:02}-01 00:00:00+00')",
-            partition_name(year, month)
-        );
-        self.timed("create partition", async {
-            self.client().await?.batch_execute(&sql).await.map_err(q)
-        })
-        .await
-    }
-
-    /// Creates the partitions of the current and next months.
-    pub async fn ensure_partitions_ahead(&self) -> Result<(), StoreError> {
-        let now = time::OffsetDateTime::now_utc();
-        let (y, m) = (now.year(), now.month() as u8);
-        self.ensure_partition(y, m).await?;
-        let (ny, nm) = next_month(y, m);
-        self.ensure_partition(ny, nm).await
-    }
-
-    /// Drops the partitions that end on or before the first day of
-    /// (`year`, `month`); returns their names.
-    pub async fn drop_partitions_before(
-        &self,
-        year: i32,
-        month: u8,
-    ) -> Result<Vec<String>, StoreError> {
-        let cutoff = partition_name(year, month);
-        let names: Vec<String> = self
-            .timed("list partitions", async {
-                let rows = self
-                    .client()
-                    .await?
-                    .query_typed(
-                        "SELECT c.relname::text FROM pg_inherits i \
-                         JOIN pg_class c ON c.oid = i.inhrelid \
-                         JOIN pg_class p ON p.oid = i.inhparent \
-                         WHERE p.relname = 'room_events' ORDER BY 1",
-                        &[],
-                    )
-                    .await
-                    .map_err(q)?;
-                Ok(rows.iter().map(|r| r.get::<_, String>(0)).collect())
-            })
-            .await?;
-        // Names sort by month: room_events_yYYYYmMM.
-        let old: Vec<String> = names.into_iter().filter(|n| *n < cutoff).collect();
-        for n in &old {
-            self.timed("drop partition", async {
-                self.client()
-                    .await?
-                    .batch_execute(&format!("DROP TABLE IF EXISTS {n}"))
-                    .await
-                    .map_err(q)
-            })
-            .await?;
-            info!(partition = %n, "dropped an expired event-log partition");
-        }
-        Ok(old)
-    }
-
-    /// Drops partitions older than `months` whole months before now.
-    pub async fn apply_retention(&self, months: u32) -> Result<Vec<String>, StoreError> {
-        let now = time::OffsetDateTime::now_utc();
-        let mut y = now.year();
-        let mut m = now.month() as i32 - months as i32;
-        while m < 1 {
-            m += 12;
-            y -= 1;
-        }
-        self.drop_partitions_before(y, m as u8).await
-    }
-
-    /// The log of a flow after `after` (exclusive), in room order.
-    pub async fn events(
-        &self,
-        flow_id: &str,
-        after: Option<&str>,
-        limit: i64,
-    ) -> Result<Vec<LoggedEvent>, StoreError> {
-        let (ms, seq) = match after {
-            Some(a) => parse_offset(a)?,
-            None => (0, -1),
-        };
-        self.timed("events", async {
-            let rows = self
-                .client()
-                .await?
-                .query_typed(
-                    "SELECT offset_ms, offset_seq, event, data::text, user_id FROM room_events \
-                     WHERE flow_id = $1 AND (offset_ms, offset_seq) > ($2, $3) \
-                       AND created_at >= to_timestamp(floor($2 / 1000.0)) \
-                     ORDER BY offset_ms, offset_seq LIMIT $4",
-                    &[
-                        (&flow_id, Type::TEXT),
-                        (&ms, Type::INT8),
-                        (&seq, Type::INT8),
-                        (&limit, Type::INT8),
-                    ],
-                )
-                .await
-                .map_err(q)?;
-            rows.iter()
-                .map(|r| {
-                    let data: String = r.get(3);
-                    Ok(LoggedEvent {
-                        flow_id: flow_id.to_owned(),
-                        offset: format!("{}-{}", r.get::<_, i64>(0), r.get::<_, i64>(1)),
-                        event: r.get(2),
-                        data: serde_json::from_str(&data).map_err(q)?,
-                        user_id: r.get(4),
-                    })
-                })
-                .collect()
-        })
-        .await
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn offsets_and_partitions() {
-        assert_eq!(
-            parse_offset("1700000000123-4").unwrap(),
-            (1_700_000_000_123, 4)
-        );
-        assert!(parse_offset("x").is_err());
-        assert!(parse_offset("1-x").is_err());
-        assert_eq!(partition_name(2026, 1), "room_events_y2026m01");
-        assert_eq!(next_month(2026, 12), (2027, 1));
-        assert!(latest_migration() >= 1);
     }
 }

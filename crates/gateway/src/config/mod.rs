@@ -1,0 +1,329 @@
+//! Node configuration, read from environment variables and checked once at
+//! start. The variable names of CONTRACT.md's "Operating" section are fixed;
+//! the `FLOWGATE_*` tunables below keep sane defaults.
+//!
+//! Parsing goes through [`Config::from_vars`] over any map, so tests feed a
+//! map and never touch the process environment. Every error names the
+//! variable at fault.
+//!
+//! One submodule per concern parses its own variables into a part; this
+//! file assembles [`Config`] from the parts, checks what crosses parts, and
+//! holds the helpers every part reads variables through.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::time::Duration;
+
+use thiserror::Error;
+
+mod access;
+mod database;
+mod drain;
+mod jwt;
+mod limits;
+mod logging;
+mod redis;
+mod server;
+mod socketio;
+
+pub use access::AccessPolicy;
+pub use jwt::{JwtConfig, JwtKey};
+pub use logging::LogFormat;
+
+/// A variable that is missing, malformed or inconsistent with another.
+#[derive(Debug, Error)]
+#[error("{var}: {message}")]
+pub struct ConfigError {
+    /// The environment variable at fault.
+    pub var: &'static str,
+    /// What is wrong with it, for a human.
+    pub message: String,
+}
+
+fn err(var: &'static str, message: impl Into<String>) -> ConfigError {
+    ConfigError {
+        var,
+        message: message.into(),
+    }
+}
+
+/// The whole node configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// `HOST` + `PORT`.
+    pub listen: SocketAddr,
+    /// `FLOWGATE_NODE_ID`, generated when unset.
+    pub node_id: String,
+    /// `REDIS_URL`; `None` runs the embedded in-memory engine.
+    pub redis_url: Option<String>,
+    /// `DATABASE_URL` (through PgBouncer).
+    pub database_url: Option<String>,
+    /// `DATABASE_DIRECT_URL` (migrations).
+    pub database_direct_url: Option<String>,
+    /// User token checks.
+    pub jwt: JwtConfig,
+    /// `FLOWGATE_SERVICE_TOKEN`: bearer token of the server API; the API
+    /// answers 503 when unset.
+    pub service_token: Option<String>,
+    /// `FLOWGATE_ACCESS_POLICY`.
+    pub access: AccessPolicy,
+    /// `FRONTEND_URL`: allowed browser origins; empty allows any.
+    pub allowed_origins: Vec<String>,
+    /// `FLOWGATE_EVENTS_FILE`: relay table; the contract's table when unset.
+    pub events_file: Option<PathBuf>,
+    /// `FLOWGATE_PING_INTERVAL_MS` (25 000).
+    pub ping_interval: Duration,
+    /// `FLOWGATE_PING_TIMEOUT_MS` (60 000).
+    pub ping_timeout: Duration,
+    /// `FLOWGATE_CONNECT_TIMEOUT_MS` (45 000): time to send a CONNECT.
+    pub connect_timeout: Duration,
+    /// `FLOWGATE_MAX_PAYLOAD` (1 000 000 bytes): largest inbound frame.
+    pub max_payload: usize,
+    /// `FLOWGATE_MAX_ATTACHMENTS` (10): binary frames one packet may announce.
+    pub max_attachments: usize,
+    /// `FLOWGATE_RATE_LIMIT_PER_SEC` (20).
+    pub rate_per_sec: u32,
+    /// `FLOWGATE_RATE_LIMIT_BURST` (20).
+    pub rate_burst: u32,
+    /// `FLOWGATE_OUTBOUND_QUEUE` (1024 frames per connection).
+    pub outbound_queue: usize,
+    /// `FLOWGATE_SLOW_CONSUMER_MS` (5 000): how long a queue may stay full
+    /// (dropping volatile events) before the client is disconnected.
+    pub slow_consumer_grace: Duration,
+    /// `FLOWGATE_MAX_CONNECTIONS` (100 000 per node).
+    pub max_connections: usize,
+    /// `FLOWGATE_DRAIN_NOTICE_MS` (5 000): how long `/health` says 503
+    /// before sockets are closed, so the load balancer notices first.
+    pub drain_notice: Duration,
+    /// `FLOWGATE_DRAIN_WINDOW_MS` (10 000): sockets are closed spread over
+    /// this window, so their reconnects do not arrive as one storm.
+    pub drain_window: Duration,
+    /// `FLOWGATE_SHUTDOWN_DEADLINE_MS` (30 000): the process exits by then.
+    pub shutdown_deadline: Duration,
+    /// `FLOWGATE_LOG_FORMAT`: `text` (default) or `json`.
+    pub log_format: LogFormat,
+    /// `FLOWGATE_NODE_HEARTBEAT_MS` (1 000): heartbeat and dead-node scan
+    /// interval (Redis engine).
+    pub node_heartbeat: Duration,
+    /// `FLOWGATE_NODE_DEAD_AFTER_MS` (5 000): a node silent this long is
+    /// dead; its sessions are removed with `user:left`.
+    pub node_dead_after: Duration,
+    /// `FLOWGATE_PRESENCE_REFRESH_MS` (5 000): how often a node extends its
+    /// sessions in Redis.
+    pub presence_refresh: Duration,
+    /// `FLOWGATE_SESSION_TTL_MS` (20 000): a session not refreshed for this
+    /// long is no longer listed.
+    pub session_ttl: Duration,
+    /// `FLOWGATE_REDIS_TIMEOUT_MS` (1 000): per-command timeout.
+    pub redis_timeout: Duration,
+    /// `FLOWGATE_ROOM_LOG_LEN` (1 000): events kept per room stream.
+    pub room_log_len: u64,
+    /// `FLOWGATE_ROOM_LOG_TTL_SECS` (86 400): idle room streams expire.
+    pub room_log_ttl: Duration,
+    /// `FLOWGATE_DB_POOL_SIZE` (16): Postgres connections per node.
+    pub db_pool_size: usize,
+    /// `FLOWGATE_DB_CONNECT_TIMEOUT_MS` (5 000): wait for a pooled connection.
+    pub db_connect_timeout: Duration,
+    /// `FLOWGATE_DB_QUERY_TIMEOUT_MS` (30 000): client-side query bound.
+    pub db_query_timeout: Duration,
+    /// `FLOWGATE_DB_STATEMENT_TIMEOUT_MS` (30 000): server-side bound.
+    pub db_statement_timeout: Duration,
+    /// `FLOWGATE_DB_SLOW_QUERY_MS` (1 000): slower queries are logged.
+    pub db_slow_query: Duration,
+    /// `FLOWGATE_ACCESS_CACHE_SECS` (60): access decisions cached in Redis.
+    pub access_cache_ttl: Duration,
+    /// `FLOWGATE_EVENT_RETENTION_MONTHS` (12): older event-log partitions
+    /// are dropped; 0 keeps everything.
+    pub event_retention_months: u32,
+    /// `FLOWGATE_EVENTLOG_BATCH` (500): events per write.
+    pub eventlog_batch: usize,
+}
+
+fn get<'a>(vars: &'a HashMap<String, String>, name: &str) -> Option<&'a str> {
+    vars.get(name)
+        .map(String::as_str)
+        .filter(|v| !v.trim().is_empty())
+}
+
+fn parse<T: FromStr>(
+    vars: &HashMap<String, String>,
+    name: &'static str,
+    default: T,
+) -> Result<T, ConfigError>
+where
+    T::Err: std::fmt::Display,
+{
+    match get(vars, name) {
+        None => Ok(default),
+        Some(v) => v
+            .trim()
+            .parse()
+            .map_err(|e| err(name, format!("cannot parse {v:?}: {e}"))),
+    }
+}
+
+fn millis(
+    vars: &HashMap<String, String>,
+    name: &'static str,
+    default_ms: u64,
+) -> Result<Duration, ConfigError> {
+    parse(vars, name, default_ms).map(Duration::from_millis)
+}
+
+fn positive<T: PartialOrd + Default + Copy>(name: &'static str, v: T) -> Result<T, ConfigError> {
+    if v > T::default() {
+        Ok(v)
+    } else {
+        Err(err(name, "must be greater than zero"))
+    }
+}
+
+impl Config {
+    /// Reads the process environment.
+    pub fn from_env() -> Result<Self, ConfigError> {
+        Self::from_vars(&std::env::vars().collect())
+    }
+
+    /// Reads any map of variables.
+    pub fn from_vars(vars: &HashMap<String, String>) -> Result<Self, ConfigError> {
+        let server::Server {
+            listen,
+            node_id,
+            service_token,
+            allowed_origins,
+            events_file,
+        } = server::Server::from_vars(vars)?;
+        let redis::Redis {
+            redis_url,
+            redis_timeout,
+            room_log_len,
+            room_log_ttl,
+            node_heartbeat,
+            node_dead_after,
+            presence_refresh,
+            session_ttl,
+        } = redis::Redis::from_vars(vars)?;
+        let database::Database {
+            database_url,
+            database_direct_url,
+            db_pool_size,
+            db_connect_timeout,
+            db_query_timeout,
+            db_statement_timeout,
+            db_slow_query,
+            event_retention_months,
+            eventlog_batch,
+        } = database::Database::from_vars(vars)?;
+        let jwt = JwtConfig::from_vars(vars)?;
+        let access::Access {
+            access,
+            access_cache_ttl,
+        } = access::Access::from_vars(vars, database_url.is_some())?;
+        if database_url.is_some() && redis_url.is_none() {
+            return Err(err(
+                "DATABASE_URL",
+                "the durable event log is fed from a queue in Redis: set REDIS_URL too",
+            ));
+        }
+        let log_format = LogFormat::from_vars(vars)?;
+        let socketio::SocketIo {
+            ping_interval,
+            ping_timeout,
+            connect_timeout,
+        } = socketio::SocketIo::from_vars(vars)?;
+        let limits::Limits {
+            max_payload,
+            max_attachments,
+            rate_per_sec,
+            rate_burst,
+            outbound_queue,
+            slow_consumer_grace,
+            max_connections,
+        } = limits::Limits::from_vars(vars)?;
+        let drain::Drain {
+            drain_notice,
+            drain_window,
+            shutdown_deadline,
+        } = drain::Drain::from_vars(vars)?;
+
+        Ok(Config {
+            listen,
+            node_id,
+            redis_url,
+            database_url,
+            database_direct_url,
+            jwt,
+            service_token,
+            access,
+            allowed_origins,
+            events_file,
+            ping_interval,
+            ping_timeout,
+            connect_timeout,
+            max_payload,
+            max_attachments,
+            rate_per_sec,
+            rate_burst,
+            outbound_queue,
+            slow_consumer_grace,
+            max_connections,
+            drain_notice,
+            drain_window,
+            shutdown_deadline,
+            log_format,
+            node_heartbeat,
+            node_dead_after,
+            presence_refresh,
+            session_ttl,
+            redis_timeout,
+            room_log_len,
+            room_log_ttl,
+            db_pool_size,
+            db_connect_timeout,
+            db_query_timeout,
+            db_statement_timeout,
+            db_slow_query,
+            access_cache_ttl,
+            event_retention_months,
+            eventlog_batch,
+        })
+    }
+}
+
+/// A map of variables, for the tests of every part.
+#[cfg(test)]
+fn vars(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_with_a_secret() {
+        let c = Config::from_vars(&vars(&[("JWT_ACCESS_TOKEN_SECRET", "s")])).unwrap();
+        assert_eq!(c.listen.port(), 8080);
+        assert_eq!(c.ping_interval, Duration::from_secs(25));
+        assert_eq!(c.ping_timeout, Duration::from_secs(60));
+        assert_eq!(c.max_payload, 1_000_000);
+        assert_eq!(c.rate_per_sec, 20);
+        assert_eq!(c.access, AccessPolicy::Open);
+        assert!(c.redis_url.is_none());
+    }
+
+    #[test]
+    fn errors_name_the_variable() {
+        let e = Config::from_vars(&vars(&[
+            ("JWT_ACCESS_TOKEN_SECRET", "s"),
+            ("DATABASE_URL", "postgres://x@127.0.0.1/db"),
+        ]))
+        .unwrap_err();
+        assert_eq!(e.var, "DATABASE_URL");
+    }
+}

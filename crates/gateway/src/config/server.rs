@@ -1,0 +1,80 @@
+//! What the node serves and to whom: its listen address and id, the
+//! browser origins allowed, the server API's token and the relay table.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+
+use super::{err, get, parse, ConfigError};
+
+/// The [`Config`](super::Config) fields of the same names.
+pub(super) struct Server {
+    pub(super) listen: SocketAddr,
+    pub(super) node_id: String,
+    pub(super) service_token: Option<String>,
+    pub(super) allowed_origins: Vec<String>,
+    pub(super) events_file: Option<PathBuf>,
+}
+
+impl Server {
+    pub(super) fn from_vars(vars: &HashMap<String, String>) -> Result<Self, ConfigError> {
+        let host: IpAddr = parse(vars, "HOST", IpAddr::from([0, 0, 0, 0]))?;
+        let port: u16 = parse(vars, "PORT", 8080)?;
+        let node_id = match get(vars, "FLOWGATE_NODE_ID") {
+            Some(id) => id.to_owned(),
+            None => format!("node-{}", crate::ids::random_id(8)),
+        };
+
+        let allowed_origins = get(vars, "FRONTEND_URL")
+            .map(|v| {
+                v.split(',')
+                    .map(|o| o.trim().trim_end_matches('/').to_owned())
+                    .filter(|o| !o.is_empty())
+                    .collect()
+            })
+            .unwrap_or_default();
+
+        let events_file = get(vars, "FLOWGATE_EVENTS_FILE").map(PathBuf::from);
+        if let Some(path) = &events_file {
+            if !path.is_file() {
+                return Err(err(
+                    "FLOWGATE_EVENTS_FILE",
+                    format!("{} is not a readable file", path.display()),
+                ));
+            }
+        }
+
+        Ok(Server {
+            listen: SocketAddr::new(host, port),
+            node_id,
+            service_token: get(vars, "FLOWGATE_SERVICE_TOKEN").map(str::to_owned),
+            allowed_origins,
+            events_file,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::config::{vars, Config};
+
+    #[test]
+    fn errors_name_the_variable() {
+        let e = Config::from_vars(&vars(&[("JWT_ACCESS_TOKEN_SECRET", "s"), ("PORT", "http")]))
+            .unwrap_err();
+        assert_eq!(e.var, "PORT");
+    }
+
+    #[test]
+    fn origins_are_split_and_trimmed() {
+        let c = Config::from_vars(&vars(&[
+            ("JWT_ACCESS_TOKEN_SECRET", "s"),
+            ("FRONTEND_URL", "https://a.example/, https://b.example"),
+        ]))
+        .unwrap();
+        assert_eq!(
+            c.allowed_origins,
+            vec!["https://a.example", "https://b.example"]
+        );
+    }
+}
