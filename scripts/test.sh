@@ -30,6 +30,7 @@ else
 fi
 # Doc tests are not run by nextest.
 step cargo test --workspace --locked --doc
+step bash scripts/check-deploy.sh
 (
     cd crates/gateway/tests/interop &&
         FLOWGATE_BIN="$root/target/debug/flowgate" npm test
