@@ -6,6 +6,9 @@
 //! tests); the Redis engine implements the same traits for a cluster.
 
 pub mod memory;
+mod offset;
+
+pub use offset::{BadOffset, Offset};
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -130,28 +133,108 @@ pub fn now_us() -> u64 {
 /// of which sockets it holds (the source of truth for re-subscribing and
 /// re-registering presence after a store outage).
 pub trait Deliver: Send + Sync + 'static {
-    /// One message of `room`, with the offset the bus assigned. Called in
-    /// room order; must not block (it only queues frames).
-    fn deliver(&self, room: &str, offset: &str, msg: &RoomMessage);
+    /// One message of `room`, with the offset the bus assigned (`None` for
+    /// a volatile message, which is not in the room log). Called in room
+    /// order; must not block (it only queues frames).
+    fn deliver(&self, room: &str, offset: Option<Offset>, msg: &RoomMessage);
     /// Rooms with at least one local member.
     fn local_rooms(&self) -> Vec<String>;
-    /// Every local member's session, by room.
-    fn local_sessions(&self) -> Vec<(String, SessionInfo)>;
+    /// Every local member's presence entry.
+    fn local_sessions(&self) -> Vec<LocalSession>;
     /// Room messages for this node were lost (the bus fell behind): every
     /// local member must reload.
     fn resync(&self);
 }
 
+/// A local member's presence entry, as the node's own record holds it.
+#[derive(Debug, Clone)]
+pub struct LocalSession {
+    /// `flow:F`.
+    pub room: String,
+    /// The owning connection, `node/connection`.
+    pub owner: String,
+    /// The entry.
+    pub session: SessionInfo,
+}
+
 /// Fans room messages out to every node that holds a member of the room.
 #[async_trait]
 pub trait RoomBus: Send + Sync + 'static {
-    /// Assigns the message its room offset and delivers it to every
-    /// subscribed node, in offset order. Returns the offset.
-    async fn publish(&self, room: &str, msg: RoomMessage) -> Result<String, EngineError>;
+    /// Assigns the message its room offset, appends it to the room log
+    /// (unless volatile) and delivers it to every subscribed node, in offset
+    /// order. Returns the offset (`None` for a volatile message).
+    async fn publish(&self, room: &str, msg: RoomMessage) -> Result<Option<Offset>, EngineError>;
+    /// The offset of the room's newest logged event (`Offset::ZERO` for a
+    /// room with none): where a member that joins now starts.
+    async fn head(&self, room: &str) -> Result<Offset, EngineError>;
+    /// Up to `max` logged events of `room` after `after`, in order; `Gone`
+    /// when events after `after` were already trimmed from the log (the
+    /// caller cannot recover from there).
+    async fn read_after(
+        &self,
+        room: &str,
+        after: Offset,
+        max: usize,
+    ) -> Result<Replay, EngineError>;
     /// This node holds a member of `room` from now on.
     async fn subscribe(&self, room: &str) -> Result<(), EngineError>;
     /// This node holds no member of `room` any more.
     async fn unsubscribe(&self, room: &str) -> Result<(), EngineError>;
+}
+
+/// What a room log still holds after an offset.
+#[derive(Debug, Clone)]
+pub enum Replay {
+    /// The events after the offset (possibly none), in order.
+    Events(Vec<(Offset, RoomMessage)>),
+    /// Some events after the offset were trimmed: a gap nobody can fill.
+    Gone,
+}
+
+/// What it takes to restore a Socket.IO session on any node (connection
+/// state recovery), kept in the shared store — never only in the memory of
+/// the node that may die.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SessionRecord {
+    /// The Socket.IO socket id, kept across recovery.
+    pub sid: String,
+    /// The authenticated user; a recovering token must name the same one.
+    pub user_id: String,
+    /// Which connection owns the record now. A connection that was taken
+    /// over (the client recovered elsewhere before the old one noticed)
+    /// must not release or announce anything for it.
+    pub conn: String,
+    /// The flow the socket was in, as presence lists it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub flow: Option<SessionInfo>,
+    /// The room offset at which the socket joined: replay starts there
+    /// when the client received no room event yet.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub joined_at_offset: Option<String>,
+}
+
+/// The shared store of recoverable sessions, by private session id (`pid`).
+#[async_trait]
+pub trait SessionStore: Send + Sync + 'static {
+    /// Writes the record, owned by `record.conn`, kept for `ttl` unless
+    /// refreshed.
+    async fn save(
+        &self,
+        pid: &str,
+        record: &SessionRecord,
+        ttl: Duration,
+    ) -> Result<(), EngineError>;
+    /// The record, if it still exists.
+    async fn load(&self, pid: &str) -> Result<Option<SessionRecord>, EngineError>;
+    /// Extends the records of live sessions (pid, conn) by `ttl`.
+    async fn refresh(&self, pids: &[String], ttl: Duration) -> Result<(), EngineError>;
+    /// The connection `conn` ended: keep the record for `window` (the
+    /// recovery window) if `conn` still owns it, or delete it for a zero
+    /// window; returns whether it did.
+    async fn release(&self, pid: &str, conn: &str, window: Duration) -> Result<bool, EngineError>;
+    /// Forgets a session that may not be recovered (the client left).
+    async fn forget(&self, pid: &str) -> Result<(), EngineError>;
 }
 
 /// One session in a flow, as `flow:users` and `user:joined` show it.
@@ -173,18 +256,42 @@ pub struct SessionInfo {
 }
 
 /// Who is in which flow, across all nodes.
+///
+/// Every entry has an owner, `node/connection`: a leave by anyone but the
+/// owner changes nothing, so a connection that was replaced (its session
+/// recovered elsewhere) or a reaper of a dead node cannot remove the entry
+/// of a session that lives on.
 #[async_trait]
 pub trait Presence: Send + Sync + 'static {
-    /// Adds a session to a room; returns everyone in the room, it included.
+    /// Adds (or takes over) a session in a room, owned by `owner`; returns
+    /// everyone in the room, it included, and whether it was not listed
+    /// before (so that `user:joined` is announced once).
     async fn join(
         &self,
         room: &str,
         session: &SessionInfo,
-    ) -> Result<Vec<SessionInfo>, EngineError>;
-    /// Removes a session; returns it if it was there.
-    async fn leave(&self, room: &str, socket_id: &str) -> Result<Option<SessionInfo>, EngineError>;
+        owner: &str,
+    ) -> Result<(Vec<SessionInfo>, bool), EngineError>;
+    /// Removes a session if `owner` owns it (an owner ending in `/` matches
+    /// every connection of that node); returns it if it was removed.
+    async fn leave(
+        &self,
+        room: &str,
+        socket_id: &str,
+        owner: &str,
+    ) -> Result<Option<SessionInfo>, EngineError>;
     /// Everyone in a room.
     async fn members(&self, room: &str) -> Result<Vec<SessionInfo>, EngineError>;
+}
+
+/// Whether `owner` (or an owner prefix ending in `/`) owns an entry owned
+/// by `current`.
+pub fn owns(owner: &str, current: &str) -> bool {
+    if owner.ends_with('/') {
+        current.starts_with(owner)
+    } else {
+        owner == current
+    }
 }
 
 /// The per-user event budget.
@@ -261,6 +368,8 @@ pub struct Engine {
     pub presence: Arc<dyn Presence>,
     /// The rate limiter.
     pub limiter: Arc<dyn UserLimiter>,
+    /// Recoverable sessions.
+    pub sessions: Arc<dyn SessionStore>,
     /// Liveness of the shared store, for `/health`.
     pub health: Arc<dyn EngineHealth>,
     /// The durable queue of the event log (Redis engine only).

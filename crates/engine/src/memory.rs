@@ -5,10 +5,10 @@
 //! behave like nodes sharing one Redis (used by fast tests); a single node
 //! with its own hub is the zero-dependency `flowgate serve`.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::num::NonZeroU32;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use dashmap::DashMap;
@@ -16,14 +16,18 @@ use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use parking_lot::Mutex;
 
 use super::{
-    Deliver, Engine, EngineError, EngineHealth, Presence, RoomBus, RoomMessage, SessionInfo,
-    UserLimiter,
+    Deliver, Engine, EngineError, EngineHealth, Offset, Presence, Replay, RoomBus, RoomMessage,
+    SessionInfo, SessionRecord, SessionStore, UserLimiter,
 };
 
 #[derive(Default)]
 struct RoomLog {
-    /// Next offset to assign.
-    next: u64,
+    /// The last offset assigned.
+    last: Offset,
+    /// The newest trimmed offset: a reader after an older offset has a gap.
+    trimmed: Offset,
+    /// The retained non-volatile events, oldest first.
+    events: VecDeque<(Offset, RoomMessage)>,
     /// Nodes subscribed to the room.
     subscribers: HashSet<String>,
 }
@@ -36,10 +40,14 @@ pub struct MemoryHub {
     rooms: DashMap<String, Arc<Mutex<RoomLog>>>,
     /// Each node's delivery sink.
     nodes: DashMap<String, Arc<dyn Deliver>>,
-    /// room → sessions in join order.
-    presence: DashMap<String, Vec<SessionInfo>>,
+    /// room → (owner, session) in join order.
+    presence: DashMap<String, Vec<(String, SessionInfo)>>,
     /// One limiter for every user: the budget is shared by all nodes.
     limiter: Mutex<Option<Arc<DefaultKeyedRateLimiter<String>>>>,
+    /// Recoverable sessions by pid, with their expiry.
+    sessions: Mutex<HashMap<String, (SessionRecord, Instant)>>,
+    /// Events kept per room log (0 means the default of 1000).
+    log_len: std::sync::atomic::AtomicUsize,
 }
 
 impl std::fmt::Debug for MemoryHub {
@@ -54,6 +62,19 @@ impl MemoryHub {
     /// A fresh hub.
     pub fn new() -> Arc<Self> {
         Arc::new(Self::default())
+    }
+
+    /// Keeps `len` events per room log (the default is 1000).
+    pub fn set_log_len(&self, len: usize) {
+        self.log_len
+            .store(len, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn log_len(&self) -> usize {
+        match self.log_len.load(std::sync::atomic::Ordering::Relaxed) {
+            0 => 1000,
+            n => n,
+        }
     }
 
     /// The engine of node `node_id`, delivering into `sink`.
@@ -85,6 +106,7 @@ impl MemoryHub {
             bus: node.clone(),
             presence: node.clone(),
             limiter: node.clone(),
+            sessions: node.clone(),
             health: node,
             queue: None,
             access_cache: None,
@@ -104,11 +126,22 @@ struct MemoryNode {
 
 #[async_trait]
 impl RoomBus for MemoryNode {
-    async fn publish(&self, room: &str, msg: RoomMessage) -> Result<String, EngineError> {
+    async fn publish(&self, room: &str, msg: RoomMessage) -> Result<Option<Offset>, EngineError> {
         let log = self.hub.room(room);
         let mut log = log.lock();
-        let offset = log.next.to_string();
-        log.next += 1;
+        let offset = if msg.volatile {
+            None
+        } else {
+            let o = log.last.next(crate::now_us() / 1000);
+            log.last = o;
+            log.events.push_back((o, msg.clone()));
+            while log.events.len() > self.hub.log_len() {
+                if let Some((old, _)) = log.events.pop_front() {
+                    log.trimmed = old;
+                }
+            }
+            Some(o)
+        };
         // Delivery under the room lock keeps offset order; `deliver` only
         // queues frames, so the lock is held briefly.
         let sinks: Vec<Arc<dyn Deliver>> = log
@@ -117,9 +150,34 @@ impl RoomBus for MemoryNode {
             .filter_map(|n| self.hub.nodes.get(n).map(|s| s.clone()))
             .collect();
         for sink in sinks {
-            sink.deliver(room, &offset, &msg);
+            sink.deliver(room, offset, &msg);
         }
         Ok(offset)
+    }
+
+    async fn head(&self, room: &str) -> Result<Offset, EngineError> {
+        Ok(self.hub.room(room).lock().last)
+    }
+
+    async fn read_after(
+        &self,
+        room: &str,
+        after: Offset,
+        max: usize,
+    ) -> Result<Replay, EngineError> {
+        let log = self.hub.room(room);
+        let log = log.lock();
+        if after < log.trimmed {
+            return Ok(Replay::Gone);
+        }
+        Ok(Replay::Events(
+            log.events
+                .iter()
+                .filter(|(o, _)| *o > after)
+                .take(max)
+                .cloned()
+                .collect(),
+        ))
     }
 
     async fn subscribe(&self, room: &str) -> Result<(), EngineError> {
@@ -143,17 +201,27 @@ impl Presence for MemoryNode {
         &self,
         room: &str,
         session: &SessionInfo,
-    ) -> Result<Vec<SessionInfo>, EngineError> {
+        owner: &str,
+    ) -> Result<(Vec<SessionInfo>, bool), EngineError> {
         let mut members = self.hub.presence.entry(room.to_owned()).or_default();
-        members.retain(|s| s.socket_id != session.socket_id);
-        members.push(session.clone());
-        Ok(members.clone())
+        let before = members.len();
+        members.retain(|(_, s)| s.socket_id != session.socket_id);
+        let fresh = members.len() == before;
+        members.push((owner.to_owned(), session.clone()));
+        Ok((members.iter().map(|(_, s)| s.clone()).collect(), fresh))
     }
 
-    async fn leave(&self, room: &str, socket_id: &str) -> Result<Option<SessionInfo>, EngineError> {
+    async fn leave(
+        &self,
+        room: &str,
+        socket_id: &str,
+        owner: &str,
+    ) -> Result<Option<SessionInfo>, EngineError> {
         let removed = self.hub.presence.get_mut(room).and_then(|mut members| {
-            let i = members.iter().position(|s| s.socket_id == socket_id)?;
-            Some(members.remove(i))
+            let i = members
+                .iter()
+                .position(|(o, s)| s.socket_id == socket_id && crate::owns(owner, o))?;
+            Some(members.remove(i).1)
         });
         self.hub.presence.remove_if(room, |_, m| m.is_empty());
         Ok(removed)
@@ -164,8 +232,65 @@ impl Presence for MemoryNode {
             .hub
             .presence
             .get(room)
-            .map(|m| m.clone())
+            .map(|m| m.iter().map(|(_, s)| s.clone()).collect())
             .unwrap_or_default())
+    }
+}
+
+#[async_trait]
+impl SessionStore for MemoryNode {
+    async fn save(
+        &self,
+        pid: &str,
+        record: &SessionRecord,
+        ttl: Duration,
+    ) -> Result<(), EngineError> {
+        let mut all = self.hub.sessions.lock();
+        let now = Instant::now();
+        // Expired records go on every write, so the map stays bounded by
+        // the sessions of the last window.
+        all.retain(|_, (_, until)| *until > now);
+        all.insert(pid.to_owned(), (record.clone(), now + ttl));
+        Ok(())
+    }
+
+    async fn load(&self, pid: &str) -> Result<Option<SessionRecord>, EngineError> {
+        let all = self.hub.sessions.lock();
+        Ok(all
+            .get(pid)
+            .filter(|(_, until)| *until > Instant::now())
+            .map(|(r, _)| r.clone()))
+    }
+
+    async fn refresh(&self, pids: &[String], ttl: Duration) -> Result<(), EngineError> {
+        let mut all = self.hub.sessions.lock();
+        let until = Instant::now() + ttl;
+        for pid in pids {
+            if let Some(e) = all.get_mut(pid) {
+                e.1 = until;
+            }
+        }
+        Ok(())
+    }
+
+    async fn release(&self, pid: &str, conn: &str, window: Duration) -> Result<bool, EngineError> {
+        let mut all = self.hub.sessions.lock();
+        match all.get_mut(pid) {
+            Some((r, until)) if r.conn == conn => {
+                if window.is_zero() {
+                    all.remove(pid);
+                } else {
+                    *until = Instant::now() + window;
+                }
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
+    }
+
+    async fn forget(&self, pid: &str) -> Result<(), EngineError> {
+        self.hub.sessions.lock().remove(pid);
+        Ok(())
     }
 }
 
@@ -186,20 +311,20 @@ impl EngineHealth for MemoryNode {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::LocalSession;
     use serde_json::json;
 
     #[derive(Default)]
     struct Recorder(Mutex<Vec<(String, String, String)>>);
     impl Deliver for Recorder {
-        fn deliver(&self, room: &str, offset: &str, msg: &RoomMessage) {
-            self.0
-                .lock()
-                .push((room.into(), offset.into(), msg.event.clone()));
+        fn deliver(&self, room: &str, offset: Option<Offset>, msg: &RoomMessage) {
+            let o = offset.map(|o| o.to_string()).unwrap_or_default();
+            self.0.lock().push((room.into(), o, msg.event.clone()));
         }
         fn local_rooms(&self) -> Vec<String> {
             Vec::new()
         }
-        fn local_sessions(&self) -> Vec<(String, SessionInfo)> {
+        fn local_sessions(&self) -> Vec<LocalSession> {
             Vec::new()
         }
         fn resync(&self) {}
@@ -220,18 +345,60 @@ mod tests {
                 .unwrap();
         }
         assert!(b.0.lock().is_empty());
-        let got: Vec<_> =
-            a.0.lock()
-                .iter()
-                .map(|(_, o, e)| format!("{o}:{e}"))
-                .collect();
-        assert_eq!(got, ["0:e0", "1:e1", "2:e2"]);
+        let got = a.0.lock().clone();
+        assert_eq!(
+            got.iter().map(|(_, _, e)| e.as_str()).collect::<Vec<_>>(),
+            ["e0", "e1", "e2"]
+        );
+        let offsets: Vec<Offset> = got.iter().map(|(_, o, _)| o.parse().unwrap()).collect();
+        assert!(offsets.windows(2).all(|w| w[0] < w[1]), "{offsets:?}");
         ea.bus.unsubscribe("flow:1").await.unwrap();
         eb.bus
             .publish("flow:1", RoomMessage::new("late", json!({})))
             .await
             .unwrap();
         assert_eq!(a.0.lock().len(), 3);
+    }
+
+    #[tokio::test]
+    async fn the_room_log_replays_after_an_offset_and_reports_a_trimmed_gap() {
+        let hub = MemoryHub::new();
+        hub.set_log_len(3);
+        let e = hub.engine("a", Arc::new(Recorder::default()), 20, 20);
+        let mut offsets = Vec::new();
+        for i in 0..5 {
+            let o = e
+                .bus
+                .publish("flow:1", RoomMessage::new(format!("e{i}"), json!({})))
+                .await
+                .unwrap()
+                .unwrap();
+            offsets.push(o);
+        }
+        let mut cursor = RoomMessage::new("cursor", json!({}));
+        cursor.volatile = true;
+        assert_eq!(e.bus.publish("flow:1", cursor).await.unwrap(), None);
+        assert_eq!(e.bus.head("flow:1").await.unwrap(), offsets[4]);
+        let Replay::Events(after) = e.bus.read_after("flow:1", offsets[2], 10).await.unwrap()
+        else {
+            panic!("gone")
+        };
+        assert_eq!(
+            after
+                .iter()
+                .map(|(_, m)| m.event.as_str())
+                .collect::<Vec<_>>(),
+            ["e3", "e4"]
+        );
+        // e0 and e1 were trimmed: reading after e0 would skip e1.
+        assert!(matches!(
+            e.bus.read_after("flow:1", offsets[0], 10).await.unwrap(),
+            Replay::Gone
+        ));
+        assert!(matches!(
+            e.bus.read_after("flow:1", offsets[1], 10).await.unwrap(),
+            Replay::Events(v) if v.len() == 3
+        ));
     }
 
     #[tokio::test]
@@ -263,22 +430,42 @@ mod tests {
             user_color: "c".into(),
             joined_at: "t".into(),
         };
-        e.presence.join("flow:1", &s("x")).await.unwrap();
-        let all = e.presence.join("flow:1", &s("y")).await.unwrap();
+        assert!(e.presence.join("flow:1", &s("x"), "a/1").await.unwrap().1);
+        let (all, fresh) = e.presence.join("flow:1", &s("y"), "a/2").await.unwrap();
+        assert!(fresh);
         assert_eq!(
             all.iter().map(|s| s.socket_id.as_str()).collect::<Vec<_>>(),
             ["x", "y"]
         );
+        // Taken over by another connection: the old owner cannot remove it.
+        assert!(!e.presence.join("flow:1", &s("x"), "b/3").await.unwrap().1);
+        assert!(e
+            .presence
+            .leave("flow:1", "x", "a/1")
+            .await
+            .unwrap()
+            .is_none());
+        assert!(e
+            .presence
+            .leave("flow:1", "x", "a/")
+            .await
+            .unwrap()
+            .is_none());
         assert_eq!(
             e.presence
-                .leave("flow:1", "x")
+                .leave("flow:1", "x", "b/")
                 .await
                 .unwrap()
                 .unwrap()
                 .socket_id,
             "x"
         );
-        assert!(e.presence.leave("flow:1", "x").await.unwrap().is_none());
+        assert!(e
+            .presence
+            .leave("flow:1", "x", "b/3")
+            .await
+            .unwrap()
+            .is_none());
         assert_eq!(e.presence.members("flow:1").await.unwrap().len(), 1);
     }
 }

@@ -69,12 +69,16 @@ impl App {
         let fanout = Arc::new(Fanout::new(metrics.clone()));
         let background = (TaskTracker::new(), CancellationToken::new());
         let engine = match &config.redis_url {
-            None => hub.unwrap_or_default().engine(
-                &config.node_id,
-                fanout.clone(),
-                config.rate_per_sec,
-                config.rate_burst,
-            ),
+            None => {
+                let hub = hub.unwrap_or_default();
+                hub.set_log_len(config.room_log_len as usize);
+                hub.engine(
+                    &config.node_id,
+                    fanout.clone(),
+                    config.rate_per_sec,
+                    config.rate_burst,
+                )
+            }
             Some(url) => RedisEngine::start(
                 RedisSettings {
                     url: url.clone(),
@@ -104,7 +108,7 @@ impl App {
                 Some(Self::start_store(&config, url, &engine, &metrics, &background).await?)
             }
         };
-        Ok(Arc::new(App {
+        let app = Arc::new(App {
             drain: Drain::new(config.drain_window),
             config: Arc::new(config),
             verifier,
@@ -116,7 +120,10 @@ impl App {
             background,
             store,
             pg_health: parking_lot::Mutex::new(None),
-        }))
+        });
+        let (tasks, stop) = &app.background;
+        tasks.spawn(crate::recovery_keeper::run(app.clone(), stop.clone()));
+        Ok(app)
     }
 
     async fn start_store(

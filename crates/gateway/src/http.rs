@@ -20,10 +20,11 @@ use serde_json::{json, Value};
 use tracing::{info, warn};
 
 use crate::app::App;
-use crate::connection::{self, Handshake};
 use crate::engine::{Control, QueuedEvent, RoomMessage};
+use crate::engineio::{self, ws::WsTransport};
 use crate::events::RESERVED;
 use crate::rooms::room_of;
+use crate::session::Handshake;
 
 /// Every route of a node.
 pub fn router(app: Arc<App>) -> Router {
@@ -146,7 +147,8 @@ async fn engine_io(
             let tracker = app.drain.tracker().clone();
             tracker.track_future(async move {
                 let _slot = slot;
-                connection::run(socket, app, hs).await;
+                let sid = crate::ids::random_id(20);
+                engineio::serve(WsTransport(socket), app, hs, sid).await;
             })
         })
 }
@@ -205,6 +207,7 @@ async fn postgres_health(app: &App) -> Option<Result<Duration, String>> {
         Ok(Err(e)) => Err(e.to_string()),
         Err(_) => Err("timeout".to_owned()),
     };
+    app.metrics.postgres_up.set(r.is_ok() as i64);
     *app.pg_health.lock() = Some((std::time::Instant::now(), r.clone()));
     Some(r)
 }
@@ -334,10 +337,11 @@ async fn publish_event(
         .publish(&room, RoomMessage::with_raw(body.event, data))
         .await
         .map_err(unavailable)?;
-    if let Some((event, data)) = logged {
+    let offset = offset.map(|o| o.to_string());
+    if let (Some((event, data)), Some(offset)) = (logged, offset.clone()) {
         let queued = QueuedEvent {
             flow_id: flow_id.clone(),
-            offset: offset.clone(),
+            offset,
             event,
             data,
             user_id: None,

@@ -8,15 +8,17 @@ pub mod access;
 pub mod app;
 pub mod auth;
 pub mod config;
-pub mod connection;
 pub mod drain;
+pub mod engineio;
 pub mod eventlog;
 pub mod events;
 pub mod http;
 pub mod ids;
 pub mod metrics;
 pub mod outbound;
+pub mod recovery_keeper;
 pub mod rooms;
+pub mod session;
 
 use std::future::{Future, IntoFuture};
 use std::net::SocketAddr;
@@ -73,6 +75,8 @@ pub async fn serve(
         "draining"
     );
     app.drain.begin();
+    app.metrics.draining.set(1);
+    app.metrics.drains.inc();
     tokio::time::sleep(cfg.drain_notice).await;
     app.drain.close_sockets();
     stop_accepting.cancel();

@@ -39,6 +39,19 @@ pub struct Metrics {
     pub protocol_errors: IntCounterVec,
     /// Engine (bus, presence, limiter) operations that failed.
     pub engine_errors: IntCounterVec,
+    /// Recovery attempts by outcome: `recovered`, `unknown` (pid unknown or
+    /// window passed), `log_gone` (the room log no longer holds the gap),
+    /// `failed` (the shared store could not be read).
+    pub recoveries: IntCounterVec,
+    /// Sessions moved from HTTP long-polling to WebSocket.
+    pub upgrades: IntCounter,
+    /// 1 while the node drains.
+    pub draining: IntGauge,
+    /// Drains begun (SIGTERM received).
+    pub drains: IntCounter,
+    /// 1 while Postgres answers the health check (0 when down or not
+    /// configured).
+    pub postgres_up: IntGauge,
 }
 
 /// Events the gateway itself emits or handles.
@@ -147,6 +160,29 @@ impl Metrics {
                 "engine_errors_total",
                 "Failed engine operations",
                 "operation",
+            ),
+            recoveries: counter_vec(
+                "recoveries_total",
+                "Connection state recovery attempts by outcome",
+                "outcome",
+            ),
+            upgrades: reg(
+                &registry,
+                IntCounter::new("upgrades_total", "Polling sessions upgraded to WebSocket")
+                    .expect("valid metric"),
+            ),
+            draining: reg(
+                &registry,
+                IntGauge::new("draining", "1 while the node drains").expect("valid metric"),
+            ),
+            drains: reg(
+                &registry,
+                IntCounter::new("drains_total", "Drains begun").expect("valid metric"),
+            ),
+            postgres_up: reg(
+                &registry,
+                IntGauge::new("postgres_up", "1 while Postgres answers the health check")
+                    .expect("valid metric"),
             ),
             registry,
         }

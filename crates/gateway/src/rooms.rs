@@ -8,13 +8,14 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::ws::Utf8Bytes;
 use dashmap::DashMap;
-use serde_json::Value;
+use flowgate_protocol::event_frame;
 
-use crate::engine::{now_us, Control, Deliver, EngineError, RoomBus, RoomMessage, SessionInfo};
+use crate::engine::{
+    now_us, Control, Deliver, EngineError, LocalSession, Offset, RoomBus, RoomMessage, SessionInfo,
+};
 use crate::metrics::Metrics;
-use crate::outbound::{EncodedEvent, Kick, OutFrame, Outbound};
+use crate::outbound::{Kick, OutFrame, Outbound, RoomFrame};
 
 /// The Socket.IO namespace of flow rooms.
 pub const NSP: &str = "/flows";
@@ -31,52 +32,48 @@ pub struct Member {
     pub socket_id: Arc<str>,
     /// User id, to remove a user's sockets (membership revocation).
     pub user_id: Arc<str>,
+    /// Private session id, to keep its recovery record alive.
+    pub pid: Arc<str>,
+    /// The owning connection (`node/connection`), for presence.
+    pub owner: Arc<str>,
     /// Its queue.
     pub outbound: Outbound,
     /// Its presence entry, to re-register it after a store outage.
     pub session: Arc<SessionInfo>,
-    /// Tells its connection to leave a room (membership revoked).
-    pub evict: tokio::sync::mpsc::Sender<String>,
+}
+
+/// The local members of one room.
+#[derive(Debug, Default)]
+struct Local {
+    /// The room's name, shared by every frame of the room.
+    name: Arc<str>,
+    members: Vec<Member>,
 }
 
 /// Local members by room; the bus delivers into it.
 #[derive(Debug)]
 pub struct Fanout {
-    rooms: DashMap<String, Vec<Member>>,
+    rooms: DashMap<String, Local>,
     metrics: Metrics,
 }
 
-/// Encodes `event` with one argument into the Engine.IO `message` frame of
-/// an EVENT (or BINARY_EVENT) of the flows namespace.
-pub fn encode_event(event: &str, data: &Value, attachments: &[bytes::Bytes]) -> EncodedEvent {
-    // Writing a `Value` into a String cannot fail.
-    encode_raw(
-        event,
-        &serde_json::to_string(data).unwrap_or_default(),
-        attachments,
-    )
-}
-
-/// The same, with the argument already JSON text: the fan-out path, where
-/// it is copied into the frame as is.
-pub fn encode_raw(event: &str, data_json: &str, attachments: &[bytes::Bytes]) -> EncodedEvent {
-    let mut text = String::with_capacity(16 + NSP.len() + event.len() + data_json.len());
-    if attachments.is_empty() {
-        text.push_str("42");
-    } else {
-        text.push_str(&format!("45{}-", attachments.len()));
-    }
-    text.push_str(NSP);
-    text.push_str(",[");
-    // An event name is a JSON string; serializing a &str cannot fail.
-    text.push_str(&serde_json::to_string(event).unwrap_or_default());
-    text.push(',');
-    text.push_str(data_json);
-    text.push(']');
-    EncodedEvent {
-        text: Utf8Bytes::from(text),
-        attachments: attachments.to_vec(),
-    }
+/// Encodes a room message into its frame, once per node: the event, its
+/// JSON argument copied as is, and the offset as trailing argument.
+pub fn room_frame(room: &Arc<str>, offset: Option<Offset>, msg: &RoomMessage) -> Arc<RoomFrame> {
+    let offset_text = offset.map(|o| o.to_string());
+    let text = event_frame(
+        NSP,
+        &msg.event,
+        msg.data.get(),
+        msg.attachments.len(),
+        offset_text.as_deref(),
+    );
+    Arc::new(RoomFrame {
+        room: room.clone(),
+        text: text.into(),
+        attachments: msg.attachments.clone(),
+        offset,
+    })
 }
 
 impl Fanout {
@@ -89,10 +86,13 @@ impl Fanout {
     }
 
     fn insert(&self, room: &str, member: Member) -> bool {
-        let mut members = self.rooms.entry(room.to_owned()).or_default();
-        let first = members.is_empty();
-        members.retain(|m| m.socket_id != member.socket_id);
-        members.push(member);
+        let mut local = self.rooms.entry(room.to_owned()).or_insert_with(|| Local {
+            name: room.into(),
+            members: Vec::new(),
+        });
+        let first = local.members.is_empty();
+        local.members.retain(|m| m.socket_id != member.socket_id);
+        local.members.push(member);
         if first {
             self.metrics.rooms.inc();
         }
@@ -103,9 +103,9 @@ impl Fanout {
     fn remove(&self, room: &str, socket_id: &str) -> bool {
         let emptied = self
             .rooms
-            .remove_if_mut(room, |_, members| {
-                members.retain(|m| &*m.socket_id != socket_id);
-                members.is_empty()
+            .remove_if_mut(room, |_, local| {
+                local.members.retain(|m| &*m.socket_id != socket_id);
+                local.members.is_empty()
             })
             .is_some();
         if emptied {
@@ -115,40 +115,54 @@ impl Fanout {
     }
 
     fn has_members(&self, room: &str) -> bool {
-        self.rooms.get(room).is_some_and(|m| !m.is_empty())
+        self.rooms.get(room).is_some_and(|l| !l.members.is_empty())
+    }
+
+    /// The private session ids of every local member.
+    pub fn local_pids(&self) -> Vec<String> {
+        self.rooms
+            .iter()
+            .flat_map(|r| {
+                r.members
+                    .iter()
+                    .map(|m| m.pid.to_string())
+                    .collect::<Vec<_>>()
+            })
+            .collect()
     }
 }
 
 impl Deliver for Fanout {
-    fn deliver(&self, room: &str, _offset: &str, msg: &RoomMessage) {
-        let Some(members) = self.rooms.get(room) else {
+    fn deliver(&self, room: &str, offset: Option<Offset>, msg: &RoomMessage) {
+        let Some(local) = self.rooms.get(room) else {
             return;
         };
         if let Some(Control::RemoveUser { user_id }) = &msg.control {
-            for m in members.iter().filter(|m| &*m.user_id == user_id) {
-                // The connection task does the leaving (it owns the socket's
-                // state); a full channel means an eviction is already due.
-                let _ = m.evict.try_send(room.to_owned());
+            for m in local.members.iter().filter(|m| &*m.user_id == user_id) {
+                // The connection does the leaving (it owns the socket's
+                // state); the eviction is ordered with the room's frames.
+                m.outbound.push(OutFrame::Evict(local.name.clone()), false);
             }
             return;
         }
         let except = msg.except.as_deref();
-        let recipients = members
+        let recipients = local
+            .members
             .iter()
             .filter(|m| Some(&*m.socket_id) != except)
             .count();
         if recipients == 0 {
             return;
         }
-        let frame = OutFrame::Shared(Arc::new(encode_raw(
-            &msg.event,
-            msg.data.get(),
-            &msg.attachments,
-        )));
-        for m in members.iter().filter(|m| Some(&*m.socket_id) != except) {
-            m.outbound.push(frame.clone(), msg.volatile);
+        let frame = room_frame(&local.name, offset, msg);
+        for m in local
+            .members
+            .iter()
+            .filter(|m| Some(&*m.socket_id) != except)
+        {
+            m.outbound.push(OutFrame::Room(frame.clone()), msg.volatile);
         }
-        drop(members);
+        drop(local);
         self.metrics
             .events_out
             .with_label_values(&[self.metrics.event_label(&msg.event)])
@@ -159,7 +173,7 @@ impl Deliver for Fanout {
 
     fn resync(&self) {
         for room in self.rooms.iter() {
-            for m in room.value() {
+            for m in &room.members {
                 m.outbound.kick(Kick::Resync);
             }
         }
@@ -169,14 +183,18 @@ impl Deliver for Fanout {
         self.rooms.iter().map(|r| r.key().clone()).collect()
     }
 
-    fn local_sessions(&self) -> Vec<(String, SessionInfo)> {
+    fn local_sessions(&self) -> Vec<LocalSession> {
         self.rooms
             .iter()
             .flat_map(|r| {
                 let room = r.key().clone();
-                r.value()
+                r.members
                     .iter()
-                    .map(move |m| (room.clone(), (*m.session).clone()))
+                    .map(move |m| LocalSession {
+                        room: room.clone(),
+                        owner: m.owner.to_string(),
+                        session: (*m.session).clone(),
+                    })
                     .collect::<Vec<_>>()
             })
             .collect()
@@ -217,6 +235,11 @@ impl Rooms {
         &self.locks[(h % self.locks.len() as u64) as usize]
     }
 
+    /// The private session ids of every local member.
+    pub fn local_pids(&self) -> Vec<String> {
+        self.fanout.local_pids()
+    }
+
     /// Adds a local member, subscribing the node to the room first if it
     /// is the first one.
     pub async fn join(&self, room: &str, member: Member) -> Result<(), EngineError> {
@@ -249,8 +272,7 @@ mod tests {
         let fanout = Fanout::new(metrics.clone());
         let mut outs = Vec::new();
         for (i, room) in ["flow:a", "flow:a", "flow:b"].iter().enumerate() {
-            let (out, rx) = Outbound::new(8, Duration::from_secs(5), metrics.clone());
-            let (evict, _) = tokio::sync::mpsc::channel(1);
+            let (out, rx) = Outbound::new(8, 1 << 20, Duration::from_secs(5), metrics.clone());
             let session = SessionInfo {
                 user_id: "u".into(),
                 socket_id: format!("s{i}"),
@@ -264,13 +286,15 @@ mod tests {
                 Member {
                     socket_id: session.socket_id.as_str().into(),
                     user_id: "u".into(),
+                    pid: format!("p{i}").into(),
+                    owner: "n/c".into(),
                     outbound: out.clone(),
                     session: Arc::new(session),
-                    evict,
                 },
             );
             outs.push((out, rx));
         }
+        assert_eq!(fanout.local_pids().len(), 3);
         fanout.resync();
         for (out, _rx) in &outs {
             let why = tokio::time::timeout(Duration::from_secs(1), out.kicked()).await;
@@ -280,18 +304,22 @@ mod tests {
     }
 
     #[test]
-    fn encodes_plain_and_binary_events() {
-        let e = encode_event("pod:moved", &json!({"x": 1}), &[]);
-        assert_eq!(e.text.as_str(), r#"42/flows,["pod:moved",{"x":1}]"#);
-        let e = encode_event(
+    fn room_frames_carry_the_offset_and_attachments() {
+        let room: Arc<str> = "flow:1".into();
+        let m = RoomMessage::new("pod:moved", json!({"x": 1}));
+        let f = room_frame(&room, Some(Offset { ms: 5, seq: 1 }), &m);
+        assert_eq!(f.text.as_str(), r#"42/flows,["pod:moved",{"x":1},"5-1"]"#);
+        let mut m = RoomMessage::new(
             "pod:updated",
-            &json!({"b": {"_placeholder": true, "num": 0}}),
-            &[bytes::Bytes::from_static(b"\x01")],
+            json!({"b": {"_placeholder": true, "num": 0}}),
         );
+        m.attachments = vec![bytes::Bytes::from_static(b"\x01")];
+        m.volatile = true;
+        let f = room_frame(&room, None, &m);
         assert_eq!(
-            e.text.as_str(),
+            f.text.as_str(),
             r#"451-/flows,["pod:updated",{"b":{"_placeholder":true,"num":0}}]"#
         );
-        assert_eq!(e.attachments.len(), 1);
+        assert_eq!(f.attachments.len(), 1);
     }
 }

@@ -13,7 +13,9 @@
 //! from the frame and is fuzzed on its own is the smaller dependency.
 
 pub mod engineio;
+pub mod frame;
 pub mod socketio;
 
 pub use engineio::{EnginePacket, OpenPacket};
+pub use frame::event_frame;
 pub use socketio::{DecodeError, Decoded, Packet, PacketType, PartialPacket};

@@ -1,17 +1,53 @@
 //! The room bus: publishing a room event (stream append + `SPUBLISH` in one
-//! script, so offsets and delivery order agree) and the node's sharded
-//! subscriptions to room channels.
+//! script, so offsets and delivery order agree), reading the room log back
+//! for recovery and gap fill, and the node's sharded subscriptions to room
+//! channels.
 
 use async_trait::async_trait;
-use flowgate_engine::{EngineError, RoomBus, RoomMessage};
+use flowgate_engine::{EngineError, Offset, Replay, RoomBus, RoomMessage};
 use fred::prelude::*;
+use tracing::warn;
 
 use crate::keys::{channel, stream_key};
 use crate::{err, RedisEngine};
 
+fn offset(id: &str) -> Result<Offset, EngineError> {
+    id.parse()
+        .map_err(|_| EngineError(format!("bad stream id {id:?}")))
+}
+
+/// Decodes `[[id, [field, value, …]], …]` (XRANGE) into room messages.
+fn decode_entries(v: Value) -> Vec<(Offset, RoomMessage)> {
+    let Value::Array(entries) = v else {
+        return Vec::new();
+    };
+    let mut out = Vec::with_capacity(entries.len());
+    for e in entries {
+        let Value::Array(pair) = e else { continue };
+        let mut it = pair.into_iter();
+        let (Some(id), Some(Value::Array(fields))) = (it.next(), it.next()) else {
+            continue;
+        };
+        let Some(Ok(o)) = id.as_str().map(|s| s.parse::<Offset>()) else {
+            continue;
+        };
+        let mut f = fields.into_iter();
+        while let (Some(k), Some(v)) = (f.next(), f.next()) {
+            if k.as_str().as_deref() != Some("m") {
+                continue;
+            }
+            match v.as_str().map(|t| serde_json::from_str::<RoomMessage>(&t)) {
+                Some(Ok(m)) => out.push((o, m)),
+                _ => warn!(offset = %o, "undecodable room log entry skipped"),
+            }
+        }
+    }
+    out
+}
+
 #[async_trait]
 impl RoomBus for RedisEngine {
-    async fn publish(&self, room: &str, msg: RoomMessage) -> Result<String, EngineError> {
+    async fn publish(&self, room: &str, msg: RoomMessage) -> Result<Option<Offset>, EngineError> {
         self.ensure_up()?;
         let json = serde_json::to_string(&msg).map_err(err)?;
         if msg.volatile {
@@ -22,10 +58,11 @@ impl RoomBus for RedisEngine {
                 .spublish(channel(room), format!("- {json}"))
                 .await
                 .map_err(err)?;
-            return Ok("-".to_owned());
+            return Ok(None);
         }
         let s = &self.0.settings;
-        self.0
+        let id: String = self
+            .0
             .scripts
             .publish
             .evalsha_with_reload(
@@ -38,7 +75,54 @@ impl RoomBus for RedisEngine {
                 ],
             )
             .await
-            .map_err(err)
+            .map_err(err)?;
+        offset(&id).map(Some)
+    }
+
+    async fn head(&self, room: &str) -> Result<Offset, EngineError> {
+        self.ensure_up()?;
+        let v: Value = self
+            .0
+            .client
+            .xrevrange(stream_key(room), "+", "-", Some(1))
+            .await
+            .map_err(err)?;
+        Ok(decode_ids(v).into_iter().next().unwrap_or_default())
+    }
+
+    async fn read_after(
+        &self,
+        room: &str,
+        after: Offset,
+        max: usize,
+    ) -> Result<Replay, EngineError> {
+        self.ensure_up()?;
+        let v: Value = self
+            .0
+            .scripts
+            .read_after
+            .evalsha_with_reload(
+                &self.0.client,
+                vec![stream_key(room)],
+                vec![after.to_string(), max.max(1).to_string()],
+            )
+            .await
+            .map_err(err)?;
+        let Value::Array(parts) = v else {
+            return Err(EngineError("unexpected room log reply".into()));
+        };
+        let mut it = parts.into_iter();
+        let max_deleted = it
+            .next()
+            .and_then(|v| v.as_str().map(|s| s.to_string()))
+            .unwrap_or_else(|| "0-0".into());
+        // Events after `after` were trimmed: nobody can fill that gap.
+        if offset(&max_deleted)? > after {
+            return Ok(Replay::Gone);
+        }
+        Ok(Replay::Events(
+            it.next().map(decode_entries).unwrap_or_default(),
+        ))
     }
 
     async fn subscribe(&self, room: &str) -> Result<(), EngineError> {
@@ -57,4 +141,18 @@ impl RoomBus for RedisEngine {
             .await
             .map_err(err)
     }
+}
+
+/// The ids of an XRANGE/XREVRANGE reply.
+fn decode_ids(v: Value) -> Vec<Offset> {
+    let Value::Array(entries) = v else {
+        return Vec::new();
+    };
+    entries
+        .into_iter()
+        .filter_map(|e| match e {
+            Value::Array(pair) => pair.into_iter().next()?.as_str()?.parse().ok(),
+            _ => None,
+        })
+        .collect()
 }

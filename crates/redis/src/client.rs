@@ -25,7 +25,10 @@ pub(crate) fn build_client(s: &RedisSettings, broadcast: usize) -> Result<Client
         })
         .with_connection_config(|c| {
             c.connection_timeout = Duration::from_secs(2);
-            c.max_command_attempts = 2;
+            // One attempt: a script retried after a dropped connection may
+            // already have run (a room event published twice). Callers
+            // refuse the one operation instead; the client retries.
+            c.max_command_attempts = 1;
         })
         .set_policy(ReconnectPolicy::new_exponential(0, 50, 1000, 2))
         .build()

@@ -32,13 +32,19 @@ pub(crate) fn channel(room: &str) -> String {
 pub(crate) fn room_of_channel(channel: &str) -> Option<&str> {
     channel.strip_prefix('{')?.strip_suffix("}:bus")
 }
-/// A room's presence hash (socket id → session JSON) and expiry sorted set
-/// (socket id → expiry), in the order the presence scripts take them.
+/// A room's presence hash (socket id → session JSON), expiry sorted set
+/// (socket id → expiry) and owner hash (socket id → `node/connection`),
+/// in the order the presence scripts take them.
 pub(crate) fn presence_keys(room: &str) -> Vec<String> {
     vec![
         format!("{{{room}}}:presence"),
         format!("{{{room}}}:presence:exp"),
+        format!("{{{room}}}:presence:owner"),
     ]
+}
+/// A recoverable session's record, tagged by its pid.
+pub(crate) fn session_key(pid: &str) -> String {
+    format!("flowgate:session:{{{pid}}}")
 }
 /// A user's GCRA state (theoretical arrival time).
 pub(crate) fn limit_key(user_id: &str) -> String {

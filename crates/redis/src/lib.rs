@@ -38,6 +38,7 @@ mod metrics;
 mod presence;
 mod reaper;
 mod scripts;
+mod sessions;
 mod subscriber;
 
 use std::num::NonZeroU32;
@@ -178,6 +179,7 @@ impl RedisEngine {
             bus: Arc::new(engine.clone()),
             presence: Arc::new(engine.clone()),
             limiter: Arc::new(engine.clone()),
+            sessions: Arc::new(engine.clone()),
             queue: Some(Arc::new(engine.clone())),
             access_cache: Some(Arc::new(engine.clone())),
             health: Arc::new(engine),

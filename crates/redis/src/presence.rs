@@ -7,7 +7,7 @@
 use std::collections::HashMap;
 
 use async_trait::async_trait;
-use flowgate_engine::{EngineError, Presence, RoomBus, RoomMessage, SessionInfo};
+use flowgate_engine::{EngineError, LocalSession, Presence, RoomBus, RoomMessage, SessionInfo};
 use fred::prelude::*;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
@@ -60,7 +60,7 @@ impl RedisEngine {
         let ttl = self.0.settings.session_ttl.as_millis() as i64;
         let members: Vec<String> = sessions
             .iter()
-            .map(|(room, s)| format!("{room}\n{}", s.socket_id))
+            .map(|l| format!("{}\n{}", l.room, l.session.socket_id))
             .collect();
         if let Err(e) = c
             .sadd::<i64, _, _>(node_sessions_key(&self.0.settings.node_id), members)
@@ -69,13 +69,13 @@ impl RedisEngine {
             warn!(error = %e, "node session set not refreshed");
             return;
         }
-        let mut by_room: HashMap<&str, Vec<&SessionInfo>> = HashMap::new();
-        for (room, s) in &sessions {
-            by_room.entry(room.as_str()).or_default().push(s);
+        let mut by_room: HashMap<&str, Vec<&LocalSession>> = HashMap::new();
+        for l in &sessions {
+            by_room.entry(l.room.as_str()).or_default().push(l);
         }
         for (room, list) in by_room {
             let mut args = vec![ttl.to_string()];
-            args.extend(list.iter().map(|s| s.socket_id.clone()));
+            args.extend(list.iter().map(|l| l.session.socket_id.clone()));
             let missing: Vec<String> = match self
                 .0
                 .scripts
@@ -90,10 +90,11 @@ impl RedisEngine {
                 }
             };
             for sid in missing {
-                let Some(s) = list.iter().find(|s| s.socket_id == sid) else {
+                let Some(l) = list.iter().find(|l| l.session.socket_id == sid) else {
                     continue;
                 };
-                if self.register(room, s, false).await.is_ok() {
+                let s = &l.session;
+                if self.register(room, s, &l.owner, false).await.is_ok() {
                     let mut joined = RoomMessage::new(
                         "user:joined",
                         serde_json::to_value(s).unwrap_or_default(),
@@ -110,6 +111,7 @@ impl RedisEngine {
         &self,
         room: &str,
         s: &SessionInfo,
+        owner: &str,
         want_members: bool,
     ) -> Result<Vec<String>, EngineError> {
         let json = serde_json::to_string(s).map_err(err)?;
@@ -124,6 +126,7 @@ impl RedisEngine {
                     json,
                     (self.0.settings.session_ttl.as_millis() as i64).to_string(),
                     if want_members { "1" } else { "0" }.to_owned(),
+                    owner.to_owned(),
                 ],
             )
             .await
@@ -143,7 +146,8 @@ impl Presence for RedisEngine {
         &self,
         room: &str,
         session: &SessionInfo,
-    ) -> Result<Vec<SessionInfo>, EngineError> {
+        owner: &str,
+    ) -> Result<(Vec<SessionInfo>, bool), EngineError> {
         self.ensure_up()?;
         let _: i64 = self
             .0
@@ -154,10 +158,17 @@ impl Presence for RedisEngine {
             )
             .await
             .map_err(err)?;
-        self.register(room, session, true).await.map(parse_sessions)
+        let mut reply = self.register(room, session, owner, true).await?;
+        let fresh = !reply.is_empty() && reply.remove(0) == "1";
+        Ok((parse_sessions(reply), fresh))
     }
 
-    async fn leave(&self, room: &str, socket_id: &str) -> Result<Option<SessionInfo>, EngineError> {
+    async fn leave(
+        &self,
+        room: &str,
+        socket_id: &str,
+        owner: &str,
+    ) -> Result<Option<SessionInfo>, EngineError> {
         self.ensure_up()?;
         let left: Option<String> = self
             .0
@@ -166,7 +177,7 @@ impl Presence for RedisEngine {
             .evalsha_with_reload(
                 &self.0.client,
                 presence_keys(room),
-                vec![socket_id.to_owned()],
+                vec![socket_id.to_owned(), owner.to_owned()],
             )
             .await
             .map_err(err)?;

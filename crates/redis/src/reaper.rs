@@ -103,7 +103,13 @@ impl RedisEngine {
                 .0
                 .scripts
                 .leave
-                .evalsha_with_reload(c, presence_keys(room), vec![sid.to_owned()])
+                // Only entries this node still owns: a session recovered
+                // on another node lives on.
+                .evalsha_with_reload(
+                    c,
+                    presence_keys(room),
+                    vec![sid.to_owned(), format!("{node}/")],
+                )
                 .await;
             if let Ok(Some(json)) = left {
                 removed += 1;

@@ -16,6 +16,9 @@ pub(crate) struct Scripts {
     pub(crate) heartbeat: Script,
     pub(crate) dead_nodes: Script,
     pub(crate) gcra: Script,
+    pub(crate) read_after: Script,
+    pub(crate) session_save: Script,
+    pub(crate) session_release: Script,
 }
 
 impl Scripts {
@@ -29,6 +32,9 @@ impl Scripts {
             heartbeat: Script::from_lua(HEARTBEAT),
             dead_nodes: Script::from_lua(DEAD_NODES),
             gcra: Script::from_lua(GCRA),
+            read_after: Script::from_lua(READ_AFTER),
+            session_save: Script::from_lua(SESSION_SAVE),
+            session_release: Script::from_lua(SESSION_RELEASE),
         }
     }
 }
@@ -58,6 +64,7 @@ const LIVE_MEMBERS: &str = r#"
 local expired = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', '(' .. now, 'LIMIT', 0, 500)
 for _, sid in ipairs(expired) do
   redis.call('HDEL', KEYS[1], sid)
+  redis.call('HDEL', KEYS[3], sid)
   redis.call('ZREM', KEYS[2], sid)
 end
 local sids = redis.call('ZRANGEBYSCORE', KEYS[2], now, '+inf')
@@ -71,18 +78,24 @@ end
 return out
 "#;
 
-/// Adds (or re-adds) a session to a room's presence and, when ARGV[4] is
-/// "1", returns the live sessions of the room.
-/// KEYS: presence hash, expiry zset. ARGV: socket id, session JSON, TTL (ms),
-/// want-members flag.
+/// Adds (or takes over) a session in a room's presence, owned by ARGV[5],
+/// and, when ARGV[4] is "1", returns the live sessions of the room. The
+/// first element of the reply is "1" when the session was not listed.
+/// KEYS: presence hash, expiry zset, owner hash. ARGV: socket id, session
+/// JSON, TTL (ms), want-members flag, owner.
 pub(crate) fn presence_join() -> String {
     format!(
         "{NOW_MS}{}{LIVE_MEMBERS}",
         r#"
-redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+local fresh = redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+redis.call('HSET', KEYS[3], ARGV[1], ARGV[5])
 redis.call('ZADD', KEYS[2], now + tonumber(ARGV[3]), ARGV[1])
-if ARGV[4] ~= '1' then return {} end
+if ARGV[4] ~= '1' then return {tostring(fresh)} end
 "#
+    )
+    .replace(
+        "return out",
+        "table.insert(out, 1, tostring(fresh))\nreturn out",
     )
 }
 
@@ -92,12 +105,24 @@ pub(crate) fn presence_members() -> String {
     format!("{NOW_MS}{LIVE_MEMBERS}")
 }
 
-/// Removes a session; returns its JSON, or nil if it was not there (so
-/// exactly one caller emits `user:left` for it).
-/// KEYS: presence hash, expiry zset. ARGV: socket id.
+/// Removes a session if ARGV[2] owns it (an owner ending in `/` matches
+/// every connection of that node); returns its JSON, or nil if it was not
+/// there or is owned by another connection (so exactly one caller emits
+/// `user:left` for it, and a replaced connection emits nothing).
+/// KEYS: presence hash, expiry zset, owner hash. ARGV: socket id, owner.
 pub(crate) const PRESENCE_LEAVE: &str = r#"
+local cur = redis.call('HGET', KEYS[3], ARGV[1])
+if cur then
+  local o = ARGV[2]
+  if string.sub(o, -1) == '/' then
+    if string.sub(cur, 1, #o) ~= o then return nil end
+  elseif cur ~= o then
+    return nil
+  end
+end
 local v = redis.call('HGET', KEYS[1], ARGV[1])
 redis.call('HDEL', KEYS[1], ARGV[1])
+redis.call('HDEL', KEYS[3], ARGV[1])
 redis.call('ZREM', KEYS[2], ARGV[1])
 return v
 "#;
@@ -149,4 +174,36 @@ local new_tat = tat + interval
 if new_tat - now > burst * interval then return 0 end
 redis.call('SET', KEYS[1], new_tat, 'PX', math.ceil((new_tat - now) / 1000) + 1)
 return 1
+"#;
+
+/// The room log after an offset, and whether events after it were
+/// trimmed. KEYS: stream. ARGV: offset (exclusive), count. Returns
+/// `{max-deleted-entry-id, entries}`; `{"0-0", {}}` when the stream does
+/// not exist.
+pub(crate) const READ_AFTER: &str = r#"
+if redis.call('EXISTS', KEYS[1]) == 0 then return {'0-0', {}} end
+local info = redis.call('XINFO', 'STREAM', KEYS[1])
+local maxdel = '0-0'
+for i = 1, #info, 2 do
+  if info[i] == 'max-deleted-entry-id' then maxdel = info[i + 1] end
+end
+return {maxdel, redis.call('XRANGE', KEYS[1], '(' .. ARGV[1], '+', 'COUNT', ARGV[2])}
+"#;
+
+/// Writes a session record owned by a connection. KEYS: record hash.
+/// ARGV: record JSON, owner, TTL (ms).
+pub(crate) const SESSION_SAVE: &str = r#"
+redis.call('HSET', KEYS[1], 'r', ARGV[1], 'c', ARGV[2])
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+return 1
+"#;
+
+/// Sets the record's TTL to ARGV[2] if ARGV[1] still owns it. KEYS: record
+/// hash. Returns 1 when it did.
+pub(crate) const SESSION_RELEASE: &str = r#"
+if redis.call('HGET', KEYS[1], 'c') == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return 1
+end
+return 0
 "#;

@@ -49,7 +49,7 @@ impl RedisEngine {
         match serde_json::from_str::<RoomMessage>(json) {
             Ok(msg) => {
                 self.0.metrics.bus_messages.inc();
-                self.0.sink.deliver(room, offset, &msg);
+                self.0.sink.deliver(room, offset.parse().ok(), &msg);
             }
             Err(e) => warn!(channel, error = %e, "undecodable room message ignored"),
         }

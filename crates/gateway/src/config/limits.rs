@@ -14,6 +14,7 @@ pub(super) struct Limits {
     pub(super) rate_per_sec: u32,
     pub(super) rate_burst: u32,
     pub(super) outbound_queue: usize,
+    pub(super) outbound_queue_bytes: usize,
     pub(super) slow_consumer_grace: Duration,
     pub(super) max_connections: usize,
 }
@@ -37,6 +38,10 @@ impl Limits {
             outbound_queue: positive(
                 "FLOWGATE_OUTBOUND_QUEUE",
                 parse(vars, "FLOWGATE_OUTBOUND_QUEUE", 1024)?,
+            )?,
+            outbound_queue_bytes: positive(
+                "FLOWGATE_OUTBOUND_QUEUE_BYTES",
+                parse(vars, "FLOWGATE_OUTBOUND_QUEUE_BYTES", 2 << 20)?,
             )?,
             slow_consumer_grace: millis(vars, "FLOWGATE_SLOW_CONSUMER_MS", 5_000)?,
             max_connections: positive(

@@ -24,6 +24,7 @@ mod drain;
 mod jwt;
 mod limits;
 mod logging;
+mod recovery;
 mod redis;
 mod server;
 mod socketio;
@@ -89,6 +90,15 @@ pub struct Config {
     pub rate_burst: u32,
     /// `FLOWGATE_OUTBOUND_QUEUE` (1024 frames per connection).
     pub outbound_queue: usize,
+    /// `FLOWGATE_OUTBOUND_QUEUE_BYTES` (2 MiB per connection): the byte
+    /// bound of the same queue.
+    pub outbound_queue_bytes: usize,
+    /// `FLOWGATE_RECOVERY_WINDOW_MS` (120 000): how long a lost session
+    /// may be recovered on any node.
+    pub recovery_window: Duration,
+    /// `FLOWGATE_RECOVERY_MAX_BYTES` (8 MiB): the largest replay one
+    /// recovery may queue; beyond it the client starts a new session.
+    pub recovery_max_bytes: usize,
     /// `FLOWGATE_SLOW_CONSUMER_MS` (5 000): how long a queue may stay full
     /// (dropping volatile events) before the client is disconnected.
     pub slow_consumer_grace: Duration,
@@ -239,9 +249,14 @@ impl Config {
             rate_per_sec,
             rate_burst,
             outbound_queue,
+            outbound_queue_bytes,
             slow_consumer_grace,
             max_connections,
         } = limits::Limits::from_vars(vars)?;
+        let recovery::Recovery {
+            recovery_window,
+            recovery_max_bytes,
+        } = recovery::Recovery::from_vars(vars)?;
         let drain::Drain {
             drain_notice,
             drain_window,
@@ -267,6 +282,9 @@ impl Config {
             rate_per_sec,
             rate_burst,
             outbound_queue,
+            outbound_queue_bytes,
+            recovery_window,
+            recovery_max_bytes,
             slow_consumer_grace,
             max_connections,
             drain_notice,

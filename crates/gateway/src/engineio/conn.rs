@@ -1,0 +1,262 @@
+//! The one task of a connection: it reads the transport, writes the
+//! connection's queue, runs the heartbeat and the timers of the session,
+//! and ends the connection cleanly, whatever ends it.
+//!
+//! One task, not a reader and a writer: the transport is both the inbound
+//! stream and the outbound sink, and everything that must happen on a
+//! connection (a frame in, a frame to write, a timer, a kick, a drain) is
+//! one branch of a `select!`. Writes are bounded by the slow-consumer grace,
+//! so a client that stops reading cannot hold the task forever.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::extract::ws::Utf8Bytes;
+use flowgate_protocol::{EnginePacket, OpenPacket};
+use tracing::{debug, warn, Instrument};
+
+use super::heartbeat::{Beat, Heartbeat};
+use super::{End, Incoming, Transport};
+use crate::app::App;
+use crate::outbound::{Kick, OutFrame, Outbound, OutboundRx};
+use crate::session::{Handshake, Session};
+
+/// Frames written per flush at most, so one busy queue cannot starve the
+/// reads of its own connection.
+const WRITE_BATCH: usize = 128;
+
+/// Serves one connection on `transport` until it ends.
+pub async fn serve<T: Transport>(transport: T, app: Arc<App>, hs: Handshake, sid: String) {
+    let span = tracing::debug_span!("conn", sid = %sid, peer = %hs.peer);
+    run(transport, app, hs, sid).instrument(span).await
+}
+
+/// Decrements the connection gauge however the task ends.
+struct GaugeGuard(prometheus::IntGauge);
+
+impl Drop for GaugeGuard {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+async fn run<T: Transport>(mut transport: T, app: Arc<App>, hs: Handshake, sid: String) {
+    let cfg = app.config.clone();
+    app.metrics.connections.inc();
+    let _gauge = GaugeGuard(app.metrics.connections.clone());
+    let (out, mut rx) = Outbound::new(
+        cfg.outbound_queue,
+        cfg.outbound_queue_bytes,
+        cfg.slow_consumer_grace,
+        app.metrics.clone(),
+    );
+    let open = OpenPacket {
+        sid,
+        upgrades: vec![],
+        ping_interval: cfg.ping_interval.as_millis() as u64,
+        ping_timeout: cfg.ping_timeout.as_millis() as u64,
+        max_payload: cfg.max_payload as u64,
+    };
+    let mut session = Session::new(app.clone(), hs, out.clone());
+    session.push_local(OutFrame::Text(Utf8Bytes::from(open.encode())));
+    let mut heartbeat = Heartbeat::new(cfg.ping_interval, cfg.ping_timeout);
+    let mut drain_at: Option<Instant> = None;
+    let closing = app.drain.closing();
+    tokio::pin!(closing);
+    let timer = tokio::time::sleep(Duration::ZERO);
+    tokio::pin!(timer);
+
+    let end = loop {
+        if let Err(end) = write_local(&mut transport, &mut session, cfg.slow_consumer_grace).await {
+            break end;
+        }
+        let mut next = heartbeat.deadline();
+        for d in [session.deadline(), drain_at].into_iter().flatten() {
+            next = next.min(d);
+        }
+        // Re-register the timer only when its deadline moved.
+        let next = tokio::time::Instant::from_std(next);
+        if timer.deadline() != next || timer.is_elapsed() {
+            timer.as_mut().reset(next);
+        }
+        tokio::select! {
+            biased;
+            kick = out.kicked() => break match kick {
+                Kick::SlowConsumer => End::SlowConsumer,
+                Kick::Resync => End::Resync,
+            },
+            delay = &mut closing, if drain_at.is_none() => {
+                drain_at = Some(Instant::now() + delay);
+            }
+            Some(frame) = rx.recv() => {
+                if let Err(end) = write_queued(&mut transport, &mut session, &mut rx, frame, cfg.slow_consumer_grace).await {
+                    break end;
+                }
+            }
+            inbound = transport.recv() => {
+                let step = match inbound {
+                    None => Err(End::ClientClosed),
+                    Some(Err(end)) => Err(end),
+                    Some(Ok(Incoming::Text(t))) => on_text(&mut session, &mut heartbeat, t.as_str()).await,
+                    Some(Ok(Incoming::Binary(b))) => session.on_binary(b).await,
+                };
+                if let Err(end) = step {
+                    break end;
+                }
+            }
+            _ = &mut timer => {
+                let now = Instant::now();
+                if drain_at.is_some_and(|t| t <= now) {
+                    break End::Drain;
+                }
+                match heartbeat.on_timer(now) {
+                    Beat::TimedOut => break End::PingTimeout,
+                    Beat::Ping => session.push_local(OutFrame::Text(Utf8Bytes::from_static("2"))),
+                    Beat::Idle => {}
+                }
+                if let Err(end) = session.on_timer(now).await {
+                    break end;
+                }
+            }
+        }
+    };
+
+    report(&app, &end);
+    session.close(&end).await;
+    // A slow consumer's queue is discarded; otherwise what is still queued
+    // (an `error` event, a DISCONNECT) is written before the close.
+    if !matches!(
+        end,
+        End::SlowConsumer | End::WriteFailed | End::ClientClosed
+    ) {
+        let grace = Duration::from_secs(1);
+        let _ = tokio::time::timeout(grace, async {
+            write_local(&mut transport, &mut session, grace).await?;
+            while let Some(f) = rx.try_recv() {
+                feed(&mut transport, &mut session, f).await?;
+            }
+            transport.flush().await
+        })
+        .await;
+    }
+    drop(out);
+    let _ = tokio::time::timeout(Duration::from_secs(5), transport.close(end.close_frame())).await;
+}
+
+fn report(app: &App, end: &End) {
+    match end {
+        End::Protocol(reason, detail) => {
+            app.metrics
+                .protocol_errors
+                .with_label_values(&[reason])
+                .inc();
+            warn!(reason, detail = ?detail, "closing connection: malformed input");
+        }
+        End::Oversize => {
+            app.metrics
+                .protocol_errors
+                .with_label_values(&["oversize frame"])
+                .inc();
+            warn!(
+                max_payload = app.config.max_payload,
+                "closing connection: frame over max payload"
+            );
+        }
+        End::SlowConsumer => warn!("closing connection: slow consumer"),
+        other => debug!(reason = ?other, "connection ends"),
+    }
+}
+
+/// One Engine.IO text packet from the client.
+async fn on_text(session: &mut Session, heartbeat: &mut Heartbeat, frame: &str) -> Result<(), End> {
+    let packet = EnginePacket::decode(frame)
+        .map_err(|e| End::Protocol("bad engine.io packet", e.to_string()))?;
+    match packet {
+        EnginePacket::Pong(_) => {
+            heartbeat.on_pong();
+            Ok(())
+        }
+        EnginePacket::Ping(p) => {
+            // Only the upgrade probe is echoed: a client cannot make the
+            // server queue what it sends.
+            let pong = if p == "probe" { "3probe" } else { "3" };
+            session.push_local(OutFrame::Text(Utf8Bytes::from_static(pong)));
+            Ok(())
+        }
+        EnginePacket::Close => Err(End::ClientClosed),
+        EnginePacket::Noop => Ok(()),
+        EnginePacket::Open(_) | EnginePacket::Upgrade => Err(End::Protocol(
+            "unexpected engine.io packet",
+            frame.chars().take(1).collect(),
+        )),
+        EnginePacket::Message(m) => session.on_message(m).await,
+    }
+}
+
+/// Writes one frame of the queue (or acts on it), without flushing.
+async fn feed<T: Transport>(t: &mut T, session: &mut Session, f: OutFrame) -> Result<(), End> {
+    match f {
+        OutFrame::Text(text) => t.feed_text(text).await,
+        OutFrame::Room(room) => {
+            if !session.admit(&room) {
+                return Ok(());
+            }
+            t.feed_text(room.text.clone()).await?;
+            for a in &room.attachments {
+                t.feed_binary(a.clone()).await?;
+            }
+            Ok(())
+        }
+        OutFrame::Evict(room) => {
+            session.on_evicted(&room).await;
+            Ok(())
+        }
+    }
+}
+
+async fn flush<T: Transport>(t: &mut T, grace: Duration) -> Result<(), End> {
+    match tokio::time::timeout(grace, t.flush()).await {
+        Ok(r) => r,
+        // The client has not read for the whole grace.
+        Err(_) => Err(End::SlowConsumer),
+    }
+}
+
+/// Writes the session's own frames (answers, acks, replays): they come
+/// before queued room frames.
+async fn write_local<T: Transport>(
+    t: &mut T,
+    session: &mut Session,
+    grace: Duration,
+) -> Result<(), End> {
+    if !session.has_local() {
+        return Ok(());
+    }
+    while let Some(f) = session.pop_local() {
+        feed(t, session, f).await?;
+    }
+    flush(t, grace).await
+}
+
+/// Writes `first` and whatever else is queued (up to a batch), then
+/// flushes once: one syscall for a burst.
+async fn write_queued<T: Transport>(
+    t: &mut T,
+    session: &mut Session,
+    rx: &mut OutboundRx,
+    first: OutFrame,
+    grace: Duration,
+) -> Result<(), End> {
+    feed(t, session, first).await?;
+    for _ in 1..WRITE_BATCH {
+        match rx.try_recv() {
+            Some(f) => feed(t, session, f).await?,
+            None => break,
+        }
+    }
+    // An eviction may have queued an answer.
+    while let Some(f) = session.pop_local() {
+        feed(t, session, f).await?;
+    }
+    flush(t, grace).await
+}

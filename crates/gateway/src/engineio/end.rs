@@ -1,0 +1,56 @@
+//! Why a connection ended, and the close it gets.
+
+/// Why a connection ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum End {
+    /// The client closed the transport or sent an Engine.IO close.
+    ClientClosed,
+    /// A malformed frame; the reason is logged and counted.
+    Protocol(&'static str, String),
+    /// A frame over the max payload.
+    Oversize,
+    /// No pong within the ping timeout.
+    PingTimeout,
+    /// No CONNECT within the connect timeout.
+    ConnectTimeout,
+    /// The client does not read its frames.
+    SlowConsumer,
+    /// Room messages were lost before reaching this node and could not be
+    /// refilled.
+    Resync,
+    /// The node is draining.
+    Drain,
+    /// The token expired without a refresh.
+    TokenExpired,
+    /// The transport broke while writing.
+    WriteFailed,
+}
+
+impl End {
+    /// The WebSocket close code and reason, or `None` when the transport is
+    /// already gone.
+    pub fn close_frame(&self) -> Option<(u16, &'static str)> {
+        Some(match self {
+            End::ClientClosed | End::WriteFailed => return None,
+            End::Protocol(..) => (1002, "protocol error"),
+            End::Oversize => (1009, "frame too large"),
+            End::PingTimeout => (1000, "ping timeout"),
+            End::ConnectTimeout => (1008, "no connect"),
+            End::SlowConsumer => (1008, "slow consumer"),
+            // 1012 "service restart": clients reconnect and recover.
+            End::Resync => (1012, "resync"),
+            End::Drain => (1001, "server shutting down"),
+            End::TokenExpired => (1000, "token expired"),
+        })
+    }
+
+    /// Whether the client may recover the session after this end (the
+    /// connection was lost, not ended on purpose by the client or for
+    /// misbehaving).
+    pub fn recoverable(&self) -> bool {
+        !matches!(
+            self,
+            End::Protocol(..) | End::Oversize | End::TokenExpired | End::ConnectTimeout
+        )
+    }
+}

@@ -1,0 +1,34 @@
+//! What the connection task needs of a transport: frames in, frames out.
+
+use std::future::Future;
+
+use axum::extract::ws::Utf8Bytes;
+use bytes::Bytes;
+
+use super::End;
+
+/// One inbound frame.
+#[derive(Debug)]
+pub enum Incoming {
+    /// One Engine.IO text packet.
+    Text(Utf8Bytes),
+    /// One binary `message` (an attachment of a binary Socket.IO packet).
+    Binary(Bytes),
+}
+
+/// A carrier of Engine.IO packets. `recv` must be cancel-safe: the
+/// connection task polls it in a `select!` with its queue and timers.
+pub trait Transport: Send {
+    /// The next frame; `None` when the client closed the transport.
+    fn recv(&mut self) -> impl Future<Output = Option<Result<Incoming, End>>> + Send;
+    /// Buffers a text packet (written by `flush`).
+    fn feed_text(&mut self, text: Utf8Bytes) -> impl Future<Output = Result<(), End>> + Send;
+    /// Buffers a binary packet.
+    fn feed_binary(&mut self, data: Bytes) -> impl Future<Output = Result<(), End>> + Send;
+    /// Writes what was buffered.
+    fn flush(&mut self) -> impl Future<Output = Result<(), End>> + Send;
+    /// Closes the transport, with a close code where the transport has one.
+    fn close(&mut self, code: Option<(u16, &'static str)>) -> impl Future<Output = ()> + Send;
+    /// `websocket` or `polling`, for metrics and logs.
+    fn name(&self) -> &'static str;
+}

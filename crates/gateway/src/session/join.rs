@@ -1,0 +1,185 @@
+//! `flow:join`: access check, room membership (and the bus subscription
+//! that follows), presence, `flow:users` to the joiner and `user:joined` to
+//! the others.
+
+use std::sync::Arc;
+
+use serde_json::{Map, Value};
+use tracing::{info, warn};
+
+use super::{Joined, Refusal, Session};
+use crate::engine::{RoomMessage, SessionInfo};
+use crate::ids::iso_now;
+use crate::rooms::room_of;
+
+impl Session {
+    pub(crate) async fn join(&mut self, payload: Option<&Value>) -> Result<(), Refusal> {
+        let obj = payload.and_then(Value::as_object);
+        let flow_id = obj
+            .and_then(|o| parse_flow_id(o.get("flowId")))
+            .ok_or_else(|| {
+                Refusal::new(
+                    "INVALID_FLOW_ID",
+                    "flowId must be 1-128 characters of A-Z a-z 0-9 _ - . :",
+                )
+            })?;
+        let user_name = optional_string(obj, "userName", 100)?.unwrap_or("Anonymous");
+        let user_color = optional_string(obj, "userColor", 32)?.unwrap_or("#888888");
+        let app = self.app.clone();
+        let socket = self
+            .socket
+            .as_ref()
+            .ok_or_else(|| Refusal::new("JOIN_ERROR", "Not connected"))?;
+        match crate::access::may_join(&app, &socket.identity, &flow_id).await {
+            Ok(true) => {}
+            Ok(false) => return Err(Refusal::new("FORBIDDEN", "Not allowed to join this flow")),
+            Err(e) => {
+                warn!(error = %e, flow_id = ?flow_id, "join refused: access undecidable");
+                return Err(Refusal::new(
+                    "JOIN_ERROR",
+                    "Could not check access to the flow",
+                ));
+            }
+        }
+        let room: Arc<str> = room_of(&flow_id).into();
+        // Joining the flow the socket is already in (a front end that joins
+        // again on every `connect`, also after a recovery): the answer is
+        // the same, and nobody is told the user left and came back.
+        if socket.flow.as_ref().is_some_and(|j| j.room == room) {
+            let members = app.engine.presence.members(&room).await.map_err(|e| {
+                app.metrics
+                    .engine_failed("presence", &e, &room, "presence read failed");
+                Refusal::new("JOIN_ERROR", "Could not join the flow")
+            })?;
+            self.emit(
+                "flow:users",
+                &serde_json::to_value(&members).unwrap_or_default(),
+            );
+            return Ok(());
+        }
+        let session = SessionInfo {
+            user_id: socket.user_id.to_string(),
+            socket_id: socket.id.to_string(),
+            flow_id: flow_id.clone(),
+            user_name: user_name.to_owned(),
+            user_color: user_color.to_owned(),
+            joined_at: iso_now(),
+        };
+        // One flow per socket: joining another leaves the first.
+        self.leave_flow().await;
+
+        let failed = |e: &dyn std::fmt::Display, what: &str| {
+            warn!(error = %e, room = %room, "{what}");
+            Refusal::new("JOIN_ERROR", "Could not join the flow")
+        };
+        if let Err(e) = app.rooms.join(&room, self.member(&session)).await {
+            app.metrics
+                .engine_failed("subscribe", &e, &room, "join failed");
+            return Err(failed(&e, "subscribe failed"));
+        }
+        // Where this socket starts in the room log: recovery replays from
+        // here when the client received no room event yet.
+        let start = match app.engine.bus.head(&room).await {
+            Ok(o) => o,
+            Err(e) => {
+                let _ = app.rooms.leave(&room, &session.socket_id).await;
+                return Err(failed(&e, "room log unreadable"));
+            }
+        };
+        let members = match app
+            .engine
+            .presence
+            .join(&room, &session, self.owner())
+            .await
+        {
+            Ok((m, _)) => m,
+            Err(e) => {
+                app.metrics
+                    .engine_failed("presence", &e, &room, "presence join failed");
+                let _ = app.rooms.leave(&room, &session.socket_id).await;
+                return Err(failed(&e, "presence join failed"));
+            }
+        };
+        if let Some(s) = self.socket.as_mut() {
+            s.flow = Some(Joined {
+                room: room.clone(),
+                session: session.clone(),
+                last: start,
+                start,
+            });
+        }
+        self.save_record().await;
+        self.emit(
+            "flow:users",
+            &serde_json::to_value(&members).unwrap_or_default(),
+        );
+        self.announce_joined(&room, &session).await;
+        info!(user = ?session.user_id, room = %room, "joined flow");
+        Ok(())
+    }
+
+    /// `user:joined` to everyone else in the room.
+    pub(crate) async fn announce_joined(&self, room: &str, session: &SessionInfo) {
+        let mut joined = RoomMessage::new(
+            "user:joined",
+            serde_json::to_value(session).unwrap_or(Value::Null),
+        );
+        joined.except = Some(session.socket_id.clone());
+        if let Err(e) = self.app.engine.bus.publish(room, joined).await {
+            self.app
+                .metrics
+                .engine_failed("publish", &e, room, "user:joined not published");
+        }
+    }
+}
+
+pub(crate) fn parse_flow_id(v: Option<&Value>) -> Option<String> {
+    let s = match v? {
+        Value::String(s) => s.clone(),
+        Value::Number(n) if n.is_u64() || n.is_i64() => n.to_string(),
+        _ => return None,
+    };
+    // Room names become Redis keys with a `{flow:F}` hash tag: no braces,
+    // no whitespace, bounded length.
+    let ok = !s.is_empty()
+        && s.len() <= 128
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"_-.:".contains(&b));
+    ok.then_some(s)
+}
+
+fn optional_string<'a>(
+    obj: Option<&'a Map<String, Value>>,
+    field: &str,
+    max: usize,
+) -> Result<Option<&'a str>, Refusal> {
+    match obj.and_then(|o| o.get(field)) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) if s.chars().count() <= max => Ok(Some(s.as_str())),
+        Some(_) => Err(Refusal::new(
+            "INVALID_PAYLOAD",
+            format!("{field} must be a string of at most {max} characters"),
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn flow_ids() {
+        assert_eq!(
+            parse_flow_id(Some(&json!("abc-1_2.3:x"))),
+            Some("abc-1_2.3:x".into())
+        );
+        assert_eq!(parse_flow_id(Some(&json!(42))), Some("42".into()));
+        assert_eq!(parse_flow_id(Some(&json!(""))), None);
+        assert_eq!(parse_flow_id(Some(&json!("{x}"))), None);
+        assert_eq!(parse_flow_id(Some(&json!("a b"))), None);
+        assert_eq!(parse_flow_id(Some(&json!("x".repeat(129)))), None);
+        assert_eq!(parse_flow_id(Some(&json!(1.5))), None);
+        assert_eq!(parse_flow_id(None), None);
+    }
+}
