@@ -9,6 +9,7 @@ pub mod app;
 pub mod auth;
 pub mod config;
 pub mod connection;
+pub mod demo;
 pub mod drain;
 pub mod eventlog;
 pub mod events;
