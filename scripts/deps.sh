@@ -2,7 +2,9 @@
 # Installs the system programs that flowgate's tests and the local cluster
 # (scripts/cluster.sh) spawn as child processes: redis-server (>= 7, for
 # sharded pub/sub), haproxy, pgbouncer and the PostgreSQL 15 server binaries;
-# plus the npm packages of the interop tests.
+# Debian's chromium (driven headless by the demo's browser test; no browser
+# is ever downloaded from npm); plus the npm packages of the interop and
+# browser tests.
 #
 # Idempotent: installs only what is missing, runs `apt-get update` at most
 # once, and never starts a system service (a policy-rc.d that exits 101 is in
@@ -39,11 +41,21 @@ have redis-server || missing+=(redis-server)
 have haproxy || missing+=(haproxy)
 have pgbouncer || missing+=(pgbouncer)
 [[ -x "$PG_BIN/initdb" && -x "$PG_BIN/postgres" ]] || missing+=(postgresql-15)
+# The browser test launches /usr/bin/chromium; a font keeps the text of its
+# screenshot readable on a minimal image.
+[[ -x /usr/bin/chromium ]] || missing+=(chromium)
+[[ -d /usr/share/fonts/truetype/dejavu ]] || missing+=(fonts-dejavu-core)
 
 interop="$repo/crates/gateway/tests/interop"
 need_npm=0
 if [[ -f "$interop/package.json" && ! -d "$interop/node_modules" ]]; then
     need_npm=1
+    have npm || missing+=(nodejs npm)
+fi
+browser="$repo/crates/gateway/tests/browser"
+need_browser_npm=0
+if [[ -f "$browser/package.json" && ! -d "$browser/node_modules" ]]; then
+    need_browser_npm=1
     have npm || missing+=(nodejs npm)
 fi
 
@@ -52,6 +64,7 @@ if ((check_only)); then
         die "missing: ${missing[*]} (run scripts/deps.sh to install)"
     fi
     ((need_npm)) && die "missing: $interop/node_modules (run scripts/deps.sh)"
+    ((need_browser_npm)) && die "missing: $browser/node_modules (run scripts/deps.sh)"
 fi
 
 # --- apt install, without starting services --------------------------------
@@ -98,12 +111,20 @@ if ((need_npm)); then
     (cd "$interop" && npm ci --no-audit --no-fund)
     installed+=("npm packages of ${interop#"$repo"/}")
 fi
+if ((need_browser_npm)); then
+    # puppeteer-core never downloads a browser; the variable makes sure that
+    # nothing else in the tree does either (the test uses /usr/bin/chromium).
+    log "npm ci in ${browser#"$repo"/}"
+    (cd "$browser" && PUPPETEER_SKIP_DOWNLOAD=1 npm ci --no-audit --no-fund)
+    installed+=("npm packages of ${browser#"$repo"/}")
+fi
 
 # --- check ------------------------------------------------------------------
 have redis-server || die "redis-server still missing"
 have haproxy || die "haproxy still missing"
 have pgbouncer || die "pgbouncer still missing"
 [[ -x "$PG_BIN/initdb" ]] || die "$PG_BIN/initdb still missing"
+[[ -x /usr/bin/chromium ]] || die "/usr/bin/chromium still missing"
 
 PATH="$PATH:/usr/sbin:/usr/local/sbin"
 redis_version_line="$(redis-server --version)"
@@ -119,6 +140,7 @@ log "$redis_version_line"
 log "$(haproxy -v 2>&1 | head -n1)"
 log "$(pgbouncer --version 2>&1 | head -n1)"
 log "$("$PG_BIN/postgres" --version)"
+log "$(/usr/bin/chromium --version 2>/dev/null | head -n1)"
 
 if [[ -z "$redis_major" || "$redis_major" -lt "$MIN_REDIS_MAJOR" ]]; then
     cat >&2 <<EOF

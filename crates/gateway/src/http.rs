@@ -44,7 +44,9 @@ pub fn router(app: Arc<App>) -> Router {
             axum::routing::put(grant).delete(revoke),
         )
         .layer(DefaultBodyLimit::max(body_limit))
-        .with_state(app)
+        .with_state(app.clone())
+        // Empty unless FLOWGATE_DEMO is on.
+        .merge(crate::demo::router(&app))
 }
 
 /// An Engine.IO handshake error: HTTP status plus `{code, message}` as the

@@ -8,6 +8,7 @@ pub mod access;
 pub mod app;
 pub mod auth;
 pub mod config;
+pub mod demo;
 pub mod drain;
 pub mod engineio;
 pub mod eventlog;
