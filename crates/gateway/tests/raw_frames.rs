@@ -368,7 +368,7 @@ async fn unknown_event_names_do_not_grow_metric_labels() {
             .emit_ack(10 + i, &format!("made:up:{i}"), json!({}))
             .await
             .unwrap();
-        assert_eq!(ack["code"], "INVALID_PAYLOAD");
+        assert_eq!(ack["code"], "UNKNOWN_EVENT");
     }
     assert_eq!(n.metric(r#"flowgate_events_in_total{event="other"}"#), 5.0);
     assert!(!n.app.metrics.render().contains("made:up"));
