@@ -214,11 +214,19 @@ async fn feed<T: Transport>(t: &mut T, session: &mut Session, f: OutFrame) -> Re
     }
 }
 
-async fn flush<T: Transport>(t: &mut T, grace: Duration) -> Result<(), End> {
-    match tokio::time::timeout(grace, t.flush()).await {
-        Ok(r) => r,
-        // The client has not read for the whole grace.
-        Err(_) => Err(End::SlowConsumer),
+/// Flushes, for at most the slow-consumer grace, and no longer than it
+/// takes for the connection to be kicked (a full queue kicks at once).
+async fn flush<T: Transport>(t: &mut T, grace: Duration, out: &Outbound) -> Result<(), End> {
+    tokio::select! {
+        r = tokio::time::timeout(grace, t.flush()) => match r {
+            Ok(r) => r,
+            // The client has not read for the whole grace.
+            Err(_) => Err(End::SlowConsumer),
+        },
+        kick = out.kicked() => Err(match kick {
+            Kick::SlowConsumer => End::SlowConsumer,
+            Kick::Resync => End::Resync,
+        }),
     }
 }
 
@@ -235,7 +243,8 @@ async fn write_local<T: Transport>(
     while let Some(f) = session.pop_local() {
         feed(t, session, f).await?;
     }
-    flush(t, grace).await
+    let out = session.out.clone();
+    flush(t, grace, &out).await
 }
 
 /// Writes `first` and whatever else is queued (up to a batch), then
@@ -258,5 +267,6 @@ async fn write_queued<T: Transport>(
     while let Some(f) = session.pop_local() {
         feed(t, session, f).await?;
     }
-    flush(t, grace).await
+    let out = session.out.clone();
+    flush(t, grace, &out).await
 }

@@ -131,9 +131,15 @@ impl Session {
     /// The CONNECT reply and the `connected` event.
     fn greet(&mut self) {
         let Some(s) = &self.socket else { return };
-        let reply = json!({"sid": &*s.id, "pid": &*s.pid});
+        // Written by hand so that `sid` comes first, as the reference
+        // server writes it (a `Value` map would sort the keys).
+        let reply = format!(
+            "40{NSP},{{\"sid\":{},\"pid\":{}}}",
+            Value::from(&*s.id),
+            Value::from(&*s.pid)
+        );
         let user_id = s.user_id.clone();
-        self.send_packet(&Packet::new(PacketType::Connect, NSP, Some(reply)));
+        self.push_local(OutFrame::Text(reply.into()));
         self.emit(
             "connected",
             &json!({"message": "Connected to flows", "userId": &*user_id, "serverTime": iso_now()}),
