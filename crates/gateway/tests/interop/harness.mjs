@@ -90,8 +90,17 @@ export function connect(url, opts = {}) {
   });
 }
 
-/** Resolves with the payload of the next `event` on `socket`. */
+/**
+ * Resolves with the payload of the next `event` on `socket` (its first
+ * argument: room events carry their room offset as a trailing argument,
+ * which `nextArgs` shows).
+ */
 export function next(socket, event, ms = 3000) {
+  return nextArgs(socket, event, ms).then((args) => args[0]);
+}
+
+/** Resolves with every argument of the next `event` on `socket`. */
+export function nextArgs(socket, event, ms = 3000) {
   return new Promise((resolve, reject) => {
     const timer = setTimeout(() => {
       socket.off(event, on);
@@ -99,7 +108,7 @@ export function next(socket, event, ms = 3000) {
     }, ms);
     const on = (...args) => {
       clearTimeout(timer);
-      resolve(args.length > 1 ? args : args[0]);
+      resolve(args);
     };
     socket.once(event, on);
   });
