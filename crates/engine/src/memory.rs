@@ -327,7 +327,13 @@ mod tests {
         fn local_sessions(&self) -> Vec<LocalSession> {
             Vec::new()
         }
-        fn resync(&self) {}
+        fn resync(&self, _room: &str) {}
+        fn is_member(&self, _room: &str, _socket_id: &str) -> bool {
+            false
+        }
+        fn positions(&self) -> Vec<(String, Offset)> {
+            Vec::new()
+        }
     }
 
     #[tokio::test]

@@ -164,13 +164,29 @@ impl RedisEngine {
         let engine = RedisEngine(inner);
         engine.ping_once().await;
         if engine.is_up() {
+            // Two live nodes under one id would reap each other's sessions.
+            // A node restarted right after a crash finds its own last
+            // heartbeat: it waits until that one is stale; a heartbeat that
+            // stays fresh is another live node.
+            let s = &engine.0.settings;
+            let until = std::time::Instant::now() + s.dead_after + s.heartbeat * 2;
+            let mut alive = engine.node_is_alive(&s.node_id).await;
+            while alive && std::time::Instant::now() < until {
+                tokio::time::sleep(s.heartbeat).await;
+                alive = engine.node_is_alive(&s.node_id).await;
+            }
+            if alive {
+                return Err(EngineError(format!(
+                    "node id {:?} is already alive in Redis (FLOWGATE_NODE_ID must be unique)",
+                    engine.0.settings.node_id
+                )));
+            }
             // A node restarted under the same id after a crash: whatever
             // sessions Redis still lists for it are ghosts.
             engine.reap(&engine.0.settings.node_id).await;
             engine.heartbeat().await;
         }
         tasks.spawn(engine.clone().pump(stop.clone()));
-        tasks.spawn(engine.clone().resubscriber(stop.clone()));
         tasks.spawn(engine.clone().heartbeats(stop.clone()));
         tasks.spawn(engine.clone().maintenance(stop.clone()));
         tasks.spawn(engine.clone().pinger(stop));

@@ -17,6 +17,7 @@ pub(crate) struct Scripts {
     pub(crate) dead_nodes: Script,
     pub(crate) gcra: Script,
     pub(crate) read_after: Script,
+    pub(crate) node_alive: Script,
     pub(crate) session_save: Script,
     pub(crate) session_release: Script,
 }
@@ -33,6 +34,7 @@ impl Scripts {
             dead_nodes: Script::from_lua(DEAD_NODES),
             gcra: Script::from_lua(GCRA),
             read_after: Script::from_lua(READ_AFTER),
+            node_alive: Script::from_lua(NODE_ALIVE),
             session_save: Script::from_lua(SESSION_SAVE),
             session_release: Script::from_lua(SESSION_RELEASE),
         }
@@ -205,5 +207,14 @@ if redis.call('HGET', KEYS[1], 'c') == ARGV[1] then
   redis.call('PEXPIRE', KEYS[1], ARGV[2])
   return 1
 end
+return 0
+"#;
+
+/// 1 if node ARGV[1] heartbeated less than ARGV[2] ms ago. KEYS: nodes zset.
+pub(crate) const NODE_ALIVE: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local beat = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if beat and now - tonumber(beat) < tonumber(ARGV[2]) then return 1 end
 return 0
 "#;

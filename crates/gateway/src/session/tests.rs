@@ -342,3 +342,21 @@ async fn recovery_is_refused_when_the_log_no_longer_holds_the_gap() {
     );
     assert!(events(&f, "pod:deleted").is_empty());
 }
+
+#[tokio::test]
+async fn a_session_lost_longer_than_the_window_is_not_recovered() {
+    let app = app(&[("FLOWGATE_RECOVERY_WINDOW_MS", "50")]).await;
+    let mut a = Client::new(&app);
+    let first = a.connect(json!({"token": token("ada", 60)})).await;
+    a.send(r#"2/flows,["flow:join",{"flowId":"f"}]"#)
+        .await
+        .unwrap();
+    a.session.close(&End::ClientClosed).await;
+    tokio::time::sleep(Duration::from_millis(120)).await;
+    let mut a2 = Client::new(&app);
+    let r = a2
+        .connect(json!({"token": token("ada", 60), "pid": first["pid"]}))
+        .await;
+    assert_ne!(r["pid"], first["pid"]);
+    assert_ne!(r["sid"], first["sid"]);
+}
