@@ -42,7 +42,7 @@ mod sessions;
 mod subscriber;
 
 use std::num::NonZeroU32;
-use std::sync::atomic::{AtomicBool, AtomicU64};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -109,6 +109,8 @@ pub(crate) struct Inner {
     pub(crate) up: AtomicBool,
     /// The last ping's round trip, for `/health`.
     pub(crate) latency_us: AtomicU64,
+    /// Redis time minus this node's clock (ms), measured by the pinger.
+    pub(crate) clock_offset_ms: AtomicI64,
 }
 
 /// The Redis engine of one node. Cheap to clone.
@@ -159,6 +161,7 @@ impl RedisEngine {
             metrics: Metrics::new(registry).map_err(err)?,
             up: AtomicBool::new(false),
             latency_us: AtomicU64::new(0),
+            clock_offset_ms: AtomicI64::new(0),
             settings,
         });
         let engine = RedisEngine(inner);

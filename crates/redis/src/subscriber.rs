@@ -25,17 +25,25 @@ impl RedisEngine {
     pub(crate) async fn pump(self, stop: CancellationToken) {
         let mut rx = self.0.subscriber.message_rx();
         let mut reconnects = self.0.subscriber.reconnect_rx();
+        // A fill that could not read the logs (Redis went away again) is
+        // tried again: the positions stay where they were, so nothing is
+        // skipped.
+        let mut retry = tokio::time::interval(std::time::Duration::from_millis(500));
+        let mut pending = false;
         loop {
             tokio::select! {
                 biased;
                 _ = stop.cancelled() => return,
+                _ = retry.tick(), if pending => {
+                    pending = !self.fill_gaps().await;
+                }
                 // Messages of the old connection first: they are older.
                 m = rx.recv() => match m {
                     Ok(m) => self.on_message(&m.channel, &m.value),
                     Err(RecvError::Lagged(n)) => {
                         self.0.metrics.bus_lagged.inc_by(n);
                         warn!(lost = n, "subscriber fell behind; filling the gap from the room logs");
-                        self.fill_gaps().await;
+                        pending = !self.fill_gaps().await;
                     }
                     Err(RecvError::Closed) => return,
                 },
@@ -44,7 +52,7 @@ impl RedisEngine {
                         return;
                     }
                     self.resubscribe().await;
-                    self.fill_gaps().await;
+                    pending = !self.fill_gaps().await;
                 }
             }
         }
@@ -85,8 +93,10 @@ impl RedisEngine {
     }
 
     /// Delivers, for every local room, the logged events after the last
-    /// offset this node delivered.
-    pub(crate) async fn fill_gaps(&self) {
+    /// offset this node delivered. Returns `false` when a log could not be
+    /// read (to be tried again).
+    pub(crate) async fn fill_gaps(&self) -> bool {
+        let mut done = true;
         let max = self.0.settings.log_len.max(1) as usize;
         for (room, last) in self.0.sink.positions() {
             let mut after: Offset = last;
@@ -112,12 +122,13 @@ impl RedisEngine {
                         break;
                     }
                     Err(e) => {
-                        error!(room, error = %e, "gap not filled: the room's members reconnect");
-                        self.0.sink.resync(&room);
+                        warn!(room, error = %e, "gap not filled yet; trying again");
+                        done = false;
                         break;
                     }
                 }
             }
         }
+        done
     }
 }

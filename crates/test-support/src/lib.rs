@@ -4,6 +4,7 @@
 //! Real dependencies (Redis, Postgres, PgBouncer, HAProxy) are started as
 //! child processes by the modules that need them; nothing here mocks them.
 
+pub mod chaos;
 pub mod procs;
 
 use std::collections::HashMap;
