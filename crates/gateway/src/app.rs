@@ -42,6 +42,9 @@ pub struct App {
     pub connections: AtomicUsize,
     /// Authenticated sockets per user, against `max_connections_per_user`.
     pub user_slots: Arc<crate::session::UserSlots>,
+    /// Unauthenticated connections per address, against
+    /// `max_unauthenticated_per_ip`.
+    pub peer_slots: Arc<crate::session::PeerSlots>,
     /// Background tasks (engine maintenance) and their stop signal.
     pub background: (TaskTracker, CancellationToken),
     /// Postgres through PgBouncer, when `DATABASE_URL` is set.
@@ -125,6 +128,7 @@ impl App {
             metrics,
             connections: AtomicUsize::new(0),
             user_slots: Arc::default(),
+            peer_slots: Arc::default(),
             background,
             store,
             pg_health: parking_lot::Mutex::new(None),

@@ -21,6 +21,7 @@ use thiserror::Error;
 mod access;
 mod database;
 mod drain;
+mod http;
 mod jwt;
 mod limits;
 mod logging;
@@ -84,6 +85,19 @@ pub struct Config {
     /// user may hold on one node; more get CONNECT_ERROR
     /// `TOO_MANY_CONNECTIONS`.
     pub max_connections_per_user: usize,
+    /// `FLOWGATE_ADMIN_PORT` (unset): serve `/health` and `/metrics` on
+    /// this port too (0 picks a free one), for load balancers and
+    /// Prometheus, apart from the client port.
+    pub admin_port: Option<u16>,
+    /// `FLOWGATE_HTTP_HEADER_TIMEOUT_MS` (10 000): time to send a request's
+    /// headers, also between requests of a kept-alive connection.
+    pub http_header_timeout: Duration,
+    /// `FLOWGATE_MAX_HTTP_CONNECTIONS` (max connections + 1 024): open TCP
+    /// connections on the client port, WebSockets included.
+    pub max_http_connections: usize,
+    /// `FLOWGATE_MAX_UNAUTHENTICATED_PER_IP` (64): connections from one
+    /// address that have not completed CONNECT yet.
+    pub max_unauthenticated_per_ip: usize,
     /// `FLOWGATE_MAX_PAYLOAD` (1 000 000 bytes): largest inbound frame.
     pub max_payload: usize,
     /// `FLOWGATE_MAX_ATTACHMENTS` (10): binary frames one packet may announce.
@@ -279,6 +293,13 @@ impl Config {
             slow_consumer_grace,
             max_connections,
         } = limits::Limits::from_vars(vars)?;
+        let http::Http {
+            admin_port,
+            http_header_timeout,
+            max_http_connections,
+            max_unauthenticated_per_ip,
+        } = http::Http::from_vars(vars)?;
+        let max_http_connections = max_http_connections.unwrap_or(max_connections + 1024);
         let recovery::Recovery {
             recovery_window,
             recovery_max_bytes,
@@ -310,6 +331,10 @@ impl Config {
             ping_timeout,
             connect_timeout,
             max_connections_per_user,
+            admin_port,
+            http_header_timeout,
+            max_http_connections,
+            max_unauthenticated_per_ip,
             max_payload,
             max_attachments,
             rate_per_sec,

@@ -58,6 +58,16 @@ async fn run<T: Transport>(mut transport: T, app: Arc<App>, hs: Handshake, sid: 
         max_payload: cfg.max_payload as u64,
     };
     let mut session = Session::new(app.clone(), hs, out.clone());
+    if !session.admit_peer() {
+        app.metrics
+            .connections_refused
+            .with_label_values(&["unauthenticated per address"])
+            .inc();
+        transport
+            .close(Some((1008, "too many unauthenticated connections")))
+            .await;
+        return;
+    }
     session.push_local(OutFrame::Text(Utf8Bytes::from(open.encode())));
     let mut heartbeat = Heartbeat::new(cfg.ping_interval, cfg.ping_timeout);
     let mut drain_at: Option<Instant> = None;

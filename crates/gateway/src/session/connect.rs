@@ -85,7 +85,7 @@ impl Session {
             .and_then(Value::as_str)
             .filter(|p| p.len() <= 64);
         if pid.is_some()
-            && self.app.user_slots.held(&identity.user_id)
+            && self.app.user_slots.held(identity.user_id.as_str())
                 >= self.app.config.max_connections_per_user
         {
             // Checked before recovery too, so that a recovery attempt
@@ -139,6 +139,7 @@ impl Session {
         };
         info!(user = ?socket.user_id, socket = %socket.id, "socket connected");
         self.socket = Some(socket);
+        self.pre_auth = None;
         self.save_record().await;
         self.greet();
     }

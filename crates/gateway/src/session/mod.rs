@@ -19,7 +19,7 @@ mod leave;
 mod refresh;
 mod relay;
 mod reply;
-mod user_slots;
+mod slots;
 
 #[cfg(test)]
 mod tests;
@@ -40,7 +40,7 @@ use crate::engineio::End;
 use crate::outbound::{OutFrame, Outbound, RoomFrame};
 use crate::rooms::NSP;
 pub(crate) use reply::Refusal;
-pub use user_slots::{UserSlot, UserSlots};
+pub use slots::{PeerSlots, Slot, Slots, UserSlot, UserSlots};
 
 /// CONNECT packets one connection may send: a client connects once (and
 /// again after a namespace-level disconnect); more is churn that costs the
@@ -112,6 +112,9 @@ pub struct Session {
     connect_deadline: Option<Instant>,
     /// CONNECT packets received.
     connects: u32,
+    /// This address's slot for a connection that has not authenticated;
+    /// given back at CONNECT.
+    pre_auth: Option<Slot<std::net::IpAddr>>,
 }
 
 impl Session {
@@ -128,7 +131,20 @@ impl Session {
             partial_bytes: 0,
             connect_deadline,
             connects: 0,
+            pre_auth: None,
         }
+    }
+
+    /// Takes the peer's slot for an unauthenticated connection; `false`
+    /// when its address holds too many already (the connection is closed
+    /// at once).
+    pub fn admit_peer(&mut self) -> bool {
+        let Ok(addr) = self.hs.peer.parse::<std::net::SocketAddr>() else {
+            return true;
+        };
+        let max = self.app.config.max_unauthenticated_per_ip;
+        self.pre_auth = self.app.peer_slots.take(&addr.ip(), max);
+        self.pre_auth.is_some()
     }
 
     /// Queues a frame of the session's own, ahead of room frames.
