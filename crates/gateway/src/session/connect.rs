@@ -300,11 +300,10 @@ impl Session {
             frames.push(f);
         }
         let replayed = frames.len();
-        // Written before anything the room queued since the join; the
-        // delivered offset advances as they are written (`Session::admit`).
-        for f in frames {
-            self.push_local(OutFrame::Room(f));
-        }
+        // Written after the CONNECT reply (see `on_connect`) and before
+        // anything the room queued since the join; the delivered offset
+        // advances as they are written (`Session::admit`).
+        self.replay = frames;
         match app.engine.presence.join(&room, &info, self.owner()).await {
             Ok((_, true)) => self.announce_joined(&room, &info).await,
             Ok((_, false)) => {}
@@ -321,7 +320,7 @@ impl Session {
             let _ = self.app.rooms.leave(room, &s.id).await;
         }
         self.socket = None;
-        self.local.clear();
+        self.replay.clear();
     }
 
     /// This connection's owner tag.

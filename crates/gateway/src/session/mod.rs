@@ -112,6 +112,8 @@ pub struct Session {
     connect_deadline: Option<Instant>,
     /// CONNECT packets received.
     connects: u32,
+    /// A recovery's missed events, written right after the CONNECT reply.
+    replay: Vec<Arc<RoomFrame>>,
     /// This address's slot for a connection that has not authenticated;
     /// given back at CONNECT.
     pre_auth: Option<Slot<std::net::IpAddr>>,
@@ -131,6 +133,7 @@ impl Session {
             partial_bytes: 0,
             connect_deadline,
             connects: 0,
+            replay: Vec::new(),
             pre_auth: None,
         }
     }

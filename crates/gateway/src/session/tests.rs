@@ -265,6 +265,10 @@ async fn a_lost_session_recovers_with_what_it_missed() {
         .connect_reading(json!({"token": token("ada", 60), "pid": first["pid"], "offset": offset}))
         .await;
     assert_eq!(reply, first, "same sid and pid");
+    assert!(
+        f[0].starts_with("40/flows,"),
+        "the CONNECT reply comes first: {f:?}"
+    );
     let missed: Vec<Value> = events(&f, "pod:deleted")
         .into_iter()
         .map(|a| a[0]["podId"].clone())
