@@ -6,6 +6,13 @@
 //! File format: `{"events": [ {"event": "pod:move", "emit": "pod:moved",
 //! "fields": ["podId", "position"], "stamp": ["userId"], "rateLimited": true,
 //! "persist": true, "volatile": false}, … ]}`.
+//!
+//! Pod locks are rules too: `"lock": "acquire" | "release" |
+//! "releaseOnDelete"` with `"lockKey": "podId"` (the payload field that
+//! names what is locked; one of `fields`). The default table locks with
+//! `pod:lock`, unlocks with `pod:unlock` and releases on `pod:delete`. Both
+//! keys are optional, so a file written before locks existed still loads,
+//! and relays its lock events without server-owned locks, as it did.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -62,6 +69,48 @@ pub struct RelayRule {
     /// Dropped rather than queued for a slow client; not replayed.
     #[serde(default)]
     pub volatile: bool,
+    /// What the event does to the lock named by `lock_key`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lock: Option<LockAction>,
+    /// The payload field naming the locked thing (with `lock`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lock_key: Option<String>,
+}
+
+/// What a relayed event does to a lock.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum LockAction {
+    /// Takes the lock (`LOCKED` when another user holds it); relayed only
+    /// when it was free.
+    Acquire,
+    /// Releases the sender's lock (`NOT_LOCK_OWNER` when another user
+    /// holds it); relayed only when it was held.
+    Release,
+    /// The thing is gone: its lock goes too, with no release announced.
+    ReleaseOnDelete,
+}
+
+/// How the server announces a lock change nobody relayed: a lock released
+/// for a holder that is gone, or put back after the store lost it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LockAnnouncement {
+    /// The event name (the rule's `emit`).
+    pub emit: String,
+    /// The payload field of the locked thing (the rule's `lockKey`).
+    pub key: String,
+    /// Whether the event log keeps it (the rule's `persist`).
+    pub persist: bool,
+}
+
+/// The announcements of the table's lock rules.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LockEvents {
+    /// As the acquire rule relays a lock.
+    pub acquired: Option<LockAnnouncement>,
+    /// As the release rule relays an unlock (the contract's `pod:unlocked`
+    /// when the table has no release rule).
+    pub released: LockAnnouncement,
 }
 
 fn yes() -> bool {
@@ -92,6 +141,7 @@ pub const RESERVED: &[&str] = &[
 #[derive(Debug, Clone)]
 pub struct RelayTable {
     rules: HashMap<String, Arc<RelayRule>>,
+    locks: LockEvents,
 }
 
 fn rule(
@@ -110,6 +160,16 @@ fn rule(
         rate_limited: true,
         persist,
         volatile,
+        lock: None,
+        lock_key: None,
+    }
+}
+
+fn locking(action: LockAction, r: RelayRule) -> RelayRule {
+    RelayRule {
+        lock: Some(action),
+        lock_key: Some("podId".into()),
+        ..r
     }
 }
 
@@ -134,13 +194,16 @@ impl RelayTable {
                 true,
                 false,
             ),
-            rule(
-                "pod:delete",
-                "pod:deleted",
-                &["podId"],
-                &[UserId, Timestamp],
-                true,
-                false,
+            locking(
+                LockAction::ReleaseOnDelete,
+                rule(
+                    "pod:delete",
+                    "pod:deleted",
+                    &["podId"],
+                    &[UserId, Timestamp],
+                    true,
+                    false,
+                ),
             ),
             rule(
                 "pod:move",
@@ -150,21 +213,27 @@ impl RelayTable {
                 true,
                 false,
             ),
-            rule(
-                "pod:lock",
-                "pod:locked",
-                &["podId"],
-                &[UserId, Timestamp],
-                true,
-                false,
+            locking(
+                LockAction::Acquire,
+                rule(
+                    "pod:lock",
+                    "pod:locked",
+                    &["podId"],
+                    &[UserId, Timestamp],
+                    true,
+                    false,
+                ),
             ),
-            rule(
-                "pod:unlock",
-                "pod:unlocked",
-                &["podId"],
-                &[UserId, Timestamp],
-                true,
-                false,
+            locking(
+                LockAction::Release,
+                rule(
+                    "pod:unlock",
+                    "pod:unlocked",
+                    &["podId"],
+                    &[UserId, Timestamp],
+                    true,
+                    false,
+                ),
             ),
             rule(
                 "edge:create",
@@ -238,11 +307,18 @@ impl RelayTable {
                     r.event
                 ));
             }
+            check_lock(&r)?;
             if rules.insert(r.event.clone(), Arc::new(r)).is_some() {
                 return Err("an event appears twice".into());
             }
         }
-        Ok(RelayTable { rules })
+        let locks = lock_events(&rules)?;
+        Ok(RelayTable { rules, locks })
+    }
+
+    /// How lock changes nobody relayed are announced.
+    pub fn lock_events(&self) -> &LockEvents {
+        &self.locks
     }
 
     /// The rule of a client event.
@@ -254,6 +330,46 @@ impl RelayTable {
     pub fn rules(&self) -> impl Iterator<Item = &RelayRule> {
         self.rules.values().map(|r| &**r)
     }
+}
+
+fn check_lock(r: &RelayRule) -> Result<(), String> {
+    match (&r.lock, &r.lock_key) {
+        (None, None) => Ok(()),
+        (Some(_), Some(key)) if r.fields.contains(key) && !r.volatile => Ok(()),
+        (Some(_), Some(_)) if r.volatile => Err(format!(
+            "{:?}: a lock event cannot be volatile (it must reach everyone, in order)",
+            r.event
+        )),
+        (Some(_), Some(key)) => Err(format!(
+            "{:?}: lockKey {key:?} must be one of fields",
+            r.event
+        )),
+        _ => Err(format!("{:?}: lock and lockKey go together", r.event)),
+    }
+}
+
+/// The one acquire and one release rule, if any, as announcements.
+fn lock_events(rules: &HashMap<String, Arc<RelayRule>>) -> Result<LockEvents, String> {
+    let one = |action: LockAction| -> Result<Option<LockAnnouncement>, String> {
+        let mut found = rules.values().filter(|r| r.lock == Some(action));
+        let first = found.next().map(|r| LockAnnouncement {
+            emit: r.emit.clone(),
+            key: r.lock_key.clone().unwrap_or_default(),
+            persist: r.persist,
+        });
+        match found.next() {
+            Some(_) => Err(format!("at most one event may have lock {action:?}")),
+            None => Ok(first),
+        }
+    };
+    Ok(LockEvents {
+        acquired: one(LockAction::Acquire)?,
+        released: one(LockAction::Release)?.unwrap_or_else(|| LockAnnouncement {
+            emit: "pod:unlocked".into(),
+            key: "podId".into(),
+            persist: false,
+        }),
+    })
 }
 
 /// Why a payload cannot be relayed.

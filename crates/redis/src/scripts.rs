@@ -6,6 +6,8 @@
 
 use fred::types::scripts::Script;
 
+use crate::lock_scripts::LockScripts;
+
 /// The engine's scripts, built once at start.
 pub(crate) struct Scripts {
     pub(crate) publish: Script,
@@ -19,6 +21,7 @@ pub(crate) struct Scripts {
     pub(crate) read_after: Script,
     pub(crate) session_save: Script,
     pub(crate) session_release: Script,
+    pub(crate) locks: LockScripts,
 }
 
 impl Scripts {
@@ -35,6 +38,7 @@ impl Scripts {
             read_after: Script::from_lua(READ_AFTER),
             session_save: Script::from_lua(SESSION_SAVE),
             session_release: Script::from_lua(SESSION_RELEASE),
+            locks: LockScripts::new(),
         }
     }
 }

@@ -11,11 +11,12 @@
 //!
 //! One file per job: [`connect`] (CONNECT, auth, recovery), [`join`],
 //! [`leave`], [`refresh`] (`auth:refresh`), [`relay`] (the relay table's
-//! events), [`reply`] (acks, `error`, own events).
+//! events), [`locks`] (pod locks), [`reply`] (acks, `error`, own events).
 
 mod connect;
 mod join;
 mod leave;
+mod locks;
 mod refresh;
 mod relay;
 mod reply;
@@ -38,6 +39,7 @@ use crate::engine::{Offset, SessionInfo};
 use crate::engineio::End;
 use crate::outbound::{OutFrame, Outbound, RoomFrame};
 use crate::rooms::NSP;
+pub(crate) use locks::{announce_released, release_user_locks};
 pub(crate) use reply::Refusal;
 
 /// What the upgrade (or first polling) request carried that the session
@@ -64,6 +66,8 @@ pub(crate) struct Joined {
     pub(crate) last: Offset,
     /// The room's newest offset when the socket joined.
     pub(crate) start: Offset,
+    /// The pod locks this socket holds in the flow.
+    pub(crate) locks: locks::HeldLocks,
 }
 
 /// The `/flows` socket of a connection, once authenticated.
@@ -159,17 +163,19 @@ impl Session {
 
     /// When [`Session::on_timer`] must run next.
     pub fn deadline(&self) -> Option<Instant> {
-        match (
+        [
             self.connect_deadline,
             self.socket.as_ref().and_then(|s| s.expires),
-        ) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+            self.locks_deadline(),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
     }
 
-    /// Connect timeout and token expiry.
+    /// Connect timeout, token expiry, and the refresh of held locks.
     pub async fn on_timer(&mut self, now: Instant) -> Result<(), End> {
+        self.on_locks_timer(now).await;
         if self.connect_deadline.is_some_and(|t| t <= now) {
             return Err(End::ConnectTimeout);
         }
@@ -347,8 +353,14 @@ impl Session {
         if self.socket.is_none() {
             return;
         }
-        // The record keeps the flow, so that a recovery rejoins it.
-        self.leave_flow().await;
+        // The record keeps the flow, so that a recovery rejoins it; the
+        // locks too, for the window.
+        if end.recoverable() {
+            self.suspend_locks().await;
+            self.leave_room(true).await;
+        } else {
+            self.leave_flow().await;
+        }
         if end.recoverable() {
             self.release().await;
         } else {
