@@ -458,6 +458,46 @@ mod tests {
     }
 
     #[test]
+    fn lock_rules_are_configuration() {
+        let t = RelayTable::contract_default();
+        let lock = |e: &str| t.get(e).unwrap().lock;
+        assert_eq!(lock("pod:lock"), Some(LockAction::Acquire));
+        assert_eq!(lock("pod:unlock"), Some(LockAction::Release));
+        assert_eq!(lock("pod:delete"), Some(LockAction::ReleaseOnDelete));
+        assert_eq!(lock("pod:move"), None);
+        assert_eq!(t.lock_events().released.emit, "pod:unlocked");
+        assert_eq!(t.lock_events().acquired.as_ref().unwrap().key, "podId");
+
+        let parse = |json: &str| {
+            let file: TableFile = serde_json::from_str(json).map_err(|e| e.to_string())?;
+            RelayTable::from_rules(file.events)
+        };
+        // A file from before locks: lock events are only relayed.
+        let old =
+            parse(r#"{"events":[{"event":"pod:lock","emit":"pod:locked","fields":["podId"]}]}"#)
+                .unwrap();
+        assert_eq!(old.get("pod:lock").unwrap().lock, None);
+        let custom = parse(
+            r#"{"events":[
+              {"event":"node:grab","emit":"node:grabbed","fields":["nodeId"],"lock":"acquire","lockKey":"nodeId"},
+              {"event":"node:drop","emit":"node:dropped","fields":["nodeId"],"lock":"release","lockKey":"nodeId"}]}"#,
+        )
+        .unwrap();
+        assert_eq!(custom.lock_events().released.emit, "node:dropped");
+        assert_eq!(custom.lock_events().released.key, "nodeId");
+        for bad in [
+            r#"{"events":[{"event":"a","emit":"b","fields":["x"],"lock":"acquire"}]}"#,
+            r#"{"events":[{"event":"a","emit":"b","fields":["x"],"lock":"acquire","lockKey":"y"}]}"#,
+            r#"{"events":[{"event":"a","emit":"b","fields":["x"],"lock":"acquire","lockKey":"x","volatile":true}]}"#,
+            r#"{"events":[{"event":"a","emit":"b","fields":["x"],"lock":"grab","lockKey":"x"}]}"#,
+            r#"{"events":[{"event":"a","emit":"b","fields":["x"],"lock":"release","lockKey":"x"},
+                          {"event":"c","emit":"d","fields":["x"],"lock":"release","lockKey":"x"}]}"#,
+        ] {
+            assert!(parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
     fn files_are_checked() {
         let dir = std::env::temp_dir().join(format!("flowgate-events-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();

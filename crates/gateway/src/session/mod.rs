@@ -22,6 +22,8 @@ mod relay;
 mod reply;
 
 #[cfg(test)]
+mod locks_tests;
+#[cfg(test)]
 mod tests;
 
 use std::collections::VecDeque;
