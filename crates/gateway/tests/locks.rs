@@ -262,8 +262,10 @@ async fn killing_the_holders_node_releases_within_the_user_left_bound() {
     let url = redis.url();
     let mut vars: Vec<(&str, &str)> = vec![("REDIS_URL", &url), ("FLOWGATE_NODE_ID", "doomed")];
     vars.extend_from_slice(FAST);
-    // A window far beyond the bound: only the node's death can release.
+    // A window and a holder TTL far beyond the bound: only the reaper can
+    // release in time.
     vars.push(("FLOWGATE_RECOVERY_WINDOW_MS", "60000"));
+    vars.push(("FLOWGATE_SESSION_TTL_MS", "60000"));
     let doomed =
         NodeProcess::start(std::path::Path::new(env!("CARGO_BIN_EXE_flowgate")), &vars).unwrap();
     let (mut watcher, _, _) = joined(&ns[0].ws_url(), "watcher", "kill").await;
