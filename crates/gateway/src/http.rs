@@ -483,7 +483,7 @@ async fn revoke(
     }
     // The user's locks go now, also those of a socket that is away (it
     // could only come back refused).
-    crate::session::release_user_locks(&app, &room, &user_id).await;
+    crate::lock_keeper::release_user_locks(&app, &room, &user_id).await;
     // Every node holding a socket of this user in the room drops it now.
     app.engine
         .bus

@@ -10,18 +10,17 @@
 //! unrecoverable end release them at once; a recoverable end only cuts
 //! their life to the recovery window, and a recovery adopts them again.
 //! What the store releases on its own (expired holders, dead nodes) the
-//! node's sweep announces ([`crate::lock_keeper`]).
+//! node's sweep announces; all announcements are in [`crate::lock_keeper`].
 
 use std::time::Instant;
 
-use serde_json::{Map, Value};
-use tracing::{debug, info, warn};
+use serde_json::Value;
+use tracing::{debug, info};
 
 use super::{Refusal, Session};
 use crate::app::App;
-use crate::engine::locks::released_payload;
-use crate::engine::{Acquired, LockHolder, LockInfo, QueuedEvent, RoomMessage, Unlocked};
-use crate::events::{LockAction, LockAnnouncement, RelayRule};
+use crate::engine::{Acquired, LockHolder, Unlocked};
+use crate::events::{LockAction, RelayRule};
 use crate::ids::iso_now;
 
 /// The pods one socket holds in its flow.
@@ -238,7 +237,7 @@ impl Session {
             .release_session(room, socket_id, owner)
             .await
         {
-            Ok(freed) => announce_released(&self.app, room, &freed).await,
+            Ok(freed) => crate::lock_keeper::announce_released(&self.app, room, &freed).await,
             Err(e) => {
                 self.app
                     .metrics
@@ -337,80 +336,7 @@ impl Session {
         }
         if !r.restored.is_empty() {
             info!(room = %room, locks = r.restored.len(), "locks the store lost are back");
-            announce(&app, &room, &r.restored, Announce::Restored).await;
+            crate::lock_keeper::announce_restored(&app, &room, &r.restored).await;
         }
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Announce {
-    Released,
-    Restored,
-}
-
-/// `pod:unlocked {…, reason: "released"}` to the room for each lock
-/// released for a holder that is gone.
-pub(crate) async fn announce_released(app: &App, room: &str, locks: &[LockInfo]) {
-    announce(app, room, locks, Announce::Released).await;
-}
-
-async fn announce(app: &App, room: &str, locks: &[LockInfo], what: Announce) {
-    let events = app.table.lock_events();
-    let a: &LockAnnouncement = match what {
-        Announce::Released => &events.released,
-        Announce::Restored => match &events.acquired {
-            Some(a) => a,
-            None => return,
-        },
-    };
-    for lock in locks {
-        let now = iso_now();
-        let data: Map<String, Value> = match what {
-            Announce::Released => released_payload(&a.key, lock, &now),
-            Announce::Restored => {
-                let mut m = Map::new();
-                m.insert(a.key.clone(), lock.pod_id.clone().into());
-                m.insert("userId".into(), lock.user_id.clone().into());
-                m.insert("timestamp".into(), now.into());
-                m
-            }
-        };
-        let data = crate::engine::raw_json(&Value::Object(data));
-        let logged = (a.persist && app.store.is_some()).then(|| data.clone());
-        let offset = match app
-            .engine
-            .bus
-            .publish(room, RoomMessage::with_raw(a.emit.clone(), data))
-            .await
-        {
-            Ok(o) => o,
-            Err(e) => {
-                warn!(room, pod = %lock.pod_id, error = %e, "lock change not announced");
-                continue;
-            }
-        };
-        if let (Some(data), Some(offset)) = (logged, offset) {
-            let queued = QueuedEvent {
-                flow_id: room.strip_prefix("flow:").unwrap_or(room).to_owned(),
-                offset: offset.to_string(),
-                event: a.emit.clone(),
-                data,
-                user_id: Some(lock.user_id.clone()),
-            };
-            if let Err(e) = crate::eventlog::enqueue(app, &queued).await {
-                warn!(room, error = %e, "lock change not queued for the event log");
-            }
-        }
-    }
-}
-
-/// A revoked membership: every lock of `user_id` in `room` is released and
-/// announced, whether or not the user is connected anywhere.
-pub(crate) async fn release_user_locks(app: &App, room: &str, user_id: &str) {
-    match app.engine.locks.release_user(room, user_id).await {
-        Ok(freed) => announce_released(app, room, &freed).await,
-        Err(e) => app
-            .metrics
-            .engine_failed("locks", &e, room, "revoked user's locks not released"),
     }
 }

@@ -196,7 +196,7 @@ async fn a_revoked_member_loses_its_locks() {
     lock_event(&mut b, "pod:lock", "q").await;
     b.session.close(&End::ClientClosed).await;
     w.read();
-    super::release_user_locks(&app, "flow:f", "bob").await;
+    crate::lock_keeper::release_user_locks(&app, "flow:f", "bob").await;
     assert_eq!(events(&w.read(), "pod:unlocked")[0][0]["podId"], "q");
 }
 

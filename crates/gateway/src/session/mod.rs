@@ -41,7 +41,6 @@ use crate::engine::{Offset, SessionInfo};
 use crate::engineio::End;
 use crate::outbound::{OutFrame, Outbound, RoomFrame};
 use crate::rooms::NSP;
-pub(crate) use locks::{announce_released, release_user_locks};
 pub(crate) use reply::Refusal;
 
 /// What the upgrade (or first polling) request carried that the session
