@@ -400,3 +400,46 @@ async fn revoking_the_holders_membership_releases_its_locks() {
         "each release announced once"
     );
 }
+
+#[tokio::test]
+async fn two_tabs_of_one_user_on_two_nodes_share_the_lock() {
+    let redis = RedisServer::start().unwrap();
+    let ns = nodes(&redis, 2, &[]).await;
+    let (mut tab1, _, _) = joined(&ns[0].ws_url(), "ada", "tabs").await;
+    let (mut tab2, _, _) = joined(&ns[1].ws_url(), "ada", "tabs").await;
+    let (mut other, _, _) = joined(&ns[1].ws_url(), "bob", "tabs").await;
+    let ack = tab1
+        .emit_ack(2, "pod:lock", json!({"podId": "p"}))
+        .await
+        .unwrap();
+    assert_eq!(ack, json!({"ok": true}));
+    let ack = tab2
+        .emit_ack(2, "pod:lock", json!({"podId": "p"}))
+        .await
+        .unwrap();
+    assert_eq!(ack, json!({"ok": true}), "already held by the same user");
+    other.expect_event("pod:locked").await.unwrap();
+
+    tab1.emit("flow:leave", json!({})).await.unwrap();
+    other.expect_event("user:left").await.unwrap();
+    assert!(
+        maybe(&mut other, "pod:unlocked", Duration::from_millis(500))
+            .await
+            .is_none(),
+        "the other tab still holds it"
+    );
+    let ack = other
+        .emit_ack(3, "pod:lock", json!({"podId": "p"}))
+        .await
+        .unwrap();
+    assert_eq!(ack["code"], "LOCKED");
+    drop(tab2);
+    // Lost, not left: released once the window is over.
+    let u = other.expect_event("pod:unlocked").await.unwrap();
+    assert_eq!(u["reason"], "released");
+    assert_eq!(
+        redis.cli(&["HLEN", "{flow:tabs}:locks:holders"]).unwrap(),
+        "0",
+        "no holder entry is left behind"
+    );
+}

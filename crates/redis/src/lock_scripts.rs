@@ -65,21 +65,24 @@ local function has(l, sid)
   for _, h in ipairs(l.h) do if h == sid then return true end end
   return false
 end
-local function holds_any(sid)
-  for _, v in ipairs(redis.call('HVALS', KEYS[1])) do
-    if has(cjson.decode(v), sid) then return true end
-  end
-  return false
-end
 local function forget(sid)
   redis.call('HDEL', KEYS[2], sid)
   redis.call('ZREM', KEYS[3], sid)
 end
+-- Forgets the holders in `candidates` that hold no lock any more: one
+-- pass over the room's locks, whatever the number of candidates.
+local function forget_idle(candidates)
+  local busy = {}
+  for _, v in ipairs(redis.call('HVALS', KEYS[1])) do
+    for _, h in ipairs(cjson.decode(v).h) do busy[h] = true end
+  end
+  for _, h in ipairs(candidates) do
+    if not busy[h] then forget(h) end
+  end
+end
 local function remove(pod, l)
   redis.call('HDEL', KEYS[1], pod)
-  for _, h in ipairs(l.h) do
-    if not holds_any(h) then forget(h) end
-  end
+  forget_idle(l.h)
 end
 local function drop_holder(sid, freed)
   local all = redis.call('HGETALL', KEYS[1])
@@ -162,15 +165,17 @@ return drop_holder(ARGV[1], {})
 
 /// ARGV: user. Returns the freed locks' JSON.
 const LOCK_RELEASE_USER: &str = r#"
-local freed = {}
+local freed, holders = {}, {}
 local all = redis.call('HGETALL', KEYS[1])
 for i = 1, #all, 2 do
   local l = cjson.decode(all[i + 1])
   if l.u == ARGV[1] then
-    remove(all[i], l)
+    redis.call('HDEL', KEYS[1], all[i])
     freed[#freed + 1] = info(all[i], l)
+    for _, h in ipairs(l.h) do holders[#holders + 1] = h end
   end
 end
+forget_idle(holders)
 return freed
 "#;
 

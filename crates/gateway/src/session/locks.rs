@@ -23,6 +23,10 @@ use crate::engine::{Acquired, LockHolder, Unlocked};
 use crate::events::{LockAction, RelayRule};
 use crate::ids::iso_now;
 
+/// Pods one socket may hold at once. Far above what a person drags; it
+/// bounds what one client can make the store and every refresh carry.
+pub(crate) const MAX_HELD: usize = 100;
+
 /// The pods one socket holds in its flow.
 #[derive(Debug, Default)]
 pub(crate) struct HeldLocks {
@@ -137,6 +141,15 @@ impl Session {
         let locks = &app.engine.locks;
         match action {
             LockAction::Acquire => {
+                let full = self.held_mut().is_some_and(|h| {
+                    h.pods.len() >= MAX_HELD && !h.pods.iter().any(|(p, _)| *p == pod)
+                });
+                if full {
+                    return Err(Refusal::new(
+                        "LOCKED",
+                        format!("Too many pods locked at once (at most {MAX_HELD})"),
+                    ));
+                }
                 let at = iso_now();
                 let ttl = app.config.session_ttl;
                 match locks.acquire(&room, &pod, &holder, &at, ttl).await {

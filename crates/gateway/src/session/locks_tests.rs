@@ -88,6 +88,27 @@ async fn one_holder_per_pod_and_the_refusals() {
 }
 
 #[tokio::test]
+async fn one_socket_holds_a_bounded_number_of_locks() {
+    let app = app(&[
+        ("FLOWGATE_RATE_LIMIT_PER_SEC", "1000"),
+        ("FLOWGATE_RATE_LIMIT_BURST", "1000"),
+    ])
+    .await;
+    let (mut a, _) = joined(&app, "ada", "f").await;
+    for i in 0..super::locks::MAX_HELD {
+        let (ack, _) = lock_event(&mut a, "pod:lock", &format!("p{i}")).await;
+        assert_eq!(ack, json!({"ok": true}), "lock {i}");
+    }
+    let (ack, _) = lock_event(&mut a, "pod:lock", "one-more").await;
+    assert_eq!(ack["code"], "LOCKED");
+    let (ack, _) = lock_event(&mut a, "pod:lock", "p0").await;
+    assert_eq!(ack, json!({"ok": true}), "re-locking a held pod is fine");
+    lock_event(&mut a, "pod:unlock", "p0").await;
+    let (ack, _) = lock_event(&mut a, "pod:lock", "one-more").await;
+    assert_eq!(ack, json!({"ok": true}));
+}
+
+#[tokio::test]
 async fn delete_releases_without_an_unlock_and_payloads_are_checked() {
     let app = app(&[]).await;
     let (mut a, _) = joined(&app, "ada", "f").await;
