@@ -1,13 +1,16 @@
 //! The engine seam: what must be shared between gateway nodes — the room bus,
-//! presence and the per-user rate limiter — behind small traits.
+//! presence, pod locks and the per-user rate limiter — behind small traits.
 //!
 //! Session code only sees these traits. The in-memory engine ([`memory`])
 //! serves a single node with no dependencies (and many in-process nodes in
 //! tests); the Redis engine implements the same traits for a cluster.
 
+pub mod locks;
 pub mod memory;
+pub mod memory_locks;
 mod offset;
 
+pub use locks::{Acquired, LockHolder, LockInfo, PodLocks, Refreshed, Unlocked};
 pub use offset::{BadOffset, Offset};
 
 use std::sync::Arc;
@@ -382,6 +385,8 @@ pub struct Engine {
     pub queue: Option<Arc<dyn EventQueue>>,
     /// The access-decision cache (Redis engine only).
     pub access_cache: Option<Arc<dyn AccessCache>>,
+    /// Pod locks.
+    pub locks: Arc<dyn PodLocks>,
 }
 
 impl std::fmt::Debug for Engine {

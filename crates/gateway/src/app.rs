@@ -135,6 +135,7 @@ impl App {
         });
         let (tasks, stop) = &app.background;
         tasks.spawn(crate::recovery_keeper::run(app.clone(), stop.clone()));
+        tasks.spawn(crate::lock_keeper::run(app.clone(), stop.clone()));
         Ok(app)
     }
 

@@ -39,6 +39,7 @@ pub fn router(app: Arc<App>) -> Router {
             post(publish_event).get(history),
         )
         .route("/v1/flows/{flow_id}/presence", get(presence))
+        .route("/v1/flows/{flow_id}/locks", get(locks))
         .route(
             "/v1/flows/{flow_id}/members/{user_id}",
             axum::routing::put(grant).delete(revoke),
@@ -383,6 +384,18 @@ async fn presence(
     Ok(Json(members).into_response())
 }
 
+/// The flow's pod locks, as `flow:locks` lists them.
+async fn locks(
+    State(app): State<Arc<App>>,
+    Path(flow_id): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    service_auth(&app, &headers)?;
+    let room = flow_room(&flow_id)?;
+    let locks = app.engine.locks.list(&room).await.map_err(unavailable)?;
+    Ok(Json(locks).into_response())
+}
+
 fn store(app: &App) -> Result<&flowgate_store::Store, ApiError> {
     app.store.as_ref().ok_or_else(|| {
         ApiError(
@@ -476,6 +489,9 @@ async fn revoke(
             .put(&flow_id, &user_id, false, app.config.access_cache_ttl)
             .await;
     }
+    // The user's locks go now, also those of a socket that is away (it
+    // could only come back refused).
+    crate::lock_keeper::release_user_locks(&app, &room, &user_id).await;
     // Every node holding a socket of this user in the room drops it now.
     app.engine
         .bus

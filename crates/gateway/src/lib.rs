@@ -16,6 +16,7 @@ pub mod events;
 pub mod http;
 pub mod ids;
 pub mod listener;
+pub mod lock_keeper;
 pub mod log_sample;
 pub mod metrics;
 pub mod outbound;

@@ -42,6 +42,24 @@ pub(crate) fn presence_keys(room: &str) -> Vec<String> {
         format!("{{{room}}}:presence:owner"),
     ]
 }
+/// A room's pod locks, in the order the lock scripts take them: locks
+/// (pod → `{u, t, h}`: user, lock time, holding sockets), holder owners
+/// (socket id → `node/connection`), holder expiries (socket id → expiry,
+/// Redis time), and the generation of the room's locks (a random id that
+/// changes only when Redis lost them).
+pub(crate) fn lock_keys(room: &str) -> Vec<String> {
+    vec![
+        format!("{{{room}}}:locks"),
+        format!("{{{room}}}:locks:holders"),
+        format!("{{{room}}}:locks:exp"),
+        format!("{{{room}}}:locks:epoch"),
+    ]
+}
+/// Rooms with lock holders, scored by the earliest time one may expire (a
+/// score may be early, never late): what the lock sweep visits.
+pub(crate) const LOCKS_DUE_KEY: &str = "flowgate:locks:due";
+/// Held by the node sweeping locks, for one heartbeat.
+pub(crate) const LOCKS_SWEEP_KEY: &str = "flowgate:locks:sweep";
 /// A recoverable session's record, tagged by its pid.
 pub(crate) fn session_key(pid: &str) -> String {
     format!("flowgate:session:{{{pid}}}")
@@ -65,7 +83,10 @@ mod tests {
         assert_eq!(channel("flow:1"), "{flow:1}:bus");
         assert_eq!(room_of_channel("{flow:1}:bus"), Some("flow:1"));
         assert_eq!(room_of_channel("other"), None);
-        for k in presence_keys("flow:1") {
+        for k in presence_keys("flow:1")
+            .into_iter()
+            .chain(lock_keys("flow:1"))
+        {
             assert!(k.starts_with("{flow:1}"));
         }
     }

@@ -26,7 +26,8 @@
 //! (every key and channel name), `metrics`, `bus` (publish/subscribe),
 //! `subscriber` (the message pump and re-subscription), `presence`,
 //! `reaper` (dead nodes and the maintenance loop), `limiter`,
-//! `event_queue`, `access_cache`, `scripts` (the Lua).
+//! `event_queue`, `access_cache`, `locks` (pod locks), `scripts` and
+//! `lock_scripts` (the Lua).
 
 mod access_cache;
 mod bus;
@@ -34,6 +35,8 @@ mod client;
 mod event_queue;
 mod keys;
 mod limiter;
+mod lock_scripts;
+mod locks;
 mod metrics;
 mod presence;
 mod reaper;
@@ -201,6 +204,7 @@ impl RedisEngine {
             sessions: Arc::new(engine.clone()),
             queue: Some(Arc::new(engine.clone())),
             access_cache: Some(Arc::new(engine.clone())),
+            locks: Arc::new(engine.clone()),
             health: Arc::new(engine),
         })
     }

@@ -6,6 +6,8 @@
 
 use fred::types::scripts::Script;
 
+use crate::lock_scripts::LockScripts;
+
 /// The engine's scripts, built once at start.
 pub(crate) struct Scripts {
     pub(crate) publish: Script,
@@ -21,6 +23,7 @@ pub(crate) struct Scripts {
     pub(crate) node_alive: Script,
     pub(crate) session_save: Script,
     pub(crate) session_release: Script,
+    pub(crate) locks: LockScripts,
 }
 
 impl Scripts {
@@ -39,6 +42,7 @@ impl Scripts {
             node_alive: Script::from_lua(NODE_ALIVE),
             session_save: Script::from_lua(SESSION_SAVE),
             session_release: Script::from_lua(SESSION_RELEASE),
+            locks: LockScripts::new(),
         }
     }
 }

@@ -253,6 +253,7 @@ impl Session {
             session: info.clone(),
             last: after,
             start,
+            locks: Default::default(),
         });
         // Claim the record first, so that the connection this one replaces
         // releases nothing when it notices it is gone.
@@ -311,6 +312,7 @@ impl Session {
                 .metrics
                 .engine_failed("presence", &e, &room, "presence rejoin failed"),
         }
+        self.adopt_locks().await;
         info!(user = ?info.user_id, socket = %info.socket_id, room = %room, replayed, "session recovered");
         Ok(())
     }

@@ -1,6 +1,6 @@
 //! `flow:join`: access check, room membership (and the bus subscription
-//! that follows), presence, `flow:users` to the joiner and `user:joined` to
-//! the others.
+//! that follows), presence, `flow:users` and `flow:locks` to the joiner
+//! and `user:joined` to the others.
 
 use std::sync::Arc;
 
@@ -55,6 +55,7 @@ impl Session {
                 "flow:users",
                 &serde_json::to_value(&members).unwrap_or_default(),
             );
+            self.emit_flow_locks(&room).await;
             return Ok(());
         }
         let session = SessionInfo {
@@ -106,6 +107,7 @@ impl Session {
                 session: session.clone(),
                 last: start,
                 start,
+                locks: Default::default(),
             });
         }
         self.save_record().await;
@@ -113,6 +115,7 @@ impl Session {
             "flow:users",
             &serde_json::to_value(&members).unwrap_or_default(),
         );
+        self.emit_flow_locks(&room).await;
         self.announce_joined(&room, &session).await;
         info!(user = ?session.user_id, room = %room, "joined flow");
         Ok(())

@@ -11,16 +11,19 @@
 //!
 //! One file per job: [`connect`] (CONNECT, auth, recovery), [`join`],
 //! [`leave`], [`refresh`] (`auth:refresh`), [`relay`] (the relay table's
-//! events), [`reply`] (acks, `error`, own events).
+//! events), [`locks`] (pod locks), [`reply`] (acks, `error`, own events).
 
 mod connect;
 mod join;
 mod leave;
+mod locks;
 mod refresh;
 mod relay;
 mod reply;
 mod slots;
 
+#[cfg(test)]
+mod locks_tests;
 #[cfg(test)]
 mod tests;
 
@@ -71,6 +74,8 @@ pub(crate) struct Joined {
     pub(crate) last: Offset,
     /// The room's newest offset when the socket joined.
     pub(crate) start: Offset,
+    /// The pod locks this socket holds in the flow.
+    pub(crate) locks: locks::HeldLocks,
 }
 
 /// The `/flows` socket of a connection, once authenticated.
@@ -190,17 +195,19 @@ impl Session {
 
     /// When [`Session::on_timer`] must run next.
     pub fn deadline(&self) -> Option<Instant> {
-        match (
+        [
             self.connect_deadline,
             self.socket.as_ref().and_then(|s| s.expires),
-        ) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+            self.locks_deadline(),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
     }
 
-    /// Connect timeout and token expiry.
+    /// Connect timeout, token expiry, and the refresh of held locks.
     pub async fn on_timer(&mut self, now: Instant) -> Result<(), End> {
+        self.on_locks_timer(now).await;
         if self.connect_deadline.is_some_and(|t| t <= now) {
             return Err(End::ConnectTimeout);
         }
@@ -384,8 +391,14 @@ impl Session {
         if self.socket.is_none() {
             return;
         }
-        // The record keeps the flow, so that a recovery rejoins it.
-        self.leave_flow().await;
+        // The record keeps the flow, so that a recovery rejoins it; the
+        // locks too, for the window.
+        if end.recoverable() {
+            self.suspend_locks().await;
+            self.leave_room(true).await;
+        } else {
+            self.leave_flow().await;
+        }
         if end.recoverable() {
             self.release().await;
         } else {
