@@ -106,7 +106,11 @@ impl Session {
                         .recoveries
                         .with_label_values(&["recovered"])
                         .inc();
+                    self.pre_auth = None;
                     self.greet();
+                    for f in std::mem::take(&mut self.replay) {
+                        self.push_local(OutFrame::Room(f));
+                    }
                     return;
                 }
                 Err(why) => {
