@@ -20,8 +20,9 @@ use serde_json::{json, Value};
 use tracing::{info, warn};
 
 use crate::app::App;
-use crate::engine::{Control, QueuedEvent, RoomMessage};
+use crate::engine::{Control, Offset, QueuedEvent, RoomMessage};
 use crate::engineio::{self, ws::WsTransport};
+use crate::eventlog::HistoryError;
 use crate::events::RESERVED;
 use crate::rooms::room_of;
 use crate::session::Handshake;
@@ -395,14 +396,33 @@ fn db_error(e: flowgate_store::StoreError) -> ApiError {
 }
 
 fn check_user_id(user_id: &str) -> Result<(), ApiError> {
-    if user_id.is_empty() || user_id.len() > 256 {
+    // No control characters: Postgres refuses NUL in text, and that must
+    // be a 400 naming the parameter, not a database failure.
+    if user_id.is_empty() || user_id.len() > 256 || user_id.chars().any(char::is_control) {
         return Err(ApiError(
             StatusCode::BAD_REQUEST,
             "INVALID_USER_ID",
-            "userId must be 1-256 characters".into(),
+            "path parameter userId must be 1-256 characters, none of them control characters"
+                .into(),
         ));
     }
     Ok(())
+}
+
+/// `{flowId}/members/{userId}` of the path: a segment that is not UTF-8
+/// after percent-decoding is a 400 with the JSON error of the API.
+fn member_path(
+    path: Result<Path<(String, String)>, axum::extract::rejection::PathRejection>,
+) -> Result<(String, String), ApiError> {
+    let Path((flow_id, user_id)) = path.map_err(|e| {
+        ApiError(
+            StatusCode::BAD_REQUEST,
+            "INVALID_PATH",
+            format!("path parameters flowId and userId: {}", e.body_text()),
+        )
+    })?;
+    check_user_id(&user_id)?;
+    Ok((flow_id, user_id))
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -413,13 +433,13 @@ struct GrantBody {
 
 async fn grant(
     State(app): State<Arc<App>>,
-    Path((flow_id, user_id)): Path<(String, String)>,
+    path: Result<Path<(String, String)>, axum::extract::rejection::PathRejection>,
     headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> Result<Response, ApiError> {
     service_auth(&app, &headers)?;
+    let (flow_id, user_id) = member_path(path)?;
     flow_room(&flow_id)?;
-    check_user_id(&user_id)?;
     // The body is optional; when present it must be `{role?}`.
     let body: GrantBody = if body.iter().all(u8::is_ascii_whitespace) {
         GrantBody::default()
@@ -449,24 +469,32 @@ async fn grant(
     )
 }
 
+/// Revokes a membership race-free: the refusal is cached before the
+/// eviction is published, and a join re-checks access once its socket is
+/// a local member of the room (`session::join`), so a join that passed
+/// its check just before the revocation either sees the refusal or is
+/// evicted by the control message.
 async fn revoke(
     State(app): State<Arc<App>>,
-    Path((flow_id, user_id)): Path<(String, String)>,
+    path: Result<Path<(String, String)>, axum::extract::rejection::PathRejection>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     service_auth(&app, &headers)?;
+    let (flow_id, user_id) = member_path(path)?;
     let room = flow_room(&flow_id)?;
-    check_user_id(&user_id)?;
     let removed = store(&app)?
         .revoke(&flow_id, &user_id)
         .await
         .map_err(db_error)?;
     // Cache the refusal rather than forgetting the grant: a join that read
     // the membership just before the delete cannot then cache it back.
+    // Without it a join's re-check could still read a cached grant, so a
+    // failure here fails the revocation (it is idempotent: retry).
     if let Some(cache) = &app.engine.access_cache {
-        let _ = cache
+        cache
             .put(&flow_id, &user_id, false, app.config.access_cache_ttl)
-            .await;
+            .await
+            .map_err(unavailable)?;
     }
     // Every node holding a socket of this user in the room drops it now.
     app.engine
@@ -483,19 +511,51 @@ async fn revoke(
     Ok(Json(json!({"ok": true, "removed": removed})).into_response())
 }
 
-#[derive(Debug, Deserialize)]
-struct HistoryQuery {
-    after: Option<String>,
-    limit: Option<i64>,
+/// `after` and `limit` of a history request; an error names the parameter.
+fn history_params(q: &HashMap<String, String>) -> Result<(Option<Offset>, i64), ApiError> {
+    let limit = match q.get("limit").map(|l| l.trim()) {
+        None | Some("") => 100,
+        Some(l) => l
+            .parse::<i64>()
+            .ok()
+            .filter(|l| (1..=1000).contains(l))
+            .ok_or_else(|| {
+                ApiError(
+                    StatusCode::BAD_REQUEST,
+                    "INVALID_LIMIT",
+                    "query parameter `limit` must be an integer from 1 to 1000".into(),
+                )
+            })?,
+    };
+    let after = match q.get("after").map(|a| a.trim()) {
+        None | Some("") => None,
+        Some(a) => {
+            // The store's check too: an offset Postgres cannot date is a
+            // bad parameter (400), not a database failure (503).
+            let offset = flowgate_store::parse_offset(a)
+                .ok()
+                .and_then(|_| a.parse::<Offset>().ok())
+                .ok_or_else(|| {
+                    ApiError(
+                        StatusCode::BAD_REQUEST,
+                        "INVALID_OFFSET",
+                        "query parameter `after` must be an event offset `<ms>-<seq>`".into(),
+                    )
+                })?;
+            Some(offset)
+        }
+    };
+    Ok((after, limit))
 }
 
 /// The durable log of a flow: a service token, or a user token whose user
-/// may join the flow.
+/// may join the flow. Only events below the flow's watermark are served
+/// (see [`crate::eventlog`]), so paging never skips one that commits later.
 async fn history(
     State(app): State<Arc<App>>,
     Path(flow_id): Path<String>,
     headers: HeaderMap,
-    query: Result<Query<HistoryQuery>, axum::extract::rejection::QueryRejection>,
+    query: Result<Query<HashMap<String, String>>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ApiError> {
     flow_room(&flow_id)?;
     if service_auth(&app, &headers).is_err() {
@@ -523,25 +583,19 @@ async fn history(
     }
     let Query(q) =
         query.map_err(|e| ApiError(StatusCode::BAD_REQUEST, "INVALID_QUERY", e.body_text()))?;
-    let limit = q.limit.unwrap_or(100);
-    if !(1..=1000).contains(&limit) {
-        return Err(ApiError(
-            StatusCode::BAD_REQUEST,
-            "INVALID_LIMIT",
-            "limit must be 1-1000".into(),
-        ));
+    let (after, limit) = history_params(&q)?;
+    let store = store(&app)?;
+    let queue = app
+        .engine
+        .queue
+        .as_deref()
+        .ok_or_else(|| unavailable("no event-log queue"))?;
+    match crate::eventlog::history(queue, store, &flow_id, after, limit).await {
+        Ok(page) => Ok(Json(page).into_response()),
+        Err(HistoryError::Store(e)) => Err(db_error(e)),
+        Err(HistoryError::Queue(e)) => {
+            warn!(error = %e, flow_id, "history watermark unavailable");
+            Err(unavailable(e))
+        }
     }
-    let after = q.after.filter(|a| !a.is_empty());
-    if let Some(a) = &after {
-        flowgate_store::parse_offset(a)
-            .map_err(|e| ApiError(StatusCode::BAD_REQUEST, "INVALID_OFFSET", e.to_string()))?;
-    }
-    let events = store(&app)?
-        .events(&flow_id, after.as_deref(), limit)
-        .await
-        .map_err(db_error)?;
-    let next = (events.len() as i64 == limit)
-        .then(|| events.last().map(|e| e.offset.clone()))
-        .flatten();
-    Ok(Json(json!({"events": events, "next": next})).into_response())
 }

@@ -21,6 +21,7 @@ use thiserror::Error;
 mod access;
 mod database;
 mod drain;
+mod eventlog;
 mod jwt;
 mod limits;
 mod logging;
@@ -30,6 +31,7 @@ mod server;
 mod socketio;
 
 pub use access::AccessPolicy;
+pub use eventlog::EventLogConfig;
 pub use jwt::{JwtConfig, JwtKey};
 pub use logging::LogFormat;
 
@@ -149,6 +151,8 @@ pub struct Config {
     pub event_retention_months: u32,
     /// `FLOWGATE_EVENTLOG_BATCH` (500): events per write.
     pub eventlog_batch: usize,
+    /// The event-log queue's cap and enqueue grace.
+    pub eventlog: EventLogConfig,
 }
 
 fn get<'a>(vars: &'a HashMap<String, String>, name: &str) -> Option<&'a str> {
@@ -237,6 +241,7 @@ impl Config {
                 "the durable event log is fed from a queue in Redis: set REDIS_URL too",
             ));
         }
+        let eventlog = EventLogConfig::from_vars(vars)?;
         let log_format = LogFormat::from_vars(vars)?;
         let socketio::SocketIo {
             ping_interval,
@@ -306,6 +311,7 @@ impl Config {
             access_cache_ttl,
             event_retention_months,
             eventlog_batch,
+            eventlog,
         })
     }
 }
