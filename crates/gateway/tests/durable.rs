@@ -958,8 +958,12 @@ async fn malformed_api_parameters_are_400s_naming_the_parameter() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_join_racing_a_revocation_never_stays_in_the_room() {
     let e = env().await;
-    let a = node(&e, "a", &[]).await;
-    let b = node(&e, "b", &[]).await;
+    let budget = [
+        ("FLOWGATE_RATE_LIMIT_PER_SEC", "1000"),
+        ("FLOWGATE_RATE_LIMIT_BURST", "1000"),
+    ];
+    let a = node(&e, "a", &budget).await;
+    let b = node(&e, "b", &budget).await;
     let rounds = 40;
     let mut joined_first = 0;
     for round in 0..rounds {
@@ -1049,11 +1053,9 @@ async fn a_refreshed_token_that_no_longer_allows_the_flow_leaves_it() {
         .unwrap();
     assert_eq!(ack, json!({"ok": true}));
     // No longer allowed: the token is taken, the flow is left.
-    let ack = c
-        .emit_ack(4, "auth:refresh", json!({"token": claims(json!(["f2"]))}))
+    c.emit("auth:refresh", json!({"token": claims(json!(["f2"]))}))
         .await
         .unwrap();
-    assert_eq!(ack, json!({"ok": true}));
     let err = c.expect_event("error").await.unwrap();
     assert_eq!(err["code"], "FORBIDDEN");
     let ack = c
