@@ -92,7 +92,8 @@ impl Store {
             .await?;
         let mut old = Vec::new();
         for (name, qualified) in parts {
-            if !partition_month(&name).is_some_and(|m| m < (year, month)) {
+            // Not one of ours, or not expired.
+            if partition_month(&name).is_none_or(|m| m >= (year, month)) {
                 continue;
             }
             self.timed("drop partition", async {
