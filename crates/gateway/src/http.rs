@@ -20,12 +20,14 @@ use serde_json::{json, Value};
 use tracing::{info, warn};
 
 use crate::app::App;
-use crate::engine::{Control, Offset, QueuedEvent, RoomMessage};
+use crate::engine::{Control, QueuedEvent, RoomMessage};
 use crate::engineio::{self, ws::WsTransport};
-use crate::eventlog::HistoryError;
 use crate::events::RESERVED;
 use crate::rooms::room_of;
 use crate::session::Handshake;
+
+mod history;
+use history::history;
 
 /// Every route of a node.
 pub fn router(app: Arc<App>) -> Router {
@@ -509,93 +511,4 @@ async fn revoke(
         .map_err(unavailable)?;
     info!(flow_id, user_id, removed, "membership revoked");
     Ok(Json(json!({"ok": true, "removed": removed})).into_response())
-}
-
-/// `after` and `limit` of a history request; an error names the parameter.
-fn history_params(q: &HashMap<String, String>) -> Result<(Option<Offset>, i64), ApiError> {
-    let limit = match q.get("limit").map(|l| l.trim()) {
-        None | Some("") => 100,
-        Some(l) => l
-            .parse::<i64>()
-            .ok()
-            .filter(|l| (1..=1000).contains(l))
-            .ok_or_else(|| {
-                ApiError(
-                    StatusCode::BAD_REQUEST,
-                    "INVALID_LIMIT",
-                    "query parameter `limit` must be an integer from 1 to 1000".into(),
-                )
-            })?,
-    };
-    let after = match q.get("after").map(|a| a.trim()) {
-        None | Some("") => None,
-        Some(a) => {
-            // The store's check too: an offset Postgres cannot date is a
-            // bad parameter (400), not a database failure (503).
-            let offset = flowgate_store::parse_offset(a)
-                .ok()
-                .and_then(|_| a.parse::<Offset>().ok())
-                .ok_or_else(|| {
-                    ApiError(
-                        StatusCode::BAD_REQUEST,
-                        "INVALID_OFFSET",
-                        "query parameter `after` must be an event offset `<ms>-<seq>`".into(),
-                    )
-                })?;
-            Some(offset)
-        }
-    };
-    Ok((after, limit))
-}
-
-/// The durable log of a flow: a service token, or a user token whose user
-/// may join the flow. Only events below the flow's watermark are served
-/// (see [`crate::eventlog`]), so paging never skips one that commits later.
-async fn history(
-    State(app): State<Arc<App>>,
-    Path(flow_id): Path<String>,
-    headers: HeaderMap,
-    query: Result<Query<HashMap<String, String>>, axum::extract::rejection::QueryRejection>,
-) -> Result<Response, ApiError> {
-    flow_room(&flow_id)?;
-    if service_auth(&app, &headers).is_err() {
-        let token = bearer(&headers).ok_or_else(|| {
-            ApiError(
-                StatusCode::UNAUTHORIZED,
-                "UNAUTHORIZED",
-                "Authorization: Bearer <token> required".into(),
-            )
-        })?;
-        let identity = app
-            .verifier
-            .verify(&token)
-            .map_err(|e| ApiError(StatusCode::UNAUTHORIZED, e.code(), e.to_string()))?;
-        let allowed = crate::access::may_join(&app, &identity, &flow_id)
-            .await
-            .map_err(unavailable)?;
-        if !allowed {
-            return Err(ApiError(
-                StatusCode::FORBIDDEN,
-                "FORBIDDEN",
-                "not a member of this flow".into(),
-            ));
-        }
-    }
-    let Query(q) =
-        query.map_err(|e| ApiError(StatusCode::BAD_REQUEST, "INVALID_QUERY", e.body_text()))?;
-    let (after, limit) = history_params(&q)?;
-    let store = store(&app)?;
-    let queue = app
-        .engine
-        .queue
-        .as_deref()
-        .ok_or_else(|| unavailable("no event-log queue"))?;
-    match crate::eventlog::history(queue, store, &flow_id, after, limit).await {
-        Ok(page) => Ok(Json(page).into_response()),
-        Err(HistoryError::Store(e)) => Err(db_error(e)),
-        Err(HistoryError::Queue(e)) => {
-            warn!(error = %e, flow_id, "history watermark unavailable");
-            Err(unavailable(e))
-        }
-    }
 }
