@@ -1,10 +1,10 @@
 //! `auth:refresh`: a new token for the same user before the old one
 //! expires. The access policy is applied again with the new token's
 //! claims: a token that no longer allows the socket's flow takes the
-//! socket out of it (`error` FORBIDDEN), as a revocation would.
+//! socket out of it (`error` FORBIDDEN), as a revoked membership does.
 
-use serde_json::{json, Value};
-use tracing::{debug, info, warn};
+use serde_json::Value;
+use tracing::{debug, warn};
 
 use super::{Refusal, Session};
 use crate::session::connect::expiry_instant;
@@ -31,28 +31,17 @@ impl Session {
         socket.expires = expiry_instant(identity.expires_at, leeway);
         socket.identity = identity;
         debug!(user = ?socket.user_id, "token refreshed");
-        let Some(flow_id) = socket.flow.as_ref().map(|j| j.session.flow_id.clone()) else {
+        let Some((room, flow_id)) = socket
+            .flow
+            .as_ref()
+            .map(|j| (j.room.clone(), j.session.flow_id.clone()))
+        else {
             return Ok(());
         };
         match crate::access::may_join(&self.app, &socket.identity, &flow_id).await {
             Ok(true) => {}
-            Ok(false) => {
-                info!(
-                    flow_id,
-                    "refreshed token no longer allows the flow: leaving it"
-                );
-                self.leave_flow().await;
-                self.save_record().await;
-                self.app
-                    .metrics
-                    .refusals
-                    .with_label_values(&["FORBIDDEN"])
-                    .inc();
-                self.emit(
-                    "error",
-                    &json!({"message": "The new token does not allow this flow", "code": "FORBIDDEN"}),
-                );
-            }
+            // Out of the flow exactly as when a membership is revoked.
+            Ok(false) => self.on_evicted(&room).await,
             // The token itself is fine; the socket stays where it is until
             // access can be decided again (the next join or refresh).
             Err(e) => warn!(error = %e, flow_id, "access not re-checked on refresh"),
