@@ -245,3 +245,24 @@ impl Store {
         Ok(started.elapsed())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, Error)]
+    #[error("db error")]
+    struct Outer(#[source] Inner);
+
+    #[derive(Debug, Error)]
+    #[error("ERROR: relation \"room_events\" does not exist")]
+    struct Inner;
+
+    #[test]
+    fn errors_carry_their_causes() {
+        assert_eq!(
+            q(Outer(Inner)).to_string(),
+            "database query: db error: ERROR: relation \"room_events\" does not exist"
+        );
+    }
+}
