@@ -11,6 +11,17 @@ pub(crate) const QUEUE_KEY: &str = "flowgate:eventlog";
 pub(crate) const QUEUE_GROUP: &str = "writers";
 /// A queue entry unacknowledged this long (its writer died) is taken over.
 pub(crate) const QUEUE_CLAIM_IDLE_MS: u64 = 30_000;
+/// Bytes of events in the queue (kept by the queue's scripts, for its cap).
+/// Every queue key shares the queue's hash tag.
+pub(crate) const QUEUE_BYTES_KEY: &str = "{flowgate:eventlog}:bytes";
+/// Entries that can never be written, with the reason.
+pub(crate) const QUEUE_DEAD_KEY: &str = "{flowgate:eventlog}:dead";
+/// Approximate number of dead letters kept.
+pub(crate) const QUEUE_DEAD_LEN: u64 = 10_000;
+/// A flow's queued entries (entry id → offset time), for its watermark.
+pub(crate) fn queue_pending_key(flow_id: &str) -> String {
+    format!("{{flowgate:eventlog}}:pending:{flow_id}")
+}
 
 /// The set of a node's sessions (`room\nsocket id`), so a survivor can
 /// find them when the node dies.

@@ -85,6 +85,14 @@ pub struct RedisSettings {
     pub log_len: u64,
     /// A room stream without events for this long is deleted.
     pub log_ttl: Duration,
+    /// The event-log queue's cap in entries: persisted events are refused
+    /// beyond it.
+    pub queue_max_len: u64,
+    /// The event-log queue's cap in bytes of events.
+    pub queue_max_bytes: u64,
+    /// How long after its publication an event may still enter the
+    /// event-log queue; history holds back the latest this long.
+    pub enqueue_grace: Duration,
 }
 
 pub(crate) fn err(e: impl std::fmt::Display) -> EngineError {
@@ -107,6 +115,7 @@ pub(crate) struct Inner {
     /// Redis is unreachable).
     pub(crate) local: DefaultKeyedRateLimiter<String>,
     pub(crate) scripts: Scripts,
+    pub(crate) queue_scripts: event_queue::QueueScripts,
     pub(crate) metrics: Metrics,
     /// Kept current by the pinger; engine calls fail fast while false.
     pub(crate) up: AtomicBool,
@@ -161,6 +170,7 @@ impl RedisEngine {
             sink,
             local: RateLimiter::keyed(quota),
             scripts: Scripts::new(),
+            queue_scripts: event_queue::QueueScripts::new(),
             metrics: Metrics::new(registry).map_err(err)?,
             up: AtomicBool::new(false),
             latency_us: AtomicU64::new(0),

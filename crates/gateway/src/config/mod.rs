@@ -21,6 +21,7 @@ use thiserror::Error;
 mod access;
 mod database;
 mod drain;
+mod eventlog;
 mod http;
 mod jwt;
 mod limits;
@@ -31,6 +32,7 @@ mod server;
 mod socketio;
 
 pub use access::AccessPolicy;
+pub use eventlog::EventLogConfig;
 pub use jwt::{JwtConfig, JwtKey};
 pub use logging::LogFormat;
 
@@ -167,6 +169,8 @@ pub struct Config {
     pub event_retention_months: u32,
     /// `FLOWGATE_EVENTLOG_BATCH` (500): events per write.
     pub eventlog_batch: usize,
+    /// The event-log queue's cap and enqueue grace.
+    pub eventlog: EventLogConfig,
 }
 
 fn get<'a>(vars: &'a HashMap<String, String>, name: &str) -> Option<&'a str> {
@@ -276,6 +280,7 @@ impl Config {
                 "the durable event log is fed from a queue in Redis: set REDIS_URL too",
             ));
         }
+        let eventlog = EventLogConfig::from_vars(vars)?;
         let log_format = LogFormat::from_vars(vars)?;
         let socketio::SocketIo {
             ping_interval,
@@ -364,6 +369,7 @@ impl Config {
             access_cache_ttl,
             event_retention_months,
             eventlog_batch,
+            eventlog,
         })
     }
 }

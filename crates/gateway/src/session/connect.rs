@@ -270,6 +270,15 @@ impl Session {
             self.abandon_recovery(&room).await;
             return Err(NotRecovered::Unavailable);
         }
+        // Checked again now that the socket is a member, as a join does: a
+        // revocation published before this point did not reach it.
+        if super::join::check_access(&app, identity, &info.flow_id)
+            .await
+            .is_err()
+        {
+            self.abandon_recovery(&room).await;
+            return Err(NotRecovered::Unknown);
+        }
         // Live events now queue behind the replay; the overlap is skipped
         // by offset when written.
         let replay = match app

@@ -374,7 +374,7 @@ impl Session {
             match (name, rule) {
                 ("flow:join", _) => self.join(payload.as_ref()).await,
                 ("flow:leave", _) => self.leave_event().await,
-                ("auth:refresh", _) => self.refresh(payload.as_ref()),
+                ("auth:refresh", _) => self.refresh(payload.as_ref()).await,
                 (_, Some(rule)) => self.relay(&rule, payload.as_ref(), attachments).await,
                 (other, None) => Err(Refusal::new(
                     "UNKNOWN_EVENT",
