@@ -67,7 +67,11 @@ pub(crate) fn publish() -> String {
 
 const PUBLISH: &str = r#"
 local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*', 'm', ARGV[1])
-redis.call('PEXPIRE', KEYS[1], ARGV[3])
+-- The idle expiry is renewed once half of it has run, not on every event:
+-- PTTL is a read, PEXPIRE a write that every replica and the AOF repeat.
+if redis.call('PTTL', KEYS[1]) < tonumber(ARGV[3]) / 2 then
+  redis.call('PEXPIRE', KEYS[1], ARGV[3])
+end
 redis.call('SPUBLISH', KEYS[2], id .. ' ' .. ARGV[1])
 return id
 "#;

@@ -308,7 +308,9 @@ impl Session {
                     debug!("second CONNECT on a connected namespace ignored");
                     return Ok(());
                 }
-                self.on_connect(p.data.as_ref()).await;
+                // Cold path, boxed: its state would otherwise sit in every
+                // connection's resident future.
+                Box::pin(self.on_connect(p.data.as_ref())).await;
                 Ok(())
             }
             PacketType::Disconnect => {
@@ -372,8 +374,9 @@ impl Session {
             Err(Refusal::new("RATE_LIMIT", "Rate limit exceeded"))
         } else {
             match (name, rule) {
-                ("flow:join", _) => self.join(payload.as_ref()).await,
-                ("flow:leave", _) => self.leave_event().await,
+                // Cold paths, boxed (see `on_connect`).
+                ("flow:join", _) => Box::pin(self.join(payload.as_ref())).await,
+                ("flow:leave", _) => Box::pin(self.leave_event()).await,
                 ("auth:refresh", _) => self.refresh(payload.as_ref()).await,
                 (_, Some(rule)) => self.relay(&rule, payload.as_ref(), attachments).await,
                 (other, None) => Err(Refusal::new(
