@@ -9,7 +9,8 @@
 //! frames ([`Session::pop_local`]) before the frames rooms queued for it.
 //! A unit test drives a session the same way, with no socket at all.
 //!
-//! One file per job: [`connect`] (CONNECT, auth, recovery), [`join`],
+//! One file per job: [`connect`] (CONNECT, auth), [`recover`] (connection
+//! state recovery), [`join`],
 //! [`leave`], [`refresh`] (`auth:refresh`), [`relay`] (the relay table's
 //! events), [`locks`] (pod locks), [`reply`] (acks, `error`, own events).
 
@@ -17,6 +18,7 @@ mod connect;
 mod join;
 mod leave;
 mod locks;
+mod recover;
 mod refresh;
 mod relay;
 mod reply;
