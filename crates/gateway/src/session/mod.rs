@@ -25,6 +25,8 @@ mod reply;
 mod slots;
 
 #[cfg(test)]
+mod fuzz_tests;
+#[cfg(test)]
 mod locks_tests;
 #[cfg(test)]
 mod tests;
