@@ -1,5 +1,5 @@
-//! flowgate's gateway node: Socket.IO flow rooms over WebSocket, with
-//! health, metrics and graceful drain.
+//! flowgate's gateway node: Socket.IO flow rooms over WebSocket and HTTP
+//! long-polling, with health, metrics and graceful drain.
 //!
 //! The binary (`main.rs`) only parses configuration, starts tracing and
 //! calls [`serve`]; tests call [`serve`] on a listener bound to port 0.
@@ -35,6 +35,21 @@ pub use config::Config;
 /// The engine seam, re-exported so tests and the gateway share one path.
 pub use flowgate_engine as engine;
 
+/// The URL other nodes forward this node's polling requests to:
+/// `FLOWGATE_ADVERTISE_URL`, else the bound address (loopback when bound to
+/// every interface, which suits one machine; set the variable otherwise).
+fn advertise_url(config: &Config, bound: SocketAddr) -> String {
+    if let Some(url) = &config.advertise_url {
+        return url.clone();
+    }
+    let ip = if bound.ip().is_unspecified() {
+        std::net::IpAddr::from([127, 0, 0, 1])
+    } else {
+        bound.ip()
+    };
+    format!("http://{}", SocketAddr::new(ip, bound.port()))
+}
+
 /// Serves `app` on `listener` until `shutdown` resolves, then drains:
 /// `/health` turns 503 and upgrades are refused, the load balancer is given
 /// `drain_notice` to notice, sockets are closed spread over `drain_window`,
@@ -46,6 +61,9 @@ pub async fn serve(
 ) -> anyhow::Result<()> {
     let addr = listener.local_addr()?;
     info!(addr = %addr, node = %app.config.node_id, engine = app.engine.kind, "listening");
+    if let Some(directory) = &app.eio_sessions.directory {
+        directory.advertise(advertise_url(&app.config, addr));
+    }
     let stop_accepting = CancellationToken::new();
     // Small frames must leave at once: Nagle's algorithm would hold a
     // pod:moved behind the previous one's ACK (tens of ms at p99).

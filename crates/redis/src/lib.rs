@@ -37,6 +37,7 @@ mod limiter;
 mod metrics;
 mod presence;
 mod reaper;
+mod registry;
 mod scripts;
 mod sessions;
 mod subscriber;
@@ -56,6 +57,7 @@ use tracing::warn;
 
 use crate::metrics::Metrics;
 use crate::scripts::Scripts;
+pub use registry::NodeDirectory;
 
 /// Settings of the Redis engine.
 #[derive(Debug, Clone)]

@@ -28,6 +28,7 @@ mod recovery;
 mod redis;
 mod server;
 mod socketio;
+mod transport;
 
 pub use access::AccessPolicy;
 pub use jwt::{JwtConfig, JwtKey};
@@ -149,6 +150,13 @@ pub struct Config {
     pub event_retention_months: u32,
     /// `FLOWGATE_EVENTLOG_BATCH` (500): events per write.
     pub eventlog_batch: usize,
+    /// `FLOWGATE_ADVERTISE_URL`: how other nodes reach this one to forward
+    /// polling requests; `http://<HOST, or 127.0.0.1 when unspecified>:<bound
+    /// port>` when unset.
+    pub advertise_url: Option<String>,
+    /// `FLOWGATE_UPGRADE_TIMEOUT_MS` (10 000): how long a polling session's
+    /// WebSocket probe may take to complete the upgrade.
+    pub upgrade_timeout: Duration,
 }
 
 fn get<'a>(vars: &'a HashMap<String, String>, name: &str) -> Option<&'a str> {
@@ -262,6 +270,10 @@ impl Config {
             drain_window,
             shutdown_deadline,
         } = drain::Drain::from_vars(vars)?;
+        let transport::Transport {
+            advertise_url,
+            upgrade_timeout,
+        } = transport::Transport::from_vars(vars)?;
 
         Ok(Config {
             listen,
@@ -306,6 +318,8 @@ impl Config {
             access_cache_ttl,
             event_retention_months,
             eventlog_batch,
+            advertise_url,
+            upgrade_timeout,
         })
     }
 }
