@@ -62,6 +62,11 @@ pub async fn serve(
     let addr = listener.local_addr()?;
     info!(addr = %addr, node = %app.config.node_id, engine = app.engine.kind, "listening");
     if let Some(directory) = &app.eio_sessions.directory {
+        if app.config.advertise_url.is_none() && addr.ip().is_unspecified() {
+            warn!(
+                "FLOWGATE_ADVERTISE_URL is unset: other nodes will forward polling requests of this node's sessions to 127.0.0.1, which only works when every node runs on this machine"
+            );
+        }
         directory.advertise(advertise_url(&app.config, addr));
     }
     let stop_accepting = CancellationToken::new();
