@@ -280,7 +280,7 @@ async fn drain_answers_the_waiting_get_with_a_close() {
     n.stop().await.unwrap();
     let r = pending.await.unwrap();
     assert_eq!(r.status, 200);
-    assert_eq!(r.body.split(SEP).last(), Some("1"), "{}", r.body);
+    assert_eq!(r.body.split(SEP).next_back(), Some("1"), "{}", r.body);
 }
 
 /// Reads WebSocket text frames until one satisfies `f`.

@@ -11,12 +11,13 @@
 use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 
+use super::EioError;
 use crate::app::App;
 
 /// Checks the `Origin` of a polling request: `Ok(Some(origin))` to echo,
 /// `Ok(None)` when there is none (not a browser's cross-origin request),
 /// `Err` with the 403 to send.
-pub(super) fn check(app: &App, headers: &HeaderMap) -> Result<Option<HeaderValue>, Response> {
+pub(super) fn check(app: &App, headers: &HeaderMap) -> Result<Option<HeaderValue>, EioError> {
     let Some(origin) = headers.get(header::ORIGIN) else {
         return Ok(None);
     };
@@ -33,7 +34,7 @@ pub(super) fn check(app: &App, headers: &HeaderMap) -> Result<Option<HeaderValue
             .with_label_values(&["origin"])
             .inc();
         tracing::info!(origin = ?origin, "polling request refused: origin not allowed");
-        Err(super::eio_error(StatusCode::FORBIDDEN, 4, "Forbidden"))
+        Err(EioError(StatusCode::FORBIDDEN, 4, "Forbidden"))
     }
 }
 

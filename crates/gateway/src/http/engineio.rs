@@ -18,7 +18,7 @@ use axum::response::{IntoResponse, Response};
 use tracing::{info, warn};
 
 use super::forward::{forward, unknown_sid};
-use super::{bearer, cors, eio_error, Slot};
+use super::{bearer, cors, eio_error, EioError, Slot};
 use crate::app::App;
 use crate::engineio::polling::{probe, PollError, PollingTransport, Shared};
 use crate::engineio::{self, ws::WsTransport, Owner};
@@ -56,11 +56,11 @@ pub(super) async fn engine_io(
     let origin = if polling {
         match cors::check(&app, req.headers()) {
             Ok(o) => o,
-            Err(resp) => return resp,
+            Err(e) => return e.into_response(),
         }
     } else {
-        if let Err(resp) = ws_origin(&app, req.headers()) {
-            return resp;
+        if let Err(e) = ws_origin(&app, req.headers()) {
+            return e.into_response();
         }
         None
     };
@@ -82,7 +82,7 @@ pub(super) async fn engine_io(
     cors::apply(resp, origin)
 }
 
-fn ws_origin(app: &App, headers: &HeaderMap) -> Result<(), Response> {
+fn ws_origin(app: &App, headers: &HeaderMap) -> Result<(), EioError> {
     if app.config.allowed_origins.is_empty() {
         return Ok(());
     }
@@ -92,17 +92,17 @@ fn ws_origin(app: &App, headers: &HeaderMap) -> Result<(), Response> {
         if !app.config.allowed_origins.iter().any(|a| a == origin) {
             refused(app, "origin");
             info!(origin, "upgrade refused: origin not allowed");
-            return Err(eio_error(StatusCode::FORBIDDEN, 4, "Forbidden"));
+            return Err(EioError(StatusCode::FORBIDDEN, 4, "Forbidden"));
         }
     }
     Ok(())
 }
 
 /// Takes a connection slot, unless the node drains or is full.
-fn admit(app: &Arc<App>) -> Result<Slot, Response> {
+fn admit(app: &Arc<App>) -> Result<Slot, EioError> {
     if app.drain.is_draining() {
         refused(app, "draining");
-        return Err(eio_error(
+        return Err(EioError(
             StatusCode::SERVICE_UNAVAILABLE,
             3,
             "Server is draining",
@@ -115,7 +115,7 @@ fn admit(app: &Arc<App>) -> Result<Slot, Response> {
             max = app.config.max_connections,
             "connection refused: connection cap reached"
         );
-        return Err(eio_error(
+        return Err(EioError(
             StatusCode::SERVICE_UNAVAILABLE,
             3,
             "Server is at capacity",
@@ -145,7 +145,7 @@ async fn open(
     if polling {
         let slot = match admit(app) {
             Ok(s) => s,
-            Err(resp) => return resp,
+            Err(e) => return e.into_response(),
         };
         let sid = app.eio_sessions.new_sid();
         let cfg = &app.config;
@@ -170,7 +170,7 @@ async fn open(
     };
     let slot = match admit(app) {
         Ok(s) => s,
-        Err(resp) => return resp,
+        Err(e) => return e.into_response(),
     };
     let app = app.clone();
     sized(ws, app.config.max_payload).on_upgrade(move |socket| {

@@ -42,6 +42,17 @@ fn eio_error(status: StatusCode, code: u8, message: &str) -> Response {
     (status, Json(json!({"code": code, "message": message}))).into_response()
 }
 
+/// An Engine.IO error before it becomes a response: small enough to be the
+/// `Err` of a check.
+#[derive(Debug, Clone, Copy)]
+struct EioError(StatusCode, u8, &'static str);
+
+impl IntoResponse for EioError {
+    fn into_response(self) -> Response {
+        eio_error(self.0, self.1, self.2)
+    }
+}
+
 /// Holds one of the node's connection slots until dropped.
 struct Slot(Arc<App>);
 
