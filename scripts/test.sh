@@ -2,7 +2,8 @@
 # Runs every test of flowgate on a fresh machine: installs what the tests
 # need (scripts/deps.sh), checks formatting and lints, runs the Rust tests
 # (unit, property, raw-frame, integration with real dependencies) with
-# nextest, then the socket.io-client interop tests with Node's test runner.
+# nextest, the offline deploy checks, then the socket.io-client interop
+# tests and the real-browser demo test with Node's test runner.
 # Exits non-zero if anything failed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -35,6 +36,11 @@ step bash scripts/check-deploy.sh
     cd crates/gateway/tests/interop &&
         FLOWGATE_BIN="$root/target/debug/flowgate" npm test
 ) || { echo "FAILED: interop tests"; failed=1; }
+# The demo canvas in Debian's chromium (headless, system browser).
+(
+    cd crates/gateway/tests/browser &&
+        FLOWGATE_BIN="$root/target/debug/flowgate" npm test
+) || { echo "FAILED: browser tests"; failed=1; }
 
 if [ "$failed" -ne 0 ]; then
     echo "some checks failed"

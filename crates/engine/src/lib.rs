@@ -139,11 +139,17 @@ pub trait Deliver: Send + Sync + 'static {
     fn deliver(&self, room: &str, offset: Option<Offset>, msg: &RoomMessage);
     /// Rooms with at least one local member.
     fn local_rooms(&self) -> Vec<String>;
+    /// Rooms with a local member, each with the last offset this node
+    /// delivered: where a subscriber that fell behind or reconnected reads
+    /// the room log from to fill its gap.
+    fn positions(&self) -> Vec<(String, Offset)>;
     /// Every local member's presence entry.
     fn local_sessions(&self) -> Vec<LocalSession>;
-    /// Room messages for this node were lost (the bus fell behind): every
-    /// local member must reload.
-    fn resync(&self);
+    /// Whether `socket_id` is a local member of `room` now.
+    fn is_member(&self, room: &str, socket_id: &str) -> bool;
+    /// A gap in `room` that the room log cannot fill (it was trimmed):
+    /// the room's local members must reconnect (and start afresh).
+    fn resync(&self, room: &str);
 }
 
 /// A local member's presence entry, as the node's own record holds it.

@@ -30,6 +30,8 @@ struct RoomLog {
     events: VecDeque<(Offset, RoomMessage)>,
     /// Nodes subscribed to the room.
     subscribers: HashSet<String>,
+    /// When the newest event was logged.
+    last_at: Option<Instant>,
 }
 
 /// The shared state of every node attached to it.
@@ -113,6 +115,32 @@ impl MemoryHub {
         }
     }
 
+    /// Forgets what no one needs any more, so that memory follows the live
+    /// rooms and users, not every flow id ever seen: rooms with no
+    /// subscriber whose log is empty or idle longer than `log_ttl` (the
+    /// Redis engine's streams expire the same way), expired session
+    /// records, and idle limiter state.
+    pub fn prune(&self, log_ttl: Duration) {
+        let now = Instant::now();
+        self.rooms.retain(|_, log| {
+            let log = log.lock();
+            !log.subscribers.is_empty()
+                || log
+                    .last_at
+                    .is_some_and(|t| now.duration_since(t) < log_ttl && !log.events.is_empty())
+        });
+        self.sessions.lock().retain(|_, (_, until)| *until > now);
+        if let Some(l) = self.limiter.lock().as_ref() {
+            l.retain_recent();
+            l.shrink_to_fit();
+        }
+    }
+
+    /// Rooms held (for tests of pruning).
+    pub fn room_count(&self) -> usize {
+        self.rooms.len()
+    }
+
     fn room(&self, room: &str) -> Arc<Mutex<RoomLog>> {
         self.rooms.entry(room.to_owned()).or_default().clone()
     }
@@ -134,6 +162,7 @@ impl RoomBus for MemoryNode {
         } else {
             let o = log.last.next(crate::now_us() / 1000);
             log.last = o;
+            log.last_at = Some(Instant::now());
             log.events.push_back((o, msg.clone()));
             while log.events.len() > self.hub.log_len() {
                 if let Some((old, _)) = log.events.pop_front() {
@@ -327,7 +356,13 @@ mod tests {
         fn local_sessions(&self) -> Vec<LocalSession> {
             Vec::new()
         }
-        fn resync(&self) {}
+        fn resync(&self, _room: &str) {}
+        fn is_member(&self, _room: &str, _socket_id: &str) -> bool {
+            false
+        }
+        fn positions(&self) -> Vec<(String, Offset)> {
+            Vec::new()
+        }
     }
 
     #[tokio::test]
@@ -399,6 +434,29 @@ mod tests {
             e.bus.read_after("flow:1", offsets[1], 10).await.unwrap(),
             Replay::Events(v) if v.len() == 3
         ));
+    }
+
+    #[tokio::test]
+    async fn idle_rooms_are_pruned_and_live_ones_kept() {
+        let hub = MemoryHub::new();
+        let e = hub.engine("a", Arc::new(Recorder::default()), 20, 20);
+        for i in 0..100 {
+            let _ = e.bus.head(&format!("flow:probe{i}")).await;
+        }
+        e.bus.subscribe("flow:live").await.unwrap();
+        e.bus
+            .publish("flow:logged", RoomMessage::new("x", json!({})))
+            .await
+            .unwrap();
+        assert_eq!(hub.room_count(), 102);
+        hub.prune(Duration::from_secs(60));
+        assert_eq!(
+            hub.room_count(),
+            2,
+            "the subscribed room and the fresh log stay"
+        );
+        hub.prune(Duration::ZERO);
+        assert_eq!(hub.room_count(), 1, "an idle log goes");
     }
 
     #[tokio::test]

@@ -42,6 +42,8 @@ pub struct App {
     pub connections: AtomicUsize,
     /// This node's polling sessions, and the owners of other sessions.
     pub eio_sessions: crate::engineio::Sessions,
+    /// Authenticated sockets per user, against `max_connections_per_user`.
+    pub user_slots: Arc<crate::session::UserSlots>,
     /// Background tasks (engine maintenance) and their stop signal.
     pub background: (TaskTracker, CancellationToken),
     /// Postgres through PgBouncer, when `DATABASE_URL` is set.
@@ -75,6 +77,11 @@ impl App {
             None => {
                 let hub = hub.unwrap_or_default();
                 hub.set_log_len(config.room_log_len as usize);
+                background.0.spawn(prune_memory(
+                    hub.clone(),
+                    config.room_log_ttl,
+                    background.1.clone(),
+                ));
                 hub.engine(
                     &config.node_id,
                     fanout.clone(),
@@ -129,6 +136,7 @@ impl App {
             metrics,
             connections: AtomicUsize::new(0),
             eio_sessions,
+            user_slots: Arc::default(),
             background,
             store,
             pg_health: parking_lot::Mutex::new(None),
@@ -182,5 +190,17 @@ impl App {
             stop.clone(),
         ));
         Ok(store)
+    }
+}
+
+/// Prunes the in-memory engine every half minute (idle rooms, expired
+/// session records, idle limiter state).
+async fn prune_memory(hub: Arc<MemoryHub>, log_ttl: std::time::Duration, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(30));
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => hub.prune(log_ttl),
+        }
     }
 }

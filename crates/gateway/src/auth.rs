@@ -123,13 +123,25 @@ impl TokenVerifier {
                 _ => None,
             })
             .ok_or_else(|| AuthError::AuthError("Token has no userId or sub claim".to_owned()))?;
-        let expires_at = claims.get("exp").and_then(Value::as_u64);
+        let expires_at = claims.get("exp").and_then(numeric_date);
         Ok(Identity {
             user_id,
             expires_at,
             claims,
         })
     }
+}
+
+/// A JWT NumericDate in whole seconds, whatever its JSON form: RFC 7519
+/// allows fractional seconds, and `1.7e9` or `1700000000.5` must expire
+/// like `1700000000` (jsonwebtoken validates them the same way). Rounded
+/// down, so a fractional `exp` never lives longer than it says.
+fn numeric_date(v: &Value) -> Option<u64> {
+    v.as_u64().or_else(|| {
+        v.as_f64()
+            .filter(|f| f.is_finite() && *f >= 0.0)
+            .map(|f| f.floor() as u64)
+    })
 }
 
 /// Picks the token in the contract's order: CONNECT auth payload, then the
@@ -249,5 +261,22 @@ mod tests {
         );
         assert_eq!(pick_token(None, None, Some("c")), Some("c"));
         assert_eq!(pick_token(None, Some(""), None), None);
+    }
+
+    #[test]
+    fn a_fractional_exp_still_expires() {
+        let v = TokenVerifier::new(&cfg()).unwrap();
+        let exp = now() as f64 + 60.75;
+        let id = v
+            .verify(&sign(json!({"userId": "u", "exp": exp}), b"secret"))
+            .unwrap();
+        assert_eq!(id.expires_at, Some(exp.floor() as u64));
+        let past = now() as f64 - 10.5;
+        assert!(v
+            .verify(&sign(json!({"userId": "u", "exp": past}), b"secret"))
+            .is_err());
+        assert_eq!(numeric_date(&json!(1.7e9)), Some(1_700_000_000));
+        assert_eq!(numeric_date(&json!(-1.0)), None);
+        assert_eq!(numeric_date(&json!("1")), None);
     }
 }

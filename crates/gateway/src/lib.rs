@@ -15,6 +15,7 @@ pub mod eventlog;
 pub mod events;
 pub mod http;
 pub mod ids;
+pub mod log_sample;
 pub mod metrics;
 pub mod outbound;
 pub mod recovery_keeper;

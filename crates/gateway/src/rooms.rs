@@ -48,6 +48,9 @@ struct Local {
     /// The room's name, shared by every frame of the room.
     name: Arc<str>,
     members: Vec<Member>,
+    /// The last offset delivered here: a message at or before it was
+    /// already delivered (a gap fill and live delivery overlap).
+    last: Offset,
 }
 
 /// Local members by room; the bus delivers into it.
@@ -85,10 +88,12 @@ impl Fanout {
         }
     }
 
-    fn insert(&self, room: &str, member: Member) -> bool {
+    /// Adds a member; `head` is where a room new to this node starts.
+    fn insert(&self, room: &str, member: Member, head: Offset) -> bool {
         let mut local = self.rooms.entry(room.to_owned()).or_insert_with(|| Local {
             name: room.into(),
             members: Vec::new(),
+            last: head,
         });
         let first = local.members.is_empty();
         local.members.retain(|m| m.socket_id != member.socket_id);
@@ -134,9 +139,16 @@ impl Fanout {
 
 impl Deliver for Fanout {
     fn deliver(&self, room: &str, offset: Option<Offset>, msg: &RoomMessage) {
-        let Some(local) = self.rooms.get(room) else {
+        let Some(mut local) = self.rooms.get_mut(room) else {
             return;
         };
+        if let Some(o) = offset {
+            if o <= local.last {
+                return;
+            }
+            local.last = o;
+        }
+        let local = local.downgrade();
         if let Some(Control::RemoveUser { user_id }) = &msg.control {
             for m in local.members.iter().filter(|m| &*m.user_id == user_id) {
                 // The connection does the leaving (it owns the socket's
@@ -171,12 +183,25 @@ impl Deliver for Fanout {
         self.metrics.fanout_latency.observe(latency.as_secs_f64());
     }
 
-    fn resync(&self) {
-        for room in self.rooms.iter() {
-            for m in &room.members {
+    fn resync(&self, room: &str) {
+        if let Some(local) = self.rooms.get(room) {
+            for m in &local.members {
                 m.outbound.kick(Kick::Resync);
             }
         }
+    }
+
+    fn is_member(&self, room: &str, socket_id: &str) -> bool {
+        self.rooms
+            .get(room)
+            .is_some_and(|l| l.members.iter().any(|m| &*m.socket_id == socket_id))
+    }
+
+    fn positions(&self) -> Vec<(String, Offset)> {
+        self.rooms
+            .iter()
+            .map(|r| (r.key().clone(), r.last))
+            .collect()
     }
 
     fn local_rooms(&self) -> Vec<String> {
@@ -244,10 +269,20 @@ impl Rooms {
     /// is the first one.
     pub async fn join(&self, room: &str, member: Member) -> Result<(), EngineError> {
         let _guard = self.lock(room).lock().await;
+        let mut head = Offset::ZERO;
         if !self.fanout.has_members(room) {
             self.bus.subscribe(room).await?;
+            // Subscribed first, then read: nothing published in between is
+            // missed by a later gap fill.
+            head = match self.bus.head(room).await {
+                Ok(h) => h,
+                Err(e) => {
+                    let _ = self.bus.unsubscribe(room).await;
+                    return Err(e);
+                }
+            };
         }
-        self.fanout.insert(room, member);
+        self.fanout.insert(room, member, head);
         Ok(())
     }
 
@@ -267,11 +302,12 @@ mod tests {
     use serde_json::json;
 
     #[tokio::test]
-    async fn resync_closes_every_local_member() {
+    async fn resync_closes_the_rooms_local_members() {
         let metrics = Metrics::new([]);
         let fanout = Fanout::new(metrics.clone());
         let mut outs = Vec::new();
         for (i, room) in ["flow:a", "flow:a", "flow:b"].iter().enumerate() {
+            let head = Offset::ZERO;
             let (out, rx) = Outbound::new(8, 1 << 20, Duration::from_secs(5), metrics.clone());
             let session = SessionInfo {
                 user_id: "u".into(),
@@ -291,15 +327,18 @@ mod tests {
                     outbound: out.clone(),
                     session: Arc::new(session),
                 },
+                head,
             );
             outs.push((out, rx));
         }
         assert_eq!(fanout.local_pids().len(), 3);
-        fanout.resync();
-        for (out, _rx) in &outs {
+        fanout.resync("flow:a");
+        for (out, _rx) in &outs[..2] {
             let why = tokio::time::timeout(Duration::from_secs(1), out.kicked()).await;
             assert_eq!(why.unwrap(), Kick::Resync);
         }
+        let other = tokio::time::timeout(Duration::from_millis(50), outs[2].0.kicked()).await;
+        assert!(other.is_err(), "another room's members stay");
         assert_eq!(metrics.slow_consumer_disconnects.get(), 0);
     }
 

@@ -50,12 +50,18 @@ impl RoomBus for RedisEngine {
     async fn publish(&self, room: &str, msg: RoomMessage) -> Result<Option<Offset>, EngineError> {
         self.ensure_up()?;
         let json = serde_json::to_string(&msg).map_err(err)?;
+        let deadline = self.deadline_ms().to_string();
         if msg.volatile {
             // Never replayed, so not worth a stream entry.
             let _: i64 = self
                 .0
-                .client
-                .spublish(channel(room), format!("- {json}"))
+                .scripts
+                .publish_volatile
+                .evalsha_with_reload(
+                    &self.0.client,
+                    vec![channel(room)],
+                    vec![format!("- {json}"), String::new(), String::new(), deadline],
+                )
                 .await
                 .map_err(err)?;
             return Ok(None);
@@ -72,6 +78,7 @@ impl RoomBus for RedisEngine {
                     json,
                     s.log_len.to_string(),
                     (s.log_ttl.as_millis() as i64).to_string(),
+                    deadline,
                 ],
             )
             .await

@@ -39,6 +39,18 @@ impl RedisEngine {
         self.0.up.load(Ordering::Relaxed)
     }
 
+    /// The Redis time (ms) by which a command sent now must have run: past
+    /// it, the caller has given up on the command (or soon will), so a
+    /// script that reaches Redis late (a stalled link) must not act. Three
+    /// quarters of the command timeout leave the reply time to arrive
+    /// before the caller's own timeout fires.
+    pub(crate) fn deadline_ms(&self) -> i64 {
+        let local_ms = flowgate_engine::now_us() as i64 / 1000;
+        local_ms
+            + self.0.clock_offset_ms.load(Ordering::Relaxed)
+            + self.0.settings.command_timeout.as_millis() as i64 * 3 / 4
+    }
+
     pub(crate) fn ensure_up(&self) -> Result<(), EngineError> {
         if self.is_up() {
             Ok(())
@@ -47,20 +59,34 @@ impl RedisEngine {
         }
     }
 
+    /// One `TIME` round trip: liveness, latency, and the offset between
+    /// Redis time and this node's clock (for publish deadlines).
     pub(crate) async fn ping_once(&self) -> bool {
         let started = Instant::now();
-        let ok = matches!(
-            tokio::time::timeout(
-                self.0.settings.command_timeout,
-                self.0.client.ping::<String>(None)
-            )
-            .await,
-            Ok(Ok(_))
-        );
-        if ok {
+        let before_ms = flowgate_engine::now_us() as i64 / 1000;
+        let reply = tokio::time::timeout(
+            self.0.settings.command_timeout,
+            self.0
+                .client
+                .custom::<Vec<String>, String>(fred::cmd!("TIME"), Vec::new()),
+        )
+        .await;
+        let ok = matches!(reply, Ok(Ok(_)));
+        if let Ok(Ok(t)) = reply {
+            let rtt = started.elapsed();
             self.0
                 .latency_us
-                .store(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+                .store(rtt.as_micros() as u64, Ordering::Relaxed);
+            if let (Some(Ok(secs)), Some(Ok(us))) = (
+                t.first().map(|s| s.parse::<i64>()),
+                t.get(1).map(|s| s.parse::<i64>()),
+            ) {
+                let redis_ms = secs * 1000 + us / 1000;
+                let local_ms = before_ms + rtt.as_millis() as i64 / 2;
+                self.0
+                    .clock_offset_ms
+                    .store(redis_ms - local_ms, Ordering::Relaxed);
+            }
         }
         let was = self.0.up.swap(ok, Ordering::Relaxed);
         self.0.metrics.up.set(ok as i64);

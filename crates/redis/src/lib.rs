@@ -43,7 +43,7 @@ mod sessions;
 mod subscriber;
 
 use std::num::NonZeroU32;
-use std::sync::atomic::{AtomicBool, AtomicU64};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -111,6 +111,8 @@ pub(crate) struct Inner {
     pub(crate) up: AtomicBool,
     /// The last ping's round trip, for `/health`.
     pub(crate) latency_us: AtomicU64,
+    /// Redis time minus this node's clock (ms), measured by the pinger.
+    pub(crate) clock_offset_ms: AtomicI64,
 }
 
 /// The Redis engine of one node. Cheap to clone.
@@ -161,18 +163,35 @@ impl RedisEngine {
             metrics: Metrics::new(registry).map_err(err)?,
             up: AtomicBool::new(false),
             latency_us: AtomicU64::new(0),
+            clock_offset_ms: AtomicI64::new(0),
             settings,
         });
         let engine = RedisEngine(inner);
         engine.ping_once().await;
         if engine.is_up() {
+            // Two live nodes under one id would reap each other's sessions.
+            // A node restarted right after a crash finds its own last
+            // heartbeat: it waits until that one is stale; a heartbeat that
+            // stays fresh is another live node.
+            let s = &engine.0.settings;
+            let until = std::time::Instant::now() + s.dead_after + s.heartbeat * 2;
+            let mut alive = engine.node_is_alive(&s.node_id).await;
+            while alive && std::time::Instant::now() < until {
+                tokio::time::sleep(s.heartbeat).await;
+                alive = engine.node_is_alive(&s.node_id).await;
+            }
+            if alive {
+                return Err(EngineError(format!(
+                    "node id {:?} is already alive in Redis (FLOWGATE_NODE_ID must be unique)",
+                    engine.0.settings.node_id
+                )));
+            }
             // A node restarted under the same id after a crash: whatever
             // sessions Redis still lists for it are ghosts.
             engine.reap(&engine.0.settings.node_id).await;
             engine.heartbeat().await;
         }
         tasks.spawn(engine.clone().pump(stop.clone()));
-        tasks.spawn(engine.clone().resubscriber(stop.clone()));
         tasks.spawn(engine.clone().heartbeats(stop.clone()));
         tasks.spawn(engine.clone().maintenance(stop.clone()));
         tasks.spawn(engine.clone().pinger(stop));

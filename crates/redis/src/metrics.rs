@@ -11,6 +11,7 @@ pub(crate) struct Metrics {
     pub(crate) bus_lagged: IntCounter,
     pub(crate) reaped_sessions: IntCounter,
     pub(crate) resubscribes: IntCounter,
+    pub(crate) gap_filled: IntCounter,
 }
 
 impl Metrics {
@@ -47,6 +48,10 @@ impl Metrics {
             resubscribes: c(
                 "bus_resubscribes_total",
                 "Times this node re-subscribed its rooms after a reconnect",
+            )?,
+            gap_filled: c(
+                "bus_gap_filled_total",
+                "Room messages this node read back from room logs after a lag or reconnect",
             )?,
         })
     }

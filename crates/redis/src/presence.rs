@@ -94,6 +94,14 @@ impl RedisEngine {
                     continue;
                 };
                 let s = &l.session;
+                // The snapshot is older than the script: a session that left
+                // since (its leave is why it is missing) must not come back
+                // as a ghost. A leave removes the member here before it
+                // touches presence, so this check, made after the script
+                // saw it missing, sees the leave.
+                if !self.0.sink.is_member(room, &s.socket_id) {
+                    continue;
+                }
                 if self.register(room, s, &l.owner, false).await.is_ok() {
                     let mut joined = RoomMessage::new(
                         "user:joined",

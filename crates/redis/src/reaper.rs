@@ -42,10 +42,29 @@ impl RedisEngine {
                 self.0.local.retain_recent();
             }
         }
-        // Clean exit: this node's sessions left with their sockets; drop
-        // its heartbeat so no one reaps it later.
+        // Clean exit: sessions still open at the deadline leave with a
+        // `user:left` each (never a silent expiry); then drop the heartbeat
+        // so no one reaps this node later.
+        self.reap(&s.node_id).await;
         let _: Result<i64, _> = self.0.client.zrem(NODES_KEY, s.node_id.clone()).await;
-        let _: Result<i64, _> = self.0.client.del(node_sessions_key(&s.node_id)).await;
+    }
+
+    /// Whether `node` heartbeated within the dead-after bound.
+    pub(crate) async fn node_is_alive(&self, node: &str) -> bool {
+        let alive: Result<i64, _> = self
+            .0
+            .scripts
+            .node_alive
+            .evalsha_with_reload(
+                &self.0.client,
+                vec![NODES_KEY],
+                vec![
+                    node.to_owned(),
+                    self.0.settings.dead_after.as_millis().to_string(),
+                ],
+            )
+            .await;
+        matches!(alive, Ok(1))
     }
 
     async fn reap_dead(&self) {

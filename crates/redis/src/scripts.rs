@@ -9,6 +9,7 @@ use fred::types::scripts::Script;
 /// The engine's scripts, built once at start.
 pub(crate) struct Scripts {
     pub(crate) publish: Script,
+    pub(crate) publish_volatile: Script,
     pub(crate) join: Script,
     pub(crate) members: Script,
     pub(crate) leave: Script,
@@ -17,6 +18,7 @@ pub(crate) struct Scripts {
     pub(crate) dead_nodes: Script,
     pub(crate) gcra: Script,
     pub(crate) read_after: Script,
+    pub(crate) node_alive: Script,
     pub(crate) session_save: Script,
     pub(crate) session_release: Script,
 }
@@ -24,7 +26,8 @@ pub(crate) struct Scripts {
 impl Scripts {
     pub(crate) fn new() -> Self {
         Scripts {
-            publish: Script::from_lua(PUBLISH),
+            publish: Script::from_lua(publish()),
+            publish_volatile: Script::from_lua(publish_volatile()),
             join: Script::from_lua(presence_join()),
             members: Script::from_lua(presence_members()),
             leave: Script::from_lua(PRESENCE_LEAVE),
@@ -33,17 +36,32 @@ impl Scripts {
             dead_nodes: Script::from_lua(DEAD_NODES),
             gcra: Script::from_lua(GCRA),
             read_after: Script::from_lua(READ_AFTER),
+            node_alive: Script::from_lua(NODE_ALIVE),
             session_save: Script::from_lua(SESSION_SAVE),
             session_release: Script::from_lua(SESSION_RELEASE),
         }
     }
 }
 
+/// Refuses a command that reaches Redis after ARGV[DEADLINE] (Redis ms):
+/// its sender already answered the client "not delivered".
+const DEADLINE_CHECK: &str = r#"
+local t = redis.call('TIME')
+if tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) > tonumber(ARGV[4]) then
+  return redis.error_reply('EXPIRED command arrived after its deadline')
+end
+"#;
+
 /// Appends a room event to the room's stream and publishes it on the
 /// room's shard channel in one atomic step, so offsets and delivery order
-/// agree. KEYS: stream, channel. ARGV: message JSON, MAXLEN, TTL (ms).
-/// Returns the offset (the stream id).
-pub(crate) const PUBLISH: &str = r#"
+/// agree; nothing happens past the deadline. KEYS: stream, channel. ARGV:
+/// message JSON, MAXLEN, TTL (ms), deadline (Redis ms). Returns the offset
+/// (the stream id).
+pub(crate) fn publish() -> String {
+    format!("{DEADLINE_CHECK}{PUBLISH}")
+}
+
+const PUBLISH: &str = r#"
 local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*', 'm', ARGV[1])
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
 redis.call('SPUBLISH', KEYS[2], id .. ' ' .. ARGV[1])
@@ -207,3 +225,23 @@ if redis.call('HGET', KEYS[1], 'c') == ARGV[1] then
 end
 return 0
 "#;
+
+/// 1 if node ARGV[1] heartbeated less than ARGV[2] ms ago. KEYS: nodes zset.
+pub(crate) const NODE_ALIVE: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local beat = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if beat and now - tonumber(beat) < tonumber(ARGV[2]) then return 1 end
+return 0
+"#;
+
+/// A volatile event: published, never logged, and not past the deadline.
+/// KEYS: channel. ARGV: message text, -, -, deadline (Redis ms).
+pub(crate) fn publish_volatile() -> String {
+    format!(
+        "{DEADLINE_CHECK}{}",
+        r#"
+return redis.call('SPUBLISH', KEYS[1], ARGV[1])
+"#
+    )
+}

@@ -5,6 +5,7 @@
 //! Real dependencies (Redis, Postgres, PgBouncer, HAProxy) are started as
 //! child processes by the modules that need them; nothing here mocks them.
 
+pub mod chaos;
 pub mod polling;
 pub mod procs;
 

@@ -100,7 +100,12 @@ impl JwtConfig {
         let jwt = JwtConfig {
             key,
             algorithm,
-            leeway: Duration::from_secs(parse(vars, "JWT_LEEWAY_SECS", 5)?),
+            leeway: Duration::from_secs(super::within(
+                "JWT_LEEWAY_SECS",
+                parse(vars, "JWT_LEEWAY_SECS", 5)?,
+                0,
+                3600,
+            )?),
             issuer: get(vars, "JWT_ISSUER").map(str::to_owned),
             audience: get(vars, "JWT_AUDIENCE")
                 .map(|v| v.split(',').map(|a| a.trim().to_owned()).collect()),

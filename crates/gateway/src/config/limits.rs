@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use super::{millis, parse, positive, ConfigError};
+use super::{millis, parse, positive, within, ConfigError};
 
 /// The [`Config`](super::Config) fields of the same names.
 pub(super) struct Limits {
@@ -35,13 +35,19 @@ impl Limits {
                 "FLOWGATE_RATE_LIMIT_BURST",
                 parse(vars, "FLOWGATE_RATE_LIMIT_BURST", 20)?,
             )?,
-            outbound_queue: positive(
+            outbound_queue: within(
                 "FLOWGATE_OUTBOUND_QUEUE",
                 parse(vars, "FLOWGATE_OUTBOUND_QUEUE", 1024)?,
+                1,
+                1 << 20,
             )?,
-            outbound_queue_bytes: positive(
+            // Times the connection cap, this is the node's worst case for
+            // queued bytes: keep it within what a node's memory allows.
+            outbound_queue_bytes: within(
                 "FLOWGATE_OUTBOUND_QUEUE_BYTES",
                 parse(vars, "FLOWGATE_OUTBOUND_QUEUE_BYTES", 2 << 20)?,
+                1 << 10,
+                1 << 30,
             )?,
             slow_consumer_grace: millis(vars, "FLOWGATE_SLOW_CONSUMER_MS", 5_000)?,
             max_connections: positive(
@@ -64,5 +70,52 @@ mod tests {
         ]))
         .unwrap_err();
         assert_eq!(e.var, "FLOWGATE_MAX_PAYLOAD");
+        let e = Config::from_vars(&vars(&[
+            ("JWT_ACCESS_TOKEN_SECRET", "s"),
+            ("FLOWGATE_OUTBOUND_QUEUE_BYTES", "10"),
+        ]))
+        .unwrap_err();
+        assert_eq!(e.var, "FLOWGATE_OUTBOUND_QUEUE_BYTES");
+    }
+
+    #[test]
+    fn cross_checks_name_the_variable() {
+        for (pairs, var) in [
+            (
+                &[
+                    ("FLOWGATE_NODE_HEARTBEAT_MS", "1000"),
+                    ("FLOWGATE_NODE_DEAD_AFTER_MS", "1500"),
+                ][..],
+                "FLOWGATE_NODE_DEAD_AFTER_MS",
+            ),
+            (
+                &[
+                    ("FLOWGATE_PRESENCE_REFRESH_MS", "5000"),
+                    ("FLOWGATE_SESSION_TTL_MS", "6000"),
+                ][..],
+                "FLOWGATE_SESSION_TTL_MS",
+            ),
+            (
+                &[("FLOWGATE_PING_INTERVAL_MS", "99999999999999")][..],
+                "FLOWGATE_PING_INTERVAL_MS",
+            ),
+            (&[("JWT_LEEWAY_SECS", "86400")][..], "JWT_LEEWAY_SECS"),
+            (
+                &[("FLOWGATE_SERVICE_TOKEN", "tok\n")][..],
+                "FLOWGATE_SERVICE_TOKEN",
+            ),
+            (
+                &[
+                    ("FLOWGATE_ROOM_LOG_TTL_SECS", "60"),
+                    ("FLOWGATE_RECOVERY_WINDOW_MS", "120000"),
+                ][..],
+                "FLOWGATE_RECOVERY_WINDOW_MS",
+            ),
+        ] {
+            let mut all = vec![("JWT_ACCESS_TOKEN_SECRET", "s")];
+            all.extend_from_slice(pairs);
+            let e = Config::from_vars(&vars(&all)).unwrap_err();
+            assert_eq!(e.var, var, "{pairs:?}: {e}");
+        }
     }
 }

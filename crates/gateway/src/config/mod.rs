@@ -79,8 +79,12 @@ pub struct Config {
     pub ping_interval: Duration,
     /// `FLOWGATE_PING_TIMEOUT_MS` (60 000).
     pub ping_timeout: Duration,
-    /// `FLOWGATE_CONNECT_TIMEOUT_MS` (45 000): time to send a CONNECT.
+    /// `FLOWGATE_CONNECT_TIMEOUT_MS` (10 000): time to send a CONNECT.
     pub connect_timeout: Duration,
+    /// `FLOWGATE_MAX_CONNECTIONS_PER_USER` (100): authenticated sockets one
+    /// user may hold on one node; more get CONNECT_ERROR
+    /// `TOO_MANY_CONNECTIONS`.
+    pub max_connections_per_user: usize,
     /// `FLOWGATE_MAX_PAYLOAD` (1 000 000 bytes): largest inbound frame.
     pub max_payload: usize,
     /// `FLOWGATE_MAX_ATTACHMENTS` (10): binary frames one packet may announce.
@@ -182,12 +186,33 @@ where
     }
 }
 
+/// The longest duration any setting takes: 30 days. Beyond it a value is a
+/// mistake (a unit mix-up), and sums of durations could overflow.
+const MAX_MS: u64 = 30 * 24 * 3600 * 1000;
+
 fn millis(
     vars: &HashMap<String, String>,
     name: &'static str,
     default_ms: u64,
 ) -> Result<Duration, ConfigError> {
-    parse(vars, name, default_ms).map(Duration::from_millis)
+    let ms = parse(vars, name, default_ms)?;
+    if ms > MAX_MS {
+        return Err(err(name, format!("must be at most {MAX_MS} ms (30 days)")));
+    }
+    Ok(Duration::from_millis(ms))
+}
+
+/// `v` within `min..=max`, else an error naming `name`.
+fn within<T: PartialOrd + std::fmt::Display + Copy>(
+    name: &'static str,
+    v: T,
+    min: T,
+    max: T,
+) -> Result<T, ConfigError> {
+    if v < min || v > max {
+        return Err(err(name, format!("must be between {min} and {max}")));
+    }
+    Ok(v)
 }
 
 fn positive<T: PartialOrd + Default + Copy>(name: &'static str, v: T) -> Result<T, ConfigError> {
@@ -250,6 +275,7 @@ impl Config {
             ping_interval,
             ping_timeout,
             connect_timeout,
+            max_connections_per_user,
         } = socketio::SocketIo::from_vars(vars)?;
         let limits::Limits {
             max_payload,
@@ -265,6 +291,12 @@ impl Config {
             recovery_window,
             recovery_max_bytes,
         } = recovery::Recovery::from_vars(vars)?;
+        if recovery_window > room_log_ttl {
+            return Err(err(
+                "FLOWGATE_RECOVERY_WINDOW_MS",
+                "must not exceed FLOWGATE_ROOM_LOG_TTL_SECS: the room log would expire before the window",
+            ));
+        }
         let drain::Drain {
             drain_notice,
             drain_window,
@@ -289,6 +321,7 @@ impl Config {
             ping_interval,
             ping_timeout,
             connect_timeout,
+            max_connections_per_user,
             max_payload,
             max_attachments,
             rate_per_sec,

@@ -27,7 +27,7 @@ impl Redis {
                 return Err(err("REDIS_URL", "must start with redis:// or rediss://"));
             }
         }
-        Ok(Redis {
+        let r = Redis {
             redis_url,
             node_heartbeat: positive(
                 "FLOWGATE_NODE_HEARTBEAT_MS",
@@ -56,7 +56,25 @@ impl Redis {
             room_log_ttl: Duration::from_secs(positive(
                 "FLOWGATE_ROOM_LOG_TTL_SECS",
                 parse(vars, "FLOWGATE_ROOM_LOG_TTL_SECS", 86_400)?,
-            )?),
-        })
+            )?)
+            .min(Duration::from_secs(365 * 24 * 3600)),
+        };
+        // A node is declared dead only after it missed at least two beats,
+        // and a session is listed only while it was refreshed at least once
+        // in its TTL: otherwise a live node would be reaped, or a live
+        // session hidden, by one late tick.
+        if r.node_dead_after < r.node_heartbeat * 2 {
+            return Err(err(
+                "FLOWGATE_NODE_DEAD_AFTER_MS",
+                "must be at least twice FLOWGATE_NODE_HEARTBEAT_MS",
+            ));
+        }
+        if r.session_ttl < r.presence_refresh * 2 {
+            return Err(err(
+                "FLOWGATE_SESSION_TTL_MS",
+                "must be at least twice FLOWGATE_PRESENCE_REFRESH_MS",
+            ));
+        }
+        Ok(r)
     }
 }

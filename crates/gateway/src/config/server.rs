@@ -47,7 +47,16 @@ impl Server {
         Ok(Server {
             listen: SocketAddr::new(host, port),
             node_id,
-            service_token: get(vars, "FLOWGATE_SERVICE_TOKEN").map(str::to_owned),
+            service_token: match get(vars, "FLOWGATE_SERVICE_TOKEN") {
+                // A token pasted with a newline would never match a header.
+                Some(t) if t.trim() != t => {
+                    return Err(super::err(
+                        "FLOWGATE_SERVICE_TOKEN",
+                        "has leading or trailing whitespace",
+                    ))
+                }
+                t => t.map(str::to_owned),
+            },
             allowed_origins,
             events_file,
         })

@@ -1,5 +1,6 @@
-//! Engine.IO timings of one socket: the ping interval and timeout, and how
-//! long a new socket has to send its CONNECT.
+//! Engine.IO timings of one socket: the ping interval and timeout, how
+//! long a new socket has to send its CONNECT, and how many sockets one user
+//! may hold on a node.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -11,6 +12,7 @@ pub(super) struct SocketIo {
     pub(super) ping_interval: Duration,
     pub(super) ping_timeout: Duration,
     pub(super) connect_timeout: Duration,
+    pub(super) max_connections_per_user: usize,
 }
 
 impl SocketIo {
@@ -24,7 +26,13 @@ impl SocketIo {
             ping_timeout,
             connect_timeout: positive(
                 "FLOWGATE_CONNECT_TIMEOUT_MS",
-                millis(vars, "FLOWGATE_CONNECT_TIMEOUT_MS", 45_000)?,
+                // Short: an unauthenticated connection holds a slot and
+                // memory, and the stock client sends CONNECT at once.
+                millis(vars, "FLOWGATE_CONNECT_TIMEOUT_MS", 10_000)?,
+            )?,
+            max_connections_per_user: positive(
+                "FLOWGATE_MAX_CONNECTIONS_PER_USER",
+                super::parse(vars, "FLOWGATE_MAX_CONNECTIONS_PER_USER", 100)?,
             )?,
         })
     }

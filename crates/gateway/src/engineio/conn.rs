@@ -154,19 +154,28 @@ fn report(app: &App, end: &End) {
                 .protocol_errors
                 .with_label_values(&[reason])
                 .inc();
-            warn!(reason, detail = ?detail, "closing connection: malformed input");
+            if crate::log_sample::allow(reason) {
+                let detail: String = detail.chars().take(64).collect();
+                warn!(reason, detail = ?detail, "closing connection: malformed input");
+            }
         }
         End::Oversize => {
             app.metrics
                 .protocol_errors
                 .with_label_values(&["oversize frame"])
                 .inc();
-            warn!(
-                max_payload = app.config.max_payload,
-                "closing connection: frame over max payload"
-            );
+            if crate::log_sample::allow("oversize frame") {
+                warn!(
+                    max_payload = app.config.max_payload,
+                    "closing connection: frame over max payload"
+                );
+            }
         }
-        End::SlowConsumer => warn!("closing connection: slow consumer"),
+        End::SlowConsumer => {
+            if crate::log_sample::allow("slow consumer") {
+                warn!("closing connection: slow consumer");
+            }
+        }
         other => debug!(reason = ?other, "connection ends"),
     }
 }

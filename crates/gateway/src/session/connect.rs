@@ -69,7 +69,9 @@ impl Session {
                     .refusals
                     .with_label_values(&[e.code()])
                     .inc();
-                info!(code = e.code(), reason = %e, "connect refused");
+                if crate::log_sample::allow("connect refused") {
+                    info!(code = e.code(), reason = %e, "connect refused");
+                }
                 self.send_packet(&Packet::new(
                     PacketType::ConnectError,
                     NSP,
@@ -78,11 +80,20 @@ impl Session {
                 return;
             }
         };
-        self.connect_deadline = None;
         let pid = auth
             .and_then(|a| a.get("pid"))
             .and_then(Value::as_str)
             .filter(|p| p.len() <= 64);
+        if pid.is_some()
+            && self.app.user_slots.held(&identity.user_id)
+                >= self.app.config.max_connections_per_user
+        {
+            // Checked before recovery too, so that a recovery attempt
+            // cannot bypass the cap.
+            self.user_slot(&identity);
+            return;
+        }
+        self.connect_deadline = None;
         if let Some(pid) = pid {
             let offset = auth
                 .and_then(|a| a.get("offset"))
@@ -113,6 +124,9 @@ impl Session {
                 }
             }
         }
+        let Some(slot) = self.user_slot(&identity) else {
+            return;
+        };
         let socket = FlowSocket {
             id: random_id(20).into(),
             pid: random_id(24).into(),
@@ -121,11 +135,34 @@ impl Session {
             expires: expiry_instant(identity.expires_at, self.app.config.jwt.leeway),
             identity,
             flow: None,
+            _slot: slot,
         };
         info!(user = ?socket.user_id, socket = %socket.id, "socket connected");
         self.socket = Some(socket);
         self.save_record().await;
         self.greet();
+    }
+
+    /// A slot for the user on this node, or the CONNECT_ERROR that says
+    /// there is none.
+    fn user_slot(&mut self, identity: &Identity) -> Option<super::UserSlot> {
+        let user: Arc<str> = identity.user_id.as_str().into();
+        let max = self.app.config.max_connections_per_user;
+        let slot = self.app.user_slots.take(&user, max);
+        if slot.is_none() {
+            self.app
+                .metrics
+                .refusals
+                .with_label_values(&["TOO_MANY_CONNECTIONS"])
+                .inc();
+            info!(user = ?user, max, "connect refused: too many sockets for one user");
+            self.send_packet(&Packet::new(
+                PacketType::ConnectError,
+                NSP,
+                Some(json!({"message": "Too many connections", "data": {"code": "TOO_MANY_CONNECTIONS"}})),
+            ));
+        }
+        slot
     }
 
     /// The CONNECT reply and the `connected` event.
@@ -168,14 +205,20 @@ impl Session {
             return Err(NotRecovered::Unknown);
         }
         let owner = self.new_owner();
+        let user: Arc<str> = identity.user_id.as_str().into();
+        let slot = app
+            .user_slots
+            .take(&user, app.config.max_connections_per_user)
+            .ok_or(NotRecovered::Unknown)?;
         let mut socket = FlowSocket {
             id: record.sid.as_str().into(),
             pid: pid.into(),
             owner,
-            user_id: identity.user_id.as_str().into(),
+            user_id: user,
             expires: expiry_instant(identity.expires_at, app.config.jwt.leeway),
             identity: identity.clone(),
             flow: None,
+            _slot: slot,
         };
         let Some(info) = record.flow.clone() else {
             self.socket = Some(socket);

@@ -19,6 +19,7 @@ mod leave;
 mod refresh;
 mod relay;
 mod reply;
+mod user_slots;
 
 #[cfg(test)]
 mod tests;
@@ -39,6 +40,12 @@ use crate::engineio::End;
 use crate::outbound::{OutFrame, Outbound, RoomFrame};
 use crate::rooms::NSP;
 pub(crate) use reply::Refusal;
+pub use user_slots::{UserSlot, UserSlots};
+
+/// CONNECT packets one connection may send: a client connects once (and
+/// again after a namespace-level disconnect); more is churn that costs the
+/// shared store a write each.
+const MAX_CONNECTS: u32 = 16;
 
 /// What the upgrade (or first polling) request carried that the session
 /// needs.
@@ -81,6 +88,8 @@ pub(crate) struct FlowSocket {
     /// `exp` + leeway.
     pub(crate) expires: Option<Instant>,
     pub(crate) flow: Option<Joined>,
+    /// This user's slot on the node, given back when the socket ends.
+    pub(crate) _slot: UserSlot,
 }
 
 /// One connection's Socket.IO session.
@@ -101,6 +110,8 @@ pub struct Session {
     partial_bytes: usize,
     /// Set until the client sends CONNECT.
     connect_deadline: Option<Instant>,
+    /// CONNECT packets received.
+    connects: u32,
 }
 
 impl Session {
@@ -116,6 +127,7 @@ impl Session {
             partial: None,
             partial_bytes: 0,
             connect_deadline,
+            connects: 0,
         }
     }
 
@@ -247,7 +259,9 @@ impl Session {
                     .refusals
                     .with_label_values(&["INVALID_NAMESPACE"])
                     .inc();
-                info!(nsp = ?reply::prefix(&p.nsp), "refused connect to unknown namespace");
+                if crate::log_sample::allow("unknown namespace") {
+                    info!(nsp = ?reply::prefix(&p.nsp), "refused connect to unknown namespace");
+                }
                 self.send_packet(&Packet::new(
                     PacketType::ConnectError,
                     &p.nsp,
@@ -260,6 +274,10 @@ impl Session {
         }
         match p.kind {
             PacketType::Connect => {
+                self.connects += 1;
+                if self.connects > MAX_CONNECTS {
+                    return Err(End::Protocol("connect churn", self.connects.to_string()));
+                }
                 if self.socket.is_some() {
                     debug!("second CONNECT on a connected namespace ignored");
                     return Ok(());

@@ -342,3 +342,64 @@ async fn recovery_is_refused_when_the_log_no_longer_holds_the_gap() {
     );
     assert!(events(&f, "pod:deleted").is_empty());
 }
+
+#[tokio::test]
+async fn a_session_lost_longer_than_the_window_is_not_recovered() {
+    let app = app(&[("FLOWGATE_RECOVERY_WINDOW_MS", "50")]).await;
+    let mut a = Client::new(&app);
+    let first = a.connect(json!({"token": token("ada", 60)})).await;
+    a.send(r#"2/flows,["flow:join",{"flowId":"f"}]"#)
+        .await
+        .unwrap();
+    a.session.close(&End::ClientClosed).await;
+    tokio::time::sleep(Duration::from_millis(120)).await;
+    let mut a2 = Client::new(&app);
+    let r = a2
+        .connect(json!({"token": token("ada", 60), "pid": first["pid"]}))
+        .await;
+    assert_ne!(r["pid"], first["pid"]);
+    assert_ne!(r["sid"], first["sid"]);
+}
+
+#[tokio::test]
+async fn one_user_cannot_take_every_slot_of_a_node() {
+    let app = app(&[("FLOWGATE_MAX_CONNECTIONS_PER_USER", "2")]).await;
+    let mut a = Client::new(&app);
+    let mut b = Client::new(&app);
+    a.connect(json!({"token": token("ada", 60)})).await;
+    b.connect(json!({"token": token("ada", 60)})).await;
+    let mut c = Client::new(&app);
+    c.send(&format!("0/flows,{}", json!({"token": token("ada", 60)})))
+        .await
+        .unwrap();
+    let f = c.read();
+    assert!(
+        f[0].starts_with("44/flows,") && f[0].contains("TOO_MANY_CONNECTIONS"),
+        "{f:?}"
+    );
+    // Another user is not affected, and a slot comes back when a socket ends.
+    Client::new(&app)
+        .connect(json!({"token": token("bob", 60)}))
+        .await;
+    drop(a);
+    c.connect(json!({"token": token("ada", 60)})).await;
+}
+
+#[tokio::test]
+async fn connect_churn_on_one_connection_closes_it() {
+    let app = app(&[]).await;
+    let mut a = Client::new(&app);
+    let auth = json!({"token": token("ada", 60)});
+    let mut end = Ok(());
+    for _ in 0..20 {
+        end = a.send(&format!("0/flows,{auth}")).await;
+        if end.is_err() {
+            break;
+        }
+        a.send("1/flows,").await.unwrap();
+    }
+    assert!(
+        matches!(end, Err(End::Protocol("connect churn", _))),
+        "{end:?}"
+    );
+}

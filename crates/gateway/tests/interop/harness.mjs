@@ -90,8 +90,17 @@ export function connect(url, opts = {}) {
   });
 }
 
-/** Resolves with the payload of the next `event` on `socket`. */
+/**
+ * Resolves with the payload of the next `event` on `socket` (its first
+ * argument: room events carry their room offset as a trailing argument,
+ * which `nextArgs` shows).
+ */
 export function next(socket, event, ms = 3000) {
+  return nextArgs(socket, event, ms).then((args) => args[0]);
+}
+
+/** Resolves with every argument of the next `event` on `socket`. */
+export function nextArgs(socket, event, ms = 3000) {
   return new Promise((resolve, reject) => {
     const timer = setTimeout(() => {
       socket.off(event, on);
@@ -99,7 +108,7 @@ export function next(socket, event, ms = 3000) {
     }, ms);
     const on = (...args) => {
       clearTimeout(timer);
-      resolve(args.length > 1 ? args : args[0]);
+      resolve(args);
     };
     socket.once(event, on);
   });
@@ -270,121 +279,3 @@ export async function refused(socket, event, data, ms = 3000) {
 }
 
 export const ISO = /^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d+)?(Z|[+-]\d{2}:\d{2})$/;
-
-// ---------------------------------------------------------------------------
-// A cluster without sticky sessions: Redis, N nodes, HAProxy round-robin.
-
-import net from "node:net";
-
-const liveProcs = new Set();
-process.on("exit", () => {
-  for (const p of liveProcs) if (p.exitCode === null) p.kill("SIGKILL");
-});
-
-/** A free loopback port (there is a small race until it is bound again). */
-export function freePort() {
-  return new Promise((resolve, reject) => {
-    const srv = net.createServer();
-    srv.once("error", reject);
-    srv.listen(0, "127.0.0.1", () => {
-      const { port } = srv.address();
-      srv.close(() => resolve(port));
-    });
-  });
-}
-
-/** Resolves once something accepts connections on `port`. */
-async function waitPort(port, ms = 10000) {
-  const deadline = Date.now() + ms;
-  for (;;) {
-    const ok = await new Promise((r) => {
-      const s = net.connect(port, "127.0.0.1");
-      s.once("connect", () => (s.destroy(), r(true)));
-      s.once("error", () => r(false));
-    });
-    if (ok) return;
-    if (Date.now() > deadline) throw new Error(`nothing listens on ${port}`);
-    await sleep(50);
-  }
-}
-
-function program(name) {
-  for (const dir of ["/usr/bin", "/usr/sbin", "/usr/local/bin", "/usr/local/sbin"]) {
-    const p = path.join(dir, name);
-    if (fs.existsSync(p)) return p;
-  }
-  return name;
-}
-
-function spawnTracked(bin, args, env = {}) {
-  const logs = [];
-  const proc = spawn(program(bin), args, {
-    env: { PATH: process.env.PATH, ...env },
-    stdio: ["ignore", "pipe", "pipe"],
-  });
-  proc.stdout.setEncoding("utf8").on("data", (c) => logs.push(c));
-  proc.stderr.setEncoding("utf8").on("data", (c) => logs.push(c));
-  liveProcs.add(proc);
-  return { proc, logs };
-}
-
-/** A throwaway redis-server on a free loopback port; resolves to { url }. */
-export async function redis() {
-  const port = await freePort();
-  spawnTracked("redis-server", ["--port", String(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]);
-  await waitPort(port);
-  return { url: `redis://127.0.0.1:${port}` };
-}
-
-/**
- * HAProxy with deploy/haproxy.cfg in front of `ports`, round-robin with no
- * stickiness unless `env` says otherwise; resolves to { url }.
- */
-export async function haproxy(ports, env = { LB_ROUNDROBIN: "1" }) {
-  const cfg = path.resolve(here, "../../../../deploy/haproxy.cfg");
-  const port = await freePort();
-  const vars = { LB_PORT: String(port), STATS_PORT: String(await freePort()), ...env };
-  ports.forEach((p, i) => (vars[`NODE${i + 1}_PORT`] = String(p)));
-  spawnTracked("haproxy", ["-db", "-f", cfg], vars);
-  await waitPort(port);
-  return { url: `http://127.0.0.1:${port}` };
-}
-
-/**
- * Redis, `n` nodes on it (with `env`), and HAProxy round-robin in front:
- * resolves to { url (the load balancer), nodes }.
- */
-export async function cluster(n = 3, env = {}) {
-  const r = await redis();
-  const nodes = [];
-  for (let i = 0; i < n; i++) {
-    nodes.push(await node({ REDIS_URL: r.url, FLOWGATE_NODE_ID: `node${i + 1}`, ...env }));
-  }
-  const lb = await haproxy(nodes.map((x) => x.port));
-  return { url: lb.url, nodes };
-}
-
-/** Stops the processes `cluster()` started (nodes go with `cleanup()`). */
-export async function stopProcs() {
-  await Promise.all(
-    [...liveProcs].map(async (p) => {
-      liveProcs.delete(p);
-      if (p.exitCode !== null || p.signalCode !== null) return;
-      const exited = new Promise((r) => p.once("exit", r));
-      p.kill("SIGTERM");
-      await exited;
-    }),
-  );
-}
-
-/** The sum of one metric sample over `nodes`' /metrics. */
-export async function metricSum(nodes, sample) {
-  let sum = 0;
-  for (const n of nodes) {
-    const text = await (await fetch(n.url + "/metrics")).text();
-    for (const line of text.split("\n")) {
-      if (line.startsWith(sample + " ")) sum += Number(line.slice(sample.length + 1));
-    }
-  }
-  return sum;
-}
