@@ -17,7 +17,7 @@ pub struct Metrics {
     registry: Registry,
     /// Event names that get their own label value.
     known_events: std::sync::Arc<HashSet<String>>,
-    /// Open WebSocket connections.
+    /// Open Engine.IO connections, whatever their transport.
     pub connections: IntGauge,
     /// Engine.IO sessions opened, by the transport they opened with
     /// (`websocket`, `polling`).
@@ -98,7 +98,8 @@ impl Metrics {
         };
         let connections = reg(
             &registry,
-            IntGauge::new("connections", "Open WebSocket connections").expect("valid metric"),
+            IntGauge::new("connections", "Open Engine.IO connections (any transport)")
+                .expect("valid metric"),
         );
         let rooms = reg(
             &registry,

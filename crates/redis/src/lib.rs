@@ -26,7 +26,8 @@
 //! (every key and channel name), `metrics`, `bus` (publish/subscribe),
 //! `subscriber` (the message pump and re-subscription), `presence`,
 //! `reaper` (dead nodes and the maintenance loop), `limiter`,
-//! `event_queue`, `access_cache`, `scripts` (the Lua).
+//! `event_queue`, `access_cache`, `scripts` (the Lua), `registry` (the
+//! node directory: where other nodes forward polling requests).
 
 mod access_cache;
 mod bus;
