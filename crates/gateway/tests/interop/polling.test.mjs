@@ -1,7 +1,8 @@
 // HTTP long-polling and the upgrade with the stock socket.io-client, through
 // HAProxy round-robin with NO sticky sessions in front of three nodes on one
 // Redis: every request of a session may land on another node, which
-// forwards it to the session's owner (CONTRACT.md, "Transport").
+// forwards it to the session's owner (CONTRACT.md, "Transport"); when the
+// owner dies, its sessions' clients reconnect through another node and recover.
 import { test, describe, before, after } from "node:test";
 import assert from "node:assert/strict";
 import { io } from "socket.io-client";
@@ -127,5 +128,29 @@ describe("three nodes behind round-robin HAProxy, no stickiness", () => {
     const left = next(w, "user:left");
     p.close();
     assert.equal((await left).userId, "mix-p");
+  });
+
+  test("the owner of a polling session dies: the client reconnects through another node and recovers", async () => {
+    const opts = { transports: ["polling"], reconnection: true, reconnectionDelay: 100, reconnectionDelayMax: 300 };
+    const p = await open(url, "dead-p", opts);
+    const w = await open(url, "dead-w", { transports: ["websocket"] });
+    await join(p, "poll-dead");
+    const joined = next(p, "user:joined");
+    await join(w, "poll-dead");
+    await joined;
+    // The sid names its owner: "<random>.<node id in base64url>".
+    const owner = Buffer.from(p.io.engine.id.split(".").pop(), "base64url").toString();
+    const node = cluster.nodes.find((n) => n.id === owner);
+    assert.ok(node, `owner ${owner} is one of the nodes`);
+    const reconnected = new Promise((r) => p.once("disconnect", () => p.once("connect", r)));
+    await node.kill();
+    await reconnected;
+    assert.equal(p.recovered, true, "the session is recovered (pid/offset)");
+    assert.notEqual(Buffer.from(p.io.engine.id.split(".").pop(), "base64url").toString(), owner);
+    // `w` may have been on the dead node too: relay with a new peer.
+    const w2 = await open(url, "dead-w2", { transports: ["websocket"] });
+    await join(w2, "poll-dead");
+    assert.deepEqual(await relay(w2, p, 5, "after"), ORDERED(5));
+    assert.deepEqual(await relay(p, w2, 5, "after2"), ORDERED(5));
   });
 });
