@@ -8,9 +8,11 @@
 //! one key per node.
 
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use dashmap::DashMap;
+use flowgate_engine::EngineError;
 use flowgate_redis::NodeDirectory;
 
 use super::polling::{SessionMap, Shared};
@@ -34,7 +36,14 @@ pub struct Sessions {
     tag: String,
     /// Other nodes' addresses; `None` with the in-memory engine (one node).
     pub(crate) directory: Option<NodeDirectory>,
+    /// Addresses looked up recently: a polling client sends a request every
+    /// few hundred milliseconds, and each would otherwise cost a Redis
+    /// round trip. Only live nodes are cached, briefly.
+    urls: DashMap<String, (Instant, String)>,
 }
+
+/// How long a looked-up address is reused.
+const URL_TTL: Duration = Duration::from_secs(1);
 
 fn tag_of(node_id: &str) -> String {
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(node_id)
@@ -47,6 +56,7 @@ impl Sessions {
             map: Arc::new(DashMap::new()),
             tag: tag_of(node_id),
             directory,
+            urls: DashMap::new(),
         }
     }
 
@@ -71,6 +81,32 @@ impl Sessions {
             .ok()
             .and_then(|b| String::from_utf8(b).ok())
             .map_or(Owner::Unknown, Owner::Remote)
+    }
+
+    /// The address of `node`: `Ok(None)` when it is not alive, or when
+    /// there is no directory (one node).
+    pub(crate) async fn url_of(&self, node: &str) -> Result<Option<String>, EngineError> {
+        let Some(directory) = &self.directory else {
+            return Ok(None);
+        };
+        if let Some(e) = self.urls.get(node) {
+            if e.0.elapsed() < URL_TTL {
+                return Ok(Some(e.1.clone()));
+            }
+        }
+        let url = directory.url_of(node).await?;
+        match &url {
+            Some(u) => {
+                // Bounded by the number of live nodes; dead ones expire.
+                self.urls.retain(|_, (at, _)| at.elapsed() < URL_TTL);
+                self.urls
+                    .insert(node.to_owned(), (Instant::now(), u.clone()));
+            }
+            None => {
+                self.urls.remove(node);
+            }
+        }
+        Ok(url)
     }
 
     /// Open polling sessions on this node.

@@ -62,15 +62,12 @@ pub(super) async fn forward(app: &Arc<App>, node: &str, req: Request, websocket:
             .with_label_values(&[kind, outcome])
             .inc()
     };
-    let directory = match &app.eio_sessions.directory {
-        Some(d) if !req.headers().contains_key(FORWARDED) => d,
-        // One node (in-memory engine), or already forwarded once.
-        _ => {
-            count("unknown");
-            return unknown_sid();
-        }
-    };
-    let base = match directory.url_of(node).await {
+    if req.headers().contains_key(FORWARDED) {
+        // Already forwarded once: the owner does not know the sid.
+        count("unknown");
+        return unknown_sid();
+    }
+    let base = match app.eio_sessions.url_of(node).await {
         Ok(Some(url)) => url,
         Ok(None) => {
             count("unknown");

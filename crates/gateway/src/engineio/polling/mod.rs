@@ -199,9 +199,12 @@ impl Transport for PollingTransport {
         }
         self.shared.push_out(self.pending.drain(..));
         self.shared.close();
-        // Give the client's next GET the close packet, so it reconnects at
-        // once instead of on an error.
-        let _ = tokio::time::timeout(CLOSE_LINGER, self.shared.wait_empty()).await;
+        // No code: the client closed (or is gone), no GET will come.
+        if code.is_some() {
+            // Give the client's next GET the close packet, so it reconnects
+            // at once instead of on an error.
+            let _ = tokio::time::timeout(CLOSE_LINGER, self.shared.wait_empty()).await;
+        }
     }
 
     fn name(&self) -> &'static str {
