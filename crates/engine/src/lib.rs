@@ -1,13 +1,18 @@
 //! The engine seam: what must be shared between gateway nodes — the room bus,
-//! presence and the per-user rate limiter — behind small traits.
+//! presence, pod locks and the per-user rate limiter — behind small traits.
 //!
 //! Session code only sees these traits. The in-memory engine ([`memory`])
 //! serves a single node with no dependencies (and many in-process nodes in
 //! tests); the Redis engine implements the same traits for a cluster.
 
+mod event_queue;
+pub mod locks;
 pub mod memory;
+pub mod memory_locks;
 mod offset;
 
+pub use event_queue::{EventQueue, PushRefused, QueueEntry, QueuedEvent};
+pub use locks::{Acquired, LockHolder, LockInfo, PodLocks, Refreshed, Unlocked};
 pub use offset::{BadOffset, Offset};
 
 use std::sync::Arc;
@@ -307,43 +312,6 @@ pub trait UserLimiter: Send + Sync + 'static {
     async fn check(&self, user_id: &str) -> Result<bool, EngineError>;
 }
 
-/// An event waiting in the durable queue to be written to the event log.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct QueuedEvent {
-    /// The flow.
-    pub flow_id: String,
-    /// Its room offset.
-    pub offset: String,
-    /// The event members received.
-    pub event: String,
-    /// Its payload, as the JSON text the room received (not parsed again
-    /// on the hot path; the writer parses it).
-    pub data: Box<RawValue>,
-    /// The sender, when a user sent it.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub user_id: Option<String>,
-}
-
-/// The queue between the room bus and the event-log writer. It must outlive
-/// a database outage: the writer acknowledges entries only once written.
-#[async_trait]
-pub trait EventQueue: Send + Sync + 'static {
-    /// Queues an event durably.
-    async fn push(&self, event: &QueuedEvent) -> Result<(), EngineError>;
-    /// Up to `max` entries for `consumer`: first its own unacknowledged
-    /// ones, then entries abandoned by other consumers, then new ones.
-    async fn take(
-        &self,
-        consumer: &str,
-        max: usize,
-    ) -> Result<Vec<(String, QueuedEvent)>, EngineError>;
-    /// Removes written entries.
-    async fn ack(&self, ids: &[String]) -> Result<(), EngineError>;
-    /// Entries not yet written.
-    async fn backlog(&self) -> Result<u64, EngineError>;
-}
-
 /// A short-lived shared cache of access decisions, so a reconnect storm
 /// does not become a query storm.
 #[async_trait]
@@ -382,6 +350,8 @@ pub struct Engine {
     pub queue: Option<Arc<dyn EventQueue>>,
     /// The access-decision cache (Redis engine only).
     pub access_cache: Option<Arc<dyn AccessCache>>,
+    /// Pod locks.
+    pub locks: Arc<dyn PodLocks>,
 }
 
 impl std::fmt::Debug for Engine {

@@ -50,6 +50,8 @@ pub struct MemoryHub {
     sessions: Mutex<HashMap<String, (SessionRecord, Instant)>>,
     /// Events kept per room log (0 means the default of 1000).
     log_len: std::sync::atomic::AtomicUsize,
+    /// Pod locks of every room.
+    locks: Arc<crate::memory_locks::MemoryLocks>,
 }
 
 impl std::fmt::Debug for MemoryHub {
@@ -112,6 +114,7 @@ impl MemoryHub {
             health: node,
             queue: None,
             access_cache: None,
+            locks: self.locks.clone(),
         }
     }
 

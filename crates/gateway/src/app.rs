@@ -44,6 +44,9 @@ pub struct App {
     pub eio_sessions: crate::engineio::Sessions,
     /// Authenticated sockets per user, against `max_connections_per_user`.
     pub user_slots: Arc<crate::session::UserSlots>,
+    /// Unauthenticated connections per address, against
+    /// `max_unauthenticated_per_ip`.
+    pub peer_slots: Arc<crate::session::PeerSlots>,
     /// Background tasks (engine maintenance) and their stop signal.
     pub background: (TaskTracker, CancellationToken),
     /// Postgres through PgBouncer, when `DATABASE_URL` is set.
@@ -102,6 +105,9 @@ impl App {
                     command_timeout: config.redis_timeout,
                     log_len: config.room_log_len,
                     log_ttl: config.room_log_ttl,
+                    queue_max_len: config.eventlog.queue_max_len,
+                    queue_max_bytes: config.eventlog.queue_max_bytes,
+                    enqueue_grace: config.eventlog.enqueue_grace,
                 };
                 directory = Some(
                     NodeDirectory::start(&settings, &background.0, background.1.clone())
@@ -137,12 +143,14 @@ impl App {
             connections: AtomicUsize::new(0),
             eio_sessions,
             user_slots: Arc::default(),
+            peer_slots: Arc::default(),
             background,
             store,
             pg_health: parking_lot::Mutex::new(None),
         });
         let (tasks, stop) = &app.background;
         tasks.spawn(crate::recovery_keeper::run(app.clone(), stop.clone()));
+        tasks.spawn(crate::lock_keeper::run(app.clone(), stop.clone()));
         Ok(app)
     }
 

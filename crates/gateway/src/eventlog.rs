@@ -1,201 +1,61 @@
-//! The event-log writer: moves room events from the durable queue (Redis)
-//! into Postgres in batches, off the hot path.
+//! The durable event log: persisted room events go from the room bus into
+//! a queue in Redis (before the client's ack), from there into Postgres in
+//! batches ([`writer`]), and back out as history, paged by offset.
 //!
-//! An entry is acknowledged (removed from the queue) only after its batch
-//! committed; a Postgres or PgBouncer outage only makes the queue longer.
-//! Writes are idempotent (the log's key is derived from the room offset),
-//! so a batch retried after a failure that happened after commit is
-//! written once.
+//! # History never skips an event that commits later
+//!
+//! Offsets are assigned when an event is published, but events reach
+//! Postgres later and out of order: every node runs a writer, each takes
+//! its own batches, and an event is queued a moment after its offset was
+//! assigned. A page read while writer A still holds offset 10 and writer
+//! B already committed offset 11 would end at 11, and a client paging on
+//! with `after=11` would never see 10.
+//!
+//! So history serves only offsets below the flow's **watermark**, a time
+//! (ms) below which no event of the flow can still appear:
+//!
+//! - every queued event is indexed under its flow by its offset time until
+//!   its batch has committed (it leaves the index when it is acknowledged,
+//!   in the same script), so the oldest indexed one bounds the watermark;
+//! - an event not yet queued is covered by the enqueue grace: the queue
+//!   refuses (client: `UNAVAILABLE`, event not logged) an event whose
+//!   offset time is older than `FLOWGATE_EVENTLOG_GRACE_MS` at Redis time
+//!   when the push lands, so "now − grace" bounds the watermark too.
+//!
+//! watermark = min(oldest queued offset time of the flow, now − grace),
+//! read in Redis *before* Postgres is queried: anything below it that will
+//! ever be in the log was committed before the read began. The cost is
+//! that history trails the live room by the grace (2 s by default), and
+//! that a page may end short of `limit` before the watermark; its `next`
+//! is then `null` and a client polls again from its last offset. An entry
+//! that can never be written is dead-lettered, which also releases the
+//! watermark it held.
+//!
+//! # A full queue refuses
+//!
+//! The queue is capped (`FLOWGATE_EVENTLOG_QUEUE_MAX` entries,
+//! `FLOWGATE_EVENTLOG_QUEUE_MAX_BYTES` bytes). At the cap, persisted
+//! events are refused with `UNAVAILABLE` (counted in
+//! `flowgate_eventlog_refused_total{reason="full"}`): an acknowledged
+//! event is never dropped, and a long Postgres outage cannot fill Redis.
+//! Once the database is back the writers drain the queue and events are
+//! accepted again.
 
-use std::sync::Arc;
-use std::time::Duration;
+pub mod writer;
 
-use flowgate_store::{LoggedEvent, Store};
-use prometheus::{IntCounter, IntGauge};
-use tokio_util::sync::CancellationToken;
-use tracing::{error, info, warn};
+pub use writer::{maintain_partitions, run, WriterMetrics};
 
-use crate::engine::EventQueue;
+use flowgate_store::{LoggedEvent, Store, StoreError};
+use serde::Serialize;
 
-/// Metrics of the writer.
-#[derive(Debug, Clone)]
-pub struct WriterMetrics {
-    /// Events written to Postgres (new rows).
-    pub written: IntCounter,
-    /// Failed batch writes (retried).
-    pub failures: IntCounter,
-    /// Entries waiting in the queue.
-    pub backlog: IntGauge,
-    /// Failed reads of the queue (Redis unreachable).
-    pub queue_errors: IntCounter,
-    /// Events Postgres refused outright, logged in full and dropped so they
-    /// do not hold back the rest of the queue.
-    pub dead_letters: IntCounter,
-}
-
-impl WriterMetrics {
-    /// Registers the writer's metrics.
-    pub fn new(registry: &prometheus::Registry) -> prometheus::Result<Self> {
-        let written = IntCounter::new(
-            "eventlog_written_total",
-            "Room events written to the event log",
-        )?;
-        let failures = IntCounter::new(
-            "eventlog_write_failures_total",
-            "Failed event-log batch writes",
-        )?;
-        let backlog = IntGauge::new("eventlog_backlog", "Room events queued and not yet written")?;
-        let queue_errors = IntCounter::new(
-            "eventlog_queue_errors_total",
-            "Failed reads of the event-log queue",
-        )?;
-        registry.register(Box::new(queue_errors.clone()))?;
-        let dead_letters = IntCounter::new(
-            "eventlog_dead_letters_total",
-            "Events the database refused (logged and dropped)",
-        )?;
-        registry.register(Box::new(dead_letters.clone()))?;
-        registry.register(Box::new(written.clone()))?;
-        registry.register(Box::new(failures.clone()))?;
-        registry.register(Box::new(backlog.clone()))?;
-        Ok(WriterMetrics {
-            written,
-            failures,
-            backlog,
-            queue_errors,
-            dead_letters,
-        })
-    }
-}
-
-/// Runs until `stop`: take a batch, write it, acknowledge it; back off
-/// (up to 5 s) while Redis or Postgres fails.
-pub async fn run(
-    queue: Arc<dyn EventQueue>,
-    store: Store,
-    consumer: String,
-    batch: usize,
-    metrics: WriterMetrics,
-    stop: CancellationToken,
-) {
-    let mut backoff = Duration::from_millis(100);
-    let mut was_failing = false;
-    loop {
-        if stop.is_cancelled() {
-            return;
-        }
-        if let Ok(n) = queue.backlog().await {
-            metrics.backlog.set(n as i64);
-        }
-        let entries = match queue.take(&consumer, batch).await {
-            Ok(e) => e,
-            Err(e) => {
-                metrics.queue_errors.inc();
-                warn!(error = %e, "event-log queue unavailable");
-                sleep_or_stop(&stop, backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(5));
-                continue;
-            }
-        };
-        if entries.is_empty() {
-            sleep_or_stop(&stop, Duration::from_millis(100)).await;
-            continue;
-        }
-        let (ids, events): (Vec<String>, Vec<LoggedEvent>) = entries
-            .into_iter()
-            .map(|(id, e)| {
-                (
-                    id,
-                    LoggedEvent {
-                        flow_id: e.flow_id,
-                        offset: e.offset,
-                        event: e.event,
-                        // Valid JSON by construction (it was serialized
-                        // by the gateway); parsed here, off the hot path.
-                        data: serde_json::from_str(e.data.get()).unwrap_or_default(),
-                        user_id: e.user_id,
-                    },
-                )
-            })
-            .unzip();
-        match store.write_events(&events).await {
-            Ok(n) => {
-                metrics.written.inc_by(n);
-                if was_failing {
-                    info!("event log writes resumed");
-                    was_failing = false;
-                }
-                backoff = Duration::from_millis(100);
-                if let Err(e) = queue.ack(&ids).await {
-                    // Not acknowledged: the entries come back and are
-                    // skipped as already written.
-                    warn!(error = %e, "written events not acknowledged");
-                }
-            }
-            Err(e) if e.is_permanent() => {
-                // One bad event must not hold the queue back forever: write
-                // the batch one by one and set aside what Postgres refuses.
-                let mut done = Vec::new();
-                for (id, event) in ids.iter().zip(&events) {
-                    match store.write_events(std::slice::from_ref(event)).await {
-                        Ok(n) => metrics.written.inc_by(n),
-                        Err(e) if e.is_permanent() => {
-                            metrics.dead_letters.inc();
-                            error!(error = %e, event = ?event, "event refused by the database; dropped from the log");
-                        }
-                        Err(_) => break,
-                    }
-                    done.push(id.clone());
-                }
-                if let Err(e) = queue.ack(&done).await {
-                    warn!(error = %e, "written events not acknowledged");
-                }
-            }
-            Err(e) => {
-                metrics.failures.inc();
-                if !was_failing {
-                    warn!(error = %e, queued = ids.len(), "event log write failed; events stay queued");
-                    was_failing = true;
-                }
-                sleep_or_stop(&stop, backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(5));
-            }
-        }
-    }
-}
-
-async fn sleep_or_stop(stop: &CancellationToken, d: Duration) {
-    tokio::select! {
-        _ = stop.cancelled() => {}
-        _ = tokio::time::sleep(d) => {}
-    }
-}
-
-/// Keeps the current and next month partitions in place and drops those
-/// older than the retention, at start and every six hours.
-pub async fn maintain_partitions(store: Store, retention_months: u32, stop: CancellationToken) {
-    loop {
-        if let Err(e) = store.ensure_partitions_ahead().await {
-            warn!(error = %e, "event-log partitions not created");
-        }
-        if retention_months > 0 {
-            if let Err(e) = store.apply_retention(retention_months).await {
-                warn!(error = %e, "event-log retention not applied");
-            }
-        }
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = tokio::time::sleep(Duration::from_secs(6 * 3600)) => {}
-        }
-    }
-}
+use crate::engine::{EngineError, EventQueue, Offset, PushRefused};
 
 /// Queues an event for the log (a no-op without a database). The caller
 /// acknowledges its client only after this returned `Ok`.
 pub async fn enqueue(
     app: &crate::app::App,
     event: &crate::engine::QueuedEvent,
-) -> Result<(), crate::engine::EngineError> {
+) -> Result<(), PushRefused> {
     match (&app.store, &app.engine.queue) {
         (Some(_), Some(queue)) => queue.push(event).await,
         _ => Ok(()),
@@ -212,4 +72,53 @@ pub fn has_nul(v: &serde_json::Value) -> bool {
         Value::Object(o) => o.iter().any(|(k, v)| k.contains('\0') || has_nul(v)),
         _ => false,
     }
+}
+
+/// One page of a flow's history.
+#[derive(Debug, Clone, Serialize)]
+pub struct HistoryPage {
+    /// Events after the requested offset, below the watermark, in order.
+    pub events: Vec<LoggedEvent>,
+    /// Where the next page starts, when this one is full.
+    pub next: Option<String>,
+    /// Every event of the flow below this offset is final: it is in the
+    /// log now or never will be.
+    pub watermark: String,
+}
+
+/// Why a page could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum HistoryError {
+    /// The queue (for the watermark) is unreachable.
+    #[error("event-log queue: {0}")]
+    Queue(#[from] EngineError),
+    /// The database failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Up to `limit` events of `flow_id` after `after`, below the flow's
+/// watermark.
+pub async fn history(
+    queue: &dyn EventQueue,
+    store: &Store,
+    flow_id: &str,
+    after: Option<Offset>,
+    limit: i64,
+) -> Result<HistoryPage, HistoryError> {
+    // The watermark first: what Postgres shows afterwards below it is final.
+    let watermark = queue.watermark(flow_id).await?;
+    let below_ms = i64::try_from(watermark.ms).unwrap_or(i64::MAX);
+    let after = after.map(|o| o.to_string());
+    let events = store
+        .events(flow_id, after.as_deref(), below_ms, limit)
+        .await?;
+    let next = (events.len() as i64 == limit)
+        .then(|| events.last().map(|e| e.offset.clone()))
+        .flatten();
+    Ok(HistoryPage {
+        events,
+        next,
+        watermark: watermark.to_string(),
+    })
 }

@@ -6,6 +6,13 @@
 //! File format: `{"events": [ {"event": "pod:move", "emit": "pod:moved",
 //! "fields": ["podId", "position"], "stamp": ["userId"], "rateLimited": true,
 //! "persist": true, "volatile": false}, … ]}`.
+//!
+//! Pod locks are rules too: `"lock": "acquire" | "release" |
+//! "releaseOnDelete"` with `"lockKey": "podId"` (the payload field that
+//! names what is locked; one of `fields`). The default table locks with
+//! `pod:lock`, unlocks with `pod:unlock` and releases on `pod:delete`. Both
+//! keys are optional, so a file written before locks existed still loads,
+//! and relays its lock events without server-owned locks, as it did.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -13,6 +20,11 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
+
+mod locks;
+
+use locks::{check_lock, lock_events};
+pub use locks::{LockAction, LockAnnouncement, LockEvents};
 
 /// Server-stamped fields; never taken from the client.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -62,6 +74,12 @@ pub struct RelayRule {
     /// Dropped rather than queued for a slow client; not replayed.
     #[serde(default)]
     pub volatile: bool,
+    /// What the event does to the lock named by `lock_key`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lock: Option<LockAction>,
+    /// The payload field naming the locked thing (with `lock`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lock_key: Option<String>,
 }
 
 fn yes() -> bool {
@@ -92,6 +110,7 @@ pub const RESERVED: &[&str] = &[
 #[derive(Debug, Clone)]
 pub struct RelayTable {
     rules: HashMap<String, Arc<RelayRule>>,
+    locks: LockEvents,
 }
 
 fn rule(
@@ -110,6 +129,16 @@ fn rule(
         rate_limited: true,
         persist,
         volatile,
+        lock: None,
+        lock_key: None,
+    }
+}
+
+fn locking(action: LockAction, r: RelayRule) -> RelayRule {
+    RelayRule {
+        lock: Some(action),
+        lock_key: Some("podId".into()),
+        ..r
     }
 }
 
@@ -134,13 +163,16 @@ impl RelayTable {
                 true,
                 false,
             ),
-            rule(
-                "pod:delete",
-                "pod:deleted",
-                &["podId"],
-                &[UserId, Timestamp],
-                true,
-                false,
+            locking(
+                LockAction::ReleaseOnDelete,
+                rule(
+                    "pod:delete",
+                    "pod:deleted",
+                    &["podId"],
+                    &[UserId, Timestamp],
+                    true,
+                    false,
+                ),
             ),
             rule(
                 "pod:move",
@@ -150,21 +182,27 @@ impl RelayTable {
                 true,
                 false,
             ),
-            rule(
-                "pod:lock",
-                "pod:locked",
-                &["podId"],
-                &[UserId, Timestamp],
-                true,
-                false,
+            locking(
+                LockAction::Acquire,
+                rule(
+                    "pod:lock",
+                    "pod:locked",
+                    &["podId"],
+                    &[UserId, Timestamp],
+                    true,
+                    false,
+                ),
             ),
-            rule(
-                "pod:unlock",
-                "pod:unlocked",
-                &["podId"],
-                &[UserId, Timestamp],
-                true,
-                false,
+            locking(
+                LockAction::Release,
+                rule(
+                    "pod:unlock",
+                    "pod:unlocked",
+                    &["podId"],
+                    &[UserId, Timestamp],
+                    true,
+                    false,
+                ),
             ),
             rule(
                 "edge:create",
@@ -238,11 +276,18 @@ impl RelayTable {
                     r.event
                 ));
             }
+            check_lock(&r)?;
             if rules.insert(r.event.clone(), Arc::new(r)).is_some() {
                 return Err("an event appears twice".into());
             }
         }
-        Ok(RelayTable { rules })
+        let locks = lock_events(&rules)?;
+        Ok(RelayTable { rules, locks })
+    }
+
+    /// How lock changes nobody relayed are announced.
+    pub fn lock_events(&self) -> &LockEvents {
+        &self.locks
     }
 
     /// The rule of a client event.
@@ -339,6 +384,46 @@ mod tests {
             .unwrap()
             .build(None, "u", "s", "t")
             .is_err());
+    }
+
+    #[test]
+    fn lock_rules_are_configuration() {
+        let t = RelayTable::contract_default();
+        let lock = |e: &str| t.get(e).unwrap().lock;
+        assert_eq!(lock("pod:lock"), Some(LockAction::Acquire));
+        assert_eq!(lock("pod:unlock"), Some(LockAction::Release));
+        assert_eq!(lock("pod:delete"), Some(LockAction::ReleaseOnDelete));
+        assert_eq!(lock("pod:move"), None);
+        assert_eq!(t.lock_events().released.emit, "pod:unlocked");
+        assert_eq!(t.lock_events().acquired.as_ref().unwrap().key, "podId");
+
+        let parse = |json: &str| {
+            let file: TableFile = serde_json::from_str(json).map_err(|e| e.to_string())?;
+            RelayTable::from_rules(file.events)
+        };
+        // A file from before locks: lock events are only relayed.
+        let old =
+            parse(r#"{"events":[{"event":"pod:lock","emit":"pod:locked","fields":["podId"]}]}"#)
+                .unwrap();
+        assert_eq!(old.get("pod:lock").unwrap().lock, None);
+        let custom = parse(
+            r#"{"events":[
+              {"event":"node:grab","emit":"node:grabbed","fields":["nodeId"],"lock":"acquire","lockKey":"nodeId"},
+              {"event":"node:drop","emit":"node:dropped","fields":["nodeId"],"lock":"release","lockKey":"nodeId"}]}"#,
+        )
+        .unwrap();
+        assert_eq!(custom.lock_events().released.emit, "node:dropped");
+        assert_eq!(custom.lock_events().released.key, "nodeId");
+        for bad in [
+            r#"{"events":[{"event":"a","emit":"b","fields":["x"],"lock":"acquire"}]}"#,
+            r#"{"events":[{"event":"a","emit":"b","fields":["x"],"lock":"acquire","lockKey":"y"}]}"#,
+            r#"{"events":[{"event":"a","emit":"b","fields":["x"],"lock":"acquire","lockKey":"x","volatile":true}]}"#,
+            r#"{"events":[{"event":"a","emit":"b","fields":["x"],"lock":"grab","lockKey":"x"}]}"#,
+            r#"{"events":[{"event":"a","emit":"b","fields":["x"],"lock":"release","lockKey":"x"},
+                          {"event":"c","emit":"d","fields":["x"],"lock":"release","lockKey":"x"}]}"#,
+        ] {
+            assert!(parse(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -15,6 +15,8 @@ pub mod eventlog;
 pub mod events;
 pub mod http;
 pub mod ids;
+pub mod listener;
+pub mod lock_keeper;
 pub mod log_sample;
 pub mod metrics;
 pub mod outbound;
@@ -22,8 +24,7 @@ pub mod recovery_keeper;
 pub mod rooms;
 pub mod session;
 
-use std::future::{Future, IntoFuture};
-use std::net::SocketAddr;
+use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -39,7 +40,7 @@ pub use flowgate_engine as engine;
 /// The URL other nodes forward this node's polling requests to:
 /// `FLOWGATE_ADVERTISE_URL`, else the bound address (loopback when bound to
 /// every interface, which suits one machine; set the variable otherwise).
-fn advertise_url(config: &Config, bound: SocketAddr) -> String {
+fn advertise_url(config: &Config, bound: std::net::SocketAddr) -> String {
     if let Some(url) = &config.advertise_url {
         return url.clone();
     }
@@ -48,7 +49,7 @@ fn advertise_url(config: &Config, bound: SocketAddr) -> String {
     } else {
         bound.ip()
     };
-    format!("http://{}", SocketAddr::new(ip, bound.port()))
+    format!("http://{}", std::net::SocketAddr::new(ip, bound.port()))
 }
 
 /// Serves `app` on `listener` until `shutdown` resolves, then drains:
@@ -71,19 +72,34 @@ pub async fn serve(
         directory.advertise(advertise_url(&app.config, addr));
     }
     let stop_accepting = CancellationToken::new();
-    // Small frames must leave at once: Nagle's algorithm would hold a
-    // pod:moved behind the previous one's ACK (tens of ms at p99).
-    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
-        if let Err(e) = tcp.set_nodelay(true) {
-            tracing::debug!(error = %e, "TCP_NODELAY not set");
-        }
-    });
-    let server = axum::serve(
+    let limits = listener::Limits {
+        max_connections: app.config.max_http_connections,
+        header_timeout: app.config.http_header_timeout,
+    };
+    if let Some(port) = app.config.admin_port {
+        let admin = TcpListener::bind((app.config.listen.ip(), port)).await?;
+        info!(addr = %admin.local_addr()?, "admin listening");
+        // Its own cap: /health answers even when the client port is full.
+        let admin_limits = listener::Limits {
+            max_connections: 256,
+            ..limits.clone()
+        };
+        tokio::spawn(listener::run(
+            admin,
+            http::admin_router(app.clone()),
+            admin_limits,
+            app.metrics.clone(),
+            stop_accepting.clone(),
+        ));
+    }
+    let server = listener::run(
         listener,
-        http::router(app.clone()).into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(stop_accepting.clone().cancelled_owned());
-    let mut server = tokio::spawn(server.into_future());
+        http::router(app.clone()),
+        limits,
+        app.metrics.clone(),
+        stop_accepting.clone(),
+    );
+    let mut server = tokio::spawn(server);
 
     tokio::select! {
         _ = shutdown => {}

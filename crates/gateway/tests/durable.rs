@@ -2,12 +2,22 @@
 //! transaction mode (every database test goes through PgBouncer), with a
 //! real Redis: migrations, memberships, the event log, partitions, faults.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use flowgate_gateway::engine::{
+    raw_json, Deliver, EventQueue, LocalSession, Offset, PushRefused, QueuedEvent, RoomMessage,
+};
+use flowgate_gateway::eventlog::{history, HistoryPage};
+use flowgate_redis::{RedisEngine, RedisSettings};
 use flowgate_store::{LoggedEvent, Store, StoreSettings};
 use flowgate_test_support::procs::{PgStack, RedisServer};
-use flowgate_test_support::{http, token, RawClient, TestNode, SERVICE_TOKEN};
+use flowgate_test_support::{
+    http, now_secs, token, token_with, RawClient, TestNode, SERVICE_TOKEN,
+};
 use serde_json::{json, Value};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 struct Env {
     pg: PgStack,
@@ -409,7 +419,7 @@ async fn events_land_in_month_partitions_and_retention_drops_old_ones() {
     let dropped = s.drop_partitions_before(2024, 2).await.unwrap();
     assert_eq!(dropped, vec!["room_events_y2024m01"]);
     let left: Vec<String> = s
-        .events("p", None, 10)
+        .events("p", None, i64::MAX, 10)
         .await
         .unwrap()
         .into_iter()
@@ -533,4 +543,532 @@ async fn a_poisoned_queue_entry_does_not_stall_the_log() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert_eq!(e.redis.cli(&["XLEN", "flowgate:eventlog"]).unwrap(), "0");
+    // Kept aside with the database's reason, not silently dropped.
+    let dead = e
+        .redis
+        .cli(&["XRANGE", "{flowgate:eventlog}:dead", "-", "+"])
+        .unwrap();
+    assert!(dead.contains("rows refused"), "{dead}");
+    assert!(dead.contains("\"offset\":\"1-1\""), "{dead}");
+}
+
+/// A node's rooms, for an engine started by a test: it holds none.
+struct NoRooms;
+
+impl Deliver for NoRooms {
+    fn deliver(&self, _: &str, _: Option<Offset>, _: &RoomMessage) {}
+    fn local_rooms(&self) -> Vec<String> {
+        Vec::new()
+    }
+    fn positions(&self) -> Vec<(String, Offset)> {
+        Vec::new()
+    }
+    fn local_sessions(&self) -> Vec<LocalSession> {
+        Vec::new()
+    }
+    fn is_member(&self, _: &str, _: &str) -> bool {
+        false
+    }
+    fn resync(&self, _: &str) {}
+}
+
+/// The durable queue of a Redis engine started by the test itself, with no
+/// node (and so no writer) competing for its entries: the test plays the
+/// writers.
+async fn test_queue(e: &Env, grace_ms: u64, max_bytes: u64) -> Arc<dyn EventQueue> {
+    let engine = RedisEngine::start(
+        RedisSettings {
+            url: e.redis.url(),
+            node_id: format!("writers-{grace_ms}-{max_bytes}"),
+            rate_per_sec: 100,
+            burst: 100,
+            heartbeat: Duration::from_secs(1),
+            dead_after: Duration::from_secs(5),
+            presence_refresh: Duration::from_secs(5),
+            session_ttl: Duration::from_secs(20),
+            command_timeout: Duration::from_secs(2),
+            log_len: 1000,
+            log_ttl: Duration::from_secs(3600),
+            queue_max_len: 1000,
+            queue_max_bytes: max_bytes,
+            enqueue_grace: Duration::from_millis(grace_ms),
+        },
+        Arc::new(NoRooms),
+        &prometheus::Registry::new(),
+        &TaskTracker::new(),
+        CancellationToken::new(),
+    )
+    .await
+    .unwrap();
+    engine.queue.unwrap()
+}
+
+fn queued(flow: &str, offset: &str, n: u64) -> QueuedEvent {
+    QueuedEvent {
+        flow_id: flow.into(),
+        offset: offset.into(),
+        event: "pod:created".into(),
+        data: raw_json(&json!({"n": n})),
+        user_id: None,
+    }
+}
+
+fn logged(q: &QueuedEvent) -> LoggedEvent {
+    LoggedEvent {
+        flow_id: q.flow_id.clone(),
+        offset: q.offset.clone(),
+        event: q.event.clone(),
+        data: serde_json::from_str(q.data.get()).unwrap(),
+        user_id: None,
+    }
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+}
+
+fn offsets(page: &HistoryPage) -> Vec<String> {
+    page.events.iter().map(|e| e.offset.clone()).collect()
+}
+
+#[tokio::test]
+async fn history_paging_never_skips_an_event_that_commits_later() {
+    let e = env().await;
+    let s = store(&e, 2);
+    let grace = 300;
+    let q = test_queue(&e, grace, 1 << 20).await;
+    // Two events of one flow, a before b, each taken by another writer.
+    let t = now_ms();
+    let (a, b) = (
+        queued("ooo", &format!("{t}-0"), 1),
+        queued("ooo", &format!("{t}-1"), 2),
+    );
+    q.push(&a).await.unwrap();
+    q.push(&b).await.unwrap();
+    let taken_a = q.take("writer-a", 1).await.unwrap();
+    let taken_b = q.take("writer-b", 1).await.unwrap();
+    assert_eq!(taken_a[0].event.as_ref().unwrap().offset, a.offset);
+    assert_eq!(taken_b[0].event.as_ref().unwrap().offset, b.offset);
+
+    // Writer B commits first.
+    assert_eq!(s.write_events(&[logged(&b)]).await.unwrap(), 1);
+    q.ack(&[&taken_b[0]]).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(grace + 100)).await;
+    // Without a watermark a page would end at b, and `after=b` would skip a
+    // for good once writer A commits.
+    let unbounded = s.events("ooo", None, i64::MAX, 10).await.unwrap();
+    assert_eq!(unbounded.len(), 1);
+    let page = history(&*q, &s, "ooo", None, 10).await.unwrap();
+    assert!(
+        page.events.is_empty(),
+        "served past a pending event: {page:?}"
+    );
+    assert!(page.watermark.parse::<Offset>().unwrap() <= a.offset.parse().unwrap());
+
+    // Writer A commits: both are served, in order, and page by page.
+    assert_eq!(s.write_events(&[logged(&a)]).await.unwrap(), 1);
+    q.ack(&[&taken_a[0]]).await.unwrap();
+    let page = history(&*q, &s, "ooo", None, 10).await.unwrap();
+    assert_eq!(offsets(&page), vec![a.offset.clone(), b.offset.clone()]);
+    let first = history(&*q, &s, "ooo", None, 1).await.unwrap();
+    assert_eq!(first.next.as_deref(), Some(a.offset.as_str()));
+    let after = first.next.unwrap().parse().ok();
+    let second = history(&*q, &s, "ooo", after, 1).await.unwrap();
+    assert_eq!(offsets(&second), vec![b.offset.clone()]);
+
+    // An event not yet queued is covered by the grace: one committed at
+    // once is held back until the grace has passed...
+    let c = queued("ooo", &format!("{}-0", now_ms()), 3);
+    q.push(&c).await.unwrap();
+    let taken_c = q.take("writer-a", 10).await.unwrap();
+    s.write_events(&[logged(&c)]).await.unwrap();
+    q.ack(&[&taken_c[0]]).await.unwrap();
+    let page = history(&*q, &s, "ooo", None, 10).await.unwrap();
+    assert_eq!(page.events.len(), 2, "served within the grace: {page:?}");
+    tokio::time::sleep(Duration::from_millis(grace + 100)).await;
+    let page = history(&*q, &s, "ooo", None, 10).await.unwrap();
+    assert_eq!(page.events.len(), 3);
+    // ...and one queued later than the grace is refused, never logged.
+    let late = queued("ooo", &format!("{}-0", now_ms() - 2 * grace), 4);
+    assert!(matches!(q.push(&late).await, Err(PushRefused::Stale)));
+    assert_eq!(q.backlog().await.unwrap(), 0);
+    // Other flows are not held back by this one's pending events.
+    let d = queued("other", &format!("{}-0", now_ms()), 5);
+    q.push(&d).await.unwrap();
+    let w_other = q.watermark("other").await.unwrap();
+    let w_ooo = q.watermark("ooo").await.unwrap();
+    assert!(w_other.ms <= d.offset.parse::<Offset>().unwrap().ms);
+    assert!(w_ooo.ms + grace + 1000 >= now_ms());
+}
+
+#[tokio::test]
+async fn the_queue_byte_cap_refuses_and_frees_on_ack() {
+    let e = env().await;
+    let q = test_queue(&e, 5_000, 3_000).await;
+    let big = |n: u64| QueuedEvent {
+        data: raw_json(&json!({"pad": "x".repeat(2_000)})),
+        ..queued("cap", &format!("{}-{n}", now_ms()), n)
+    };
+    q.push(&big(0)).await.unwrap();
+    assert!(matches!(q.push(&big(1)).await, Err(PushRefused::Full)));
+    let taken = q.take("w", 10).await.unwrap();
+    assert_eq!(taken.len(), 1);
+    q.ack(&[&taken[0]]).await.unwrap();
+    q.push(&big(2)).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_queue_refuses_during_a_postgres_outage_and_drains_after() {
+    let mut e = env().await;
+    let n = node(
+        &e,
+        "a",
+        &[
+            ("FLOWGATE_ACCESS_POLICY", "open"),
+            ("FLOWGATE_EVENTLOG_QUEUE_MAX", "5"),
+            ("FLOWGATE_RATE_LIMIT_PER_SEC", "1000"),
+            ("FLOWGATE_RATE_LIMIT_BURST", "1000"),
+        ],
+    )
+    .await;
+    let (mut c, _) = join(&n, "w", "capped").await;
+    e.pg.stop_postgres();
+    let mut acked = Vec::new();
+    for id in 1..=8u64 {
+        let ack = c
+            .emit_ack(id, "pod:create", json!({"pod": {"n": id}}))
+            .await
+            .unwrap();
+        if ack["ok"] == true {
+            acked.push(id);
+        } else {
+            assert_eq!(ack["code"], "UNAVAILABLE", "{ack}");
+        }
+    }
+    assert_eq!(
+        acked,
+        vec![1, 2, 3, 4, 5],
+        "accepted up to the cap, then refused"
+    );
+    assert_eq!(
+        n.metric("flowgate_eventlog_refused_total{reason=\"full\"}"),
+        3.0
+    );
+    assert_eq!(e.redis.cli(&["XLEN", "flowgate:eventlog"]).unwrap(), "5");
+
+    tokio::task::block_in_place(|| e.pg.start_postgres().unwrap());
+    let log = wait_for_log(&n, "capped", 5).await;
+    let got: Vec<u64> = log
+        .iter()
+        .map(|e| e["data"]["pod"]["n"].as_u64().unwrap())
+        .collect();
+    assert_eq!(got, acked, "every acked event, no refused one");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while e.redis.cli(&["XLEN", "flowgate:eventlog"]).unwrap() != "0" {
+        assert!(Instant::now() < deadline, "the queue did not drain");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Drained: persisted events are accepted again.
+    let ack = c
+        .emit_ack(9, "pod:create", json!({"pod": {"n": 9}}))
+        .await
+        .unwrap();
+    assert_eq!(ack, json!({"ok": true}));
+    let log = wait_for_log(&n, "capped", 6).await;
+    assert_eq!(log[5]["data"]["pod"]["n"], 9);
+    // The refused events were not relayed late either: the log has no gap
+    // to fill, and the refusals stayed refusals.
+    assert_eq!(log.len(), 6);
+}
+
+#[tokio::test]
+async fn unreadable_queue_entries_are_dead_lettered_and_acked() {
+    let e = env().await;
+    let n = node(&e, "a", &[("FLOWGATE_ACCESS_POLICY", "open")]).await;
+    e.redis
+        .cli(&[
+            "XADD",
+            "flowgate:eventlog",
+            "*",
+            "e",
+            "{not json",
+            "f",
+            "dl",
+        ])
+        .unwrap();
+    e.redis
+        .cli(&["XADD", "flowgate:eventlog", "*", "x", "y"])
+        .unwrap();
+    let (mut c, _) = join(&n, "w", "dl").await;
+    let ack = c
+        .emit_ack(1, "pod:create", json!({"pod": {"i": 1}}))
+        .await
+        .unwrap();
+    assert_eq!(ack, json!({"ok": true}));
+    let log = wait_for_log(&n, "dl", 1).await;
+    assert_eq!(log.len(), 1);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while n.metric("flowgate_eventlog_dead_letters_total") < 2.0 {
+        assert!(
+            Instant::now() < deadline,
+            "unreadable entries not set aside"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Acknowledged and gone from the queue, nothing left pending...
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while e.redis.cli(&["XLEN", "flowgate:eventlog"]).unwrap() != "0" {
+        assert!(Instant::now() < deadline, "unreadable entries left queued");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let pending = e
+        .redis
+        .cli(&["XPENDING", "flowgate:eventlog", "writers"])
+        .unwrap();
+    assert!(pending.starts_with('0'), "{pending}");
+    // ...and kept aside with the reason.
+    assert_eq!(
+        e.redis.cli(&["XLEN", "{flowgate:eventlog}:dead"]).unwrap(),
+        "2"
+    );
+    let dead = e
+        .redis
+        .cli(&["XRANGE", "{flowgate:eventlog}:dead", "-", "+"])
+        .unwrap();
+    assert!(dead.contains("undecodable event"), "{dead}");
+    assert!(dead.contains("no event field"), "{dead}");
+    assert!(dead.contains("{not json"), "{dead}");
+}
+
+#[tokio::test]
+async fn retention_drops_only_its_own_month_partitions() {
+    let e = env().await;
+    let s = store(&e, 2);
+    let jan = 1_705_312_800_000; // 2024-01-15
+    let feb = 1_707_991_200_000; // 2024-02-15
+    s.write_events(&[ev("r", jan, 0), ev("r", feb, 0)])
+        .await
+        .unwrap();
+    // What an operator may add besides ours: a default partition (with a
+    // row in it), an archive, partitions whose names only look like ours
+    // (all covering months before the cutoff), and tables named exactly
+    // like ours that are not partitions of the log: a foreign table and an
+    // ordinary one. (Postgres refuses a foreign table as a partition of
+    // a table with a primary key.)
+    e.pg.psql(
+        "CREATE TABLE room_events_default PARTITION OF room_events DEFAULT; \
+         INSERT INTO room_events VALUES ('r', 1686787200000, 0, '2023-06-15', 'x', '{}', NULL); \
+         CREATE TABLE room_events_archive PARTITION OF room_events \
+           FOR VALUES FROM ('2000-01-01') TO ('2001-01-01'); \
+         CREATE TABLE room_events_y2023m13 PARTITION OF room_events \
+           FOR VALUES FROM ('1999-01-01') TO ('1999-02-01'); \
+         CREATE TABLE room_events_y2022m01_old PARTITION OF room_events \
+           FOR VALUES FROM ('1998-01-01') TO ('1998-02-01'); \
+         CREATE EXTENSION IF NOT EXISTS postgres_fdw; \
+         CREATE SERVER elsewhere FOREIGN DATA WRAPPER postgres_fdw; \
+         CREATE FOREIGN TABLE room_events_y2021m01 (id int) SERVER elsewhere; \
+         CREATE TABLE room_events_y2020m01 (id int)",
+        "flowgate",
+    )
+    .unwrap();
+    let dropped = s.drop_partitions_before(2024, 2).await.unwrap();
+    assert_eq!(dropped, vec!["room_events_y2024m01"]);
+    let left =
+        e.pg.psql(
+            "SELECT string_agg(relname, ',' ORDER BY relname) FROM pg_class \
+             WHERE relname LIKE 'room\\_events\\_%' AND relkind IN ('r', 'f')",
+            "flowgate",
+        )
+        .unwrap();
+    assert_eq!(
+        left,
+        "room_events_archive,room_events_default,room_events_y2020m01,\
+         room_events_y2021m01,room_events_y2022m01_old,room_events_y2023m13,room_events_y2024m02"
+    );
+    // The default partition's row is still served.
+    let rows = s.events("r", None, i64::MAX, 10).await.unwrap();
+    assert_eq!(
+        rows.iter().map(|r| r.offset.as_str()).collect::<Vec<_>>(),
+        vec!["1686787200000-0".to_owned(), format!("{feb}-0")]
+    );
+    // Retention far in the future keeps everything that is not ours too.
+    let dropped = s.drop_partitions_before(9999, 12).await.unwrap();
+    assert_eq!(dropped, vec!["room_events_y2024m02"]);
+    assert_eq!(
+        e.pg.psql(
+            "SELECT count(*) FROM pg_inherits WHERE inhparent = 'room_events'::regclass",
+            "flowgate"
+        )
+        .unwrap(),
+        "4"
+    );
+}
+
+#[tokio::test]
+async fn malformed_api_parameters_are_400s_naming_the_parameter() {
+    let e = env().await;
+    let n = node(&e, "a", &[("FLOWGATE_ACCESS_POLICY", "open")]).await;
+    for (query, code, param) in [
+        ("limit=abc", "INVALID_LIMIT", "`limit`"),
+        ("limit=1001", "INVALID_LIMIT", "`limit`"),
+        ("limit=-1", "INVALID_LIMIT", "`limit`"),
+        ("after=x", "INVALID_OFFSET", "`after`"),
+        ("after=1-", "INVALID_OFFSET", "`after`"),
+        ("after=-1-0", "INVALID_OFFSET", "`after`"),
+        // Parses as a number, but no timestamp can hold it.
+        ("after=9223372036854775807-0", "INVALID_OFFSET", "`after`"),
+        ("after=1-99999999999999999999", "INVALID_OFFSET", "`after`"),
+    ] {
+        let (s, body) = api(&n, "GET", &format!("/v1/flows/f/events?{query}"), None).await;
+        assert_eq!(s, 400, "{query}: {body}");
+        assert_eq!(body["error"]["code"], code, "{query}");
+        let message = body["error"]["message"].as_str().unwrap();
+        assert!(message.contains(param), "{query}: {message}");
+    }
+    // The largest offset Postgres can date is a valid one.
+    let (s, body) = api(
+        &n,
+        "GET",
+        &format!(
+            "/v1/flows/f/events?after={}-0",
+            flowgate_store::MAX_OFFSET_MS
+        ),
+        None,
+    )
+    .await;
+    assert_eq!((s, body["events"].clone()), (200, json!([])), "{body}");
+    for path in [
+        "/v1/flows/f/members/a%00b",
+        "/v1/flows/f/members/a%0Ab",
+        "/v1/flows/f/members/%FF",
+    ] {
+        for method in ["PUT", "DELETE"] {
+            let (s, body) = api(&n, method, path, None).await;
+            assert_eq!(s, 400, "{method} {path}: {body}");
+            let message = body["error"]["message"].as_str().unwrap();
+            assert!(message.contains("userId"), "{method} {path}: {message}");
+        }
+    }
+    assert_eq!(n.metric("flowgate_db_errors_total"), 0.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_join_racing_a_revocation_never_stays_in_the_room() {
+    let e = env().await;
+    let budget = [
+        ("FLOWGATE_RATE_LIMIT_PER_SEC", "1000"),
+        ("FLOWGATE_RATE_LIMIT_BURST", "1000"),
+    ];
+    let a = node(&e, "a", &budget).await;
+    let b = node(&e, "b", &budget).await;
+    let rounds = 40;
+    let mut joined_first = 0;
+    for round in 0..rounds {
+        let flow = format!("race{round}");
+        let (s, _) = api(&a, "PUT", &format!("/v1/flows/{flow}/members/r"), None).await;
+        assert_eq!(s, 200);
+        let mut c = RawClient::connect(&a.ws_url(), &token("r", 600))
+            .await
+            .unwrap();
+        // The join a little before, with or a little after the revocation.
+        let jitter = rand::random::<u64>() % 6_000;
+        let (join_delay, revoke_delay) = if jitter < 3_000 {
+            (Duration::from_micros(jitter), Duration::ZERO)
+        } else {
+            (Duration::ZERO, Duration::from_micros(jitter - 3_000))
+        };
+        let join = async {
+            tokio::time::sleep(join_delay).await;
+            c.emit_ack(1, "flow:join", json!({"flowId": flow}))
+                .await
+                .unwrap()
+        };
+        let path = format!("/v1/flows/{flow}/members/r");
+        let revoke = async {
+            tokio::time::sleep(revoke_delay).await;
+            api(&b, "DELETE", &path, None).await
+        };
+        let (ack, (s, body)) = tokio::join!(join, revoke);
+        assert_eq!(s, 200, "{body}");
+        if ack["ok"] == true {
+            joined_first += 1;
+        } else {
+            assert_eq!(ack["code"], "FORBIDDEN", "{ack}");
+        }
+        let deadline = Instant::now() + Duration::from_secs(3);
+        loop {
+            let (_, users) = api(&a, "GET", &format!("/v1/flows/{flow}/presence"), None).await;
+            if users.as_array().is_some_and(|u| u.is_empty()) {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "round {round}: still in the room after the revocation: {users}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // Out of the room for relaying too.
+        let ack = c
+            .emit_ack(2, "pod:delete", json!({"podId": "p"}))
+            .await
+            .unwrap();
+        assert_eq!(ack["code"], "NOT_IN_FLOW", "round {round}: {ack}");
+    }
+    // Both orders happened (else the race was not exercised).
+    assert!(
+        0 < joined_first && joined_first < rounds,
+        "joins first in {joined_first} of {rounds} rounds"
+    );
+}
+
+#[tokio::test]
+async fn a_refreshed_token_that_no_longer_allows_the_flow_leaves_it() {
+    let redis = RedisServer::start().unwrap();
+    let url = redis.url();
+    let n = TestNode::start(&[("REDIS_URL", &url), ("FLOWGATE_ACCESS_POLICY", "claims")])
+        .await
+        .unwrap();
+    let claims =
+        |flows: Value| token_with(json!({"userId": "u", "exp": now_secs() + 600, "flows": flows}));
+    let mut c = RawClient::connect(&n.ws_url(), &claims(json!(["f1", "f2"])))
+        .await
+        .unwrap();
+    let ack = c
+        .emit_ack(1, "flow:join", json!({"flowId": "f1"}))
+        .await
+        .unwrap();
+    assert_eq!(ack, json!({"ok": true}));
+    // Still allowed: nothing changes.
+    let ack = c
+        .emit_ack(2, "auth:refresh", json!({"token": claims(json!(["f1"]))}))
+        .await
+        .unwrap();
+    assert_eq!(ack, json!({"ok": true}));
+    let ack = c
+        .emit_ack(3, "pod:delete", json!({"podId": "p"}))
+        .await
+        .unwrap();
+    assert_eq!(ack, json!({"ok": true}));
+    // No longer allowed: the token is taken, the flow is left.
+    c.emit("auth:refresh", json!({"token": claims(json!(["f2"]))}))
+        .await
+        .unwrap();
+    let err = c.expect_event("error").await.unwrap();
+    assert_eq!(err["code"], "FORBIDDEN");
+    let ack = c
+        .emit_ack(5, "pod:delete", json!({"podId": "p"}))
+        .await
+        .unwrap();
+    assert_eq!(ack["code"], "NOT_IN_FLOW");
+    let (_, users) = api(&n, "GET", "/v1/flows/f1/presence", None).await;
+    assert_eq!(users, json!([]));
+    // The new claims decide joins too.
+    let ack = c
+        .emit_ack(6, "flow:join", json!({"flowId": "f1"}))
+        .await
+        .unwrap();
+    assert_eq!(ack["code"], "FORBIDDEN");
 }

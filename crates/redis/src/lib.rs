@@ -26,8 +26,9 @@
 //! (every key and channel name), `metrics`, `bus` (publish/subscribe),
 //! `subscriber` (the message pump and re-subscription), `presence`,
 //! `reaper` (dead nodes and the maintenance loop), `limiter`,
-//! `event_queue`, `access_cache`, `scripts` (the Lua), `registry` (the
-//! node directory: where other nodes forward polling requests).
+//! `event_queue`, `access_cache`, `locks` (pod locks), `scripts` and
+//! `lock_scripts` (the Lua), `registry` (the node directory: where other
+//! nodes forward polling requests).
 
 mod access_cache;
 mod bus;
@@ -35,6 +36,8 @@ mod client;
 mod event_queue;
 mod keys;
 mod limiter;
+mod lock_scripts;
+mod locks;
 mod metrics;
 mod presence;
 mod reaper;
@@ -85,6 +88,14 @@ pub struct RedisSettings {
     pub log_len: u64,
     /// A room stream without events for this long is deleted.
     pub log_ttl: Duration,
+    /// The event-log queue's cap in entries: persisted events are refused
+    /// beyond it.
+    pub queue_max_len: u64,
+    /// The event-log queue's cap in bytes of events.
+    pub queue_max_bytes: u64,
+    /// How long after its publication an event may still enter the
+    /// event-log queue; history holds back the latest this long.
+    pub enqueue_grace: Duration,
 }
 
 pub(crate) fn err(e: impl std::fmt::Display) -> EngineError {
@@ -107,6 +118,7 @@ pub(crate) struct Inner {
     /// Redis is unreachable).
     pub(crate) local: DefaultKeyedRateLimiter<String>,
     pub(crate) scripts: Scripts,
+    pub(crate) queue_scripts: event_queue::QueueScripts,
     pub(crate) metrics: Metrics,
     /// Kept current by the pinger; engine calls fail fast while false.
     pub(crate) up: AtomicBool,
@@ -161,6 +173,7 @@ impl RedisEngine {
             sink,
             local: RateLimiter::keyed(quota),
             scripts: Scripts::new(),
+            queue_scripts: event_queue::QueueScripts::new(),
             metrics: Metrics::new(registry).map_err(err)?,
             up: AtomicBool::new(false),
             latency_us: AtomicU64::new(0),
@@ -204,6 +217,7 @@ impl RedisEngine {
             sessions: Arc::new(engine.clone()),
             queue: Some(Arc::new(engine.clone())),
             access_cache: Some(Arc::new(engine.clone())),
+            locks: Arc::new(engine.clone()),
             health: Arc::new(engine),
         })
     }

@@ -1,6 +1,6 @@
 //! The engine's Prometheus metrics, registered once at start.
 
-use prometheus::{IntCounter, IntGauge, Registry};
+use prometheus::{IntCounter, IntCounterVec, IntGauge, Opts, Registry};
 
 #[derive(Debug, Clone)]
 pub(crate) struct Metrics {
@@ -12,6 +12,9 @@ pub(crate) struct Metrics {
     pub(crate) reaped_sessions: IntCounter,
     pub(crate) resubscribes: IntCounter,
     pub(crate) gap_filled: IntCounter,
+    /// Persisted events the durable queue refused, by reason (`full`,
+    /// `stale`).
+    pub(crate) eventlog_refused: IntCounterVec,
 }
 
 impl Metrics {
@@ -26,7 +29,16 @@ impl Metrics {
             registry.register(Box::new(m.clone()))?;
             Ok(m)
         };
+        let eventlog_refused = IntCounterVec::new(
+            Opts::new(
+                "eventlog_refused_total",
+                "Persisted events refused with UNAVAILABLE by the event-log queue (full: at its cap; stale: queued too late)",
+            ),
+            &["reason"],
+        )?;
+        registry.register(Box::new(eventlog_refused.clone()))?;
         Ok(Metrics {
+            eventlog_refused,
             up: g("redis_up", "1 while Redis answers pings")?,
             outages: c("redis_outages_total", "Times Redis became unreachable")?,
             limiter_fallback: c(

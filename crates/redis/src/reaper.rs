@@ -1,6 +1,6 @@
 //! Dead nodes: finding nodes that stopped heartbeating, removing their
-//! sessions and announcing `user:left` for each; and the maintenance loop
-//! that drives it.
+//! sessions and announcing `user:left` for each (and expiring their pod
+//! locks); and the maintenance loop that drives it.
 //!
 //! The maintenance loop lives here rather than in `presence.rs` because
 //! its cadence is the reaper's: it ticks every heartbeat interval to scan
@@ -133,6 +133,9 @@ impl RedisEngine {
             if let Ok(Some(json)) = left {
                 removed += 1;
                 self.0.metrics.reaped_sessions.inc();
+                // Its pod locks go with it, in the same bound (the next
+                // lock sweep releases and announces them).
+                self.expire_lock_holder(room, sid, node).await;
                 if let Ok(s) = serde_json::from_str::<SessionInfo>(&json) {
                     let msg = RoomMessage::new(
                         "user:left",

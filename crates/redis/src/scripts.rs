@@ -6,6 +6,8 @@
 
 use fred::types::scripts::Script;
 
+use crate::lock_scripts::LockScripts;
+
 /// The engine's scripts, built once at start.
 pub(crate) struct Scripts {
     pub(crate) publish: Script,
@@ -21,6 +23,7 @@ pub(crate) struct Scripts {
     pub(crate) node_alive: Script,
     pub(crate) session_save: Script,
     pub(crate) session_release: Script,
+    pub(crate) locks: LockScripts,
 }
 
 impl Scripts {
@@ -39,6 +42,7 @@ impl Scripts {
             node_alive: Script::from_lua(NODE_ALIVE),
             session_save: Script::from_lua(SESSION_SAVE),
             session_release: Script::from_lua(SESSION_RELEASE),
+            locks: LockScripts::new(),
         }
     }
 }
@@ -63,7 +67,11 @@ pub(crate) fn publish() -> String {
 
 const PUBLISH: &str = r#"
 local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*', 'm', ARGV[1])
-redis.call('PEXPIRE', KEYS[1], ARGV[3])
+-- The idle expiry is renewed once half of it has run, not on every event:
+-- PTTL is a read, PEXPIRE a write that every replica and the AOF repeat.
+if redis.call('PTTL', KEYS[1]) < tonumber(ARGV[3]) / 2 then
+  redis.call('PEXPIRE', KEYS[1], ARGV[3])
+end
 redis.call('SPUBLISH', KEYS[2], id .. ' ' .. ARGV[1])
 return id
 "#;

@@ -1,5 +1,6 @@
 //! The room event log: batched, idempotent writes of the events rooms
-//! persist, and history reads in room order.
+//! persist, and history reads in room order below a watermark the caller
+//! gives (the writers commit out of order; see the gateway's `eventlog`).
 
 use serde::Serialize;
 use tokio_postgres::types::{ToSql, Type};
@@ -35,14 +36,27 @@ struct Columns<'a> {
     user: Vec<Option<&'a str>>,
 }
 
-/// Splits a Redis stream id `<ms>-<seq>`.
+/// The largest offset time the log can date: the end of year 9999, where
+/// Postgres timestamps end. A larger one is a malformed offset, not a
+/// database error.
+pub const MAX_OFFSET_MS: i64 = 253_402_300_799_999;
+
+/// Splits a Redis stream id `<ms>-<seq>` (digits only, time within what
+/// Postgres can date).
 pub fn parse_offset(offset: &str) -> Result<(i64, i64), StoreError> {
     let bad = || StoreError::BadOffset(offset.to_owned());
     let (ms, seq) = offset.split_once('-').ok_or_else(bad)?;
-    Ok((
-        ms.parse().map_err(|_| bad())?,
-        seq.parse().map_err(|_| bad())?,
-    ))
+    let num = |p: &str| {
+        if p.is_empty() || !p.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(bad());
+        }
+        p.parse::<i64>().map_err(|_| bad())
+    };
+    let (ms, seq) = (num(ms)?, num(seq)?);
+    if ms > MAX_OFFSET_MS {
+        return Err(bad());
+    }
+    Ok((ms, seq))
 }
 
 impl Store {
@@ -102,7 +116,7 @@ impl Store {
                     Ok(Err(()))
                 }
                 Err(e) if e.code().is_some_and(|c| c.code().starts_with("22")) => {
-                    Err(StoreError::Rejected(e.to_string()))
+                    Err(StoreError::Rejected(crate::with_causes(&e)))
                 }
                 Err(e) => Err(q(e)),
             }
@@ -130,11 +144,13 @@ impl Store {
         }
     }
 
-    /// The log of a flow after `after` (exclusive), in room order.
+    /// The log of a flow after `after` and below the offset time
+    /// `below_ms` (both exclusive), in room order.
     pub async fn events(
         &self,
         flow_id: &str,
         after: Option<&str>,
+        below_ms: i64,
         limit: i64,
     ) -> Result<Vec<LoggedEvent>, StoreError> {
         let (ms, seq) = match after {
@@ -147,7 +163,7 @@ impl Store {
                 .await?
                 .query_typed(
                     "SELECT offset_ms, offset_seq, event, data::text, user_id FROM room_events \
-                     WHERE flow_id = $1 AND (offset_ms, offset_seq) > ($2, $3) \
+                     WHERE flow_id = $1 AND (offset_ms, offset_seq) > ($2, $3) AND offset_ms < $5 \
                        AND created_at >= to_timestamp(floor($2 / 1000.0)) \
                      ORDER BY offset_ms, offset_seq LIMIT $4",
                     &[
@@ -155,6 +171,7 @@ impl Store {
                         (&ms, Type::INT8),
                         (&seq, Type::INT8),
                         (&limit, Type::INT8),
+                        (&below_ms, Type::INT8),
                     ],
                 )
                 .await
@@ -188,5 +205,14 @@ mod tests {
         );
         assert!(parse_offset("x").is_err());
         assert!(parse_offset("1-x").is_err());
+        assert!(parse_offset("-1-0").is_err());
+        assert!(parse_offset("+1-0").is_err());
+        assert!(parse_offset("1-").is_err());
+        assert!(parse_offset("99999999999999999999-0").is_err());
+        assert_eq!(
+            parse_offset(&format!("{MAX_OFFSET_MS}-0")).unwrap(),
+            (MAX_OFFSET_MS, 0)
+        );
+        assert!(parse_offset(&format!("{}-0", MAX_OFFSET_MS + 1)).is_err());
     }
 }

@@ -27,7 +27,7 @@ mod members;
 mod migrate;
 mod partitions;
 
-pub use event_log::{parse_offset, LoggedEvent};
+pub use event_log::{parse_offset, LoggedEvent, MAX_OFFSET_MS};
 pub use migrate::{latest_migration, migrate};
 
 /// A failure of the durable side; never fatal to rooms.
@@ -113,8 +113,22 @@ impl std::fmt::Debug for Store {
     }
 }
 
-fn q(e: impl std::fmt::Display) -> StoreError {
-    StoreError::Query(e.to_string())
+fn q(e: impl std::error::Error) -> StoreError {
+    StoreError::Query(with_causes(&e))
+}
+
+/// An error with its causes: `tokio_postgres::Error` displays only its
+/// kind ("db error"), and the server's message is in its source, which the
+/// logs must show.
+fn with_causes(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        text.push_str(": ");
+        text.push_str(&c.to_string());
+        cause = c.source();
+    }
+    text
 }
 
 impl Store {
@@ -183,7 +197,7 @@ impl Store {
     async fn client(&self) -> Result<deadpool_postgres::Object, StoreError> {
         self.pool.get().await.map_err(|e| {
             self.metrics.errors.inc();
-            StoreError::Pool(e.to_string())
+            StoreError::Pool(with_causes(&e))
         })
     }
 
@@ -229,5 +243,26 @@ impl Store {
         })
         .await?;
         Ok(started.elapsed())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, Error)]
+    #[error("db error")]
+    struct Outer(#[source] Inner);
+
+    #[derive(Debug, Error)]
+    #[error("ERROR: relation \"room_events\" does not exist")]
+    struct Inner;
+
+    #[test]
+    fn errors_carry_their_causes() {
+        assert_eq!(
+            q(Outer(Inner)).to_string(),
+            "database query: db error: ERROR: relation \"room_events\" does not exist"
+        );
     }
 }

@@ -21,6 +21,8 @@ use thiserror::Error;
 mod access;
 mod database;
 mod drain;
+mod eventlog;
+mod http;
 mod jwt;
 mod limits;
 mod logging;
@@ -31,6 +33,7 @@ mod socketio;
 mod transport;
 
 pub use access::AccessPolicy;
+pub use eventlog::EventLogConfig;
 pub use jwt::{JwtConfig, JwtKey};
 pub use logging::LogFormat;
 
@@ -85,6 +88,19 @@ pub struct Config {
     /// user may hold on one node; more get CONNECT_ERROR
     /// `TOO_MANY_CONNECTIONS`.
     pub max_connections_per_user: usize,
+    /// `FLOWGATE_ADMIN_PORT` (unset): serve `/health` and `/metrics` on
+    /// this port too (0 picks a free one), for load balancers and
+    /// Prometheus, apart from the client port.
+    pub admin_port: Option<u16>,
+    /// `FLOWGATE_HTTP_HEADER_TIMEOUT_MS` (10 000): time to send a request's
+    /// headers, also between requests of a kept-alive connection.
+    pub http_header_timeout: Duration,
+    /// `FLOWGATE_MAX_HTTP_CONNECTIONS` (max connections + 1 024): open TCP
+    /// connections on the client port, WebSockets included.
+    pub max_http_connections: usize,
+    /// `FLOWGATE_MAX_UNAUTHENTICATED_PER_IP` (64): connections from one
+    /// address that have not completed CONNECT yet.
+    pub max_unauthenticated_per_ip: usize,
     /// `FLOWGATE_MAX_PAYLOAD` (1 000 000 bytes): largest inbound frame.
     pub max_payload: usize,
     /// `FLOWGATE_MAX_ATTACHMENTS` (10): binary frames one packet may announce.
@@ -161,6 +177,8 @@ pub struct Config {
     /// `FLOWGATE_UPGRADE_TIMEOUT_MS` (10 000): how long a polling session's
     /// WebSocket probe may take to complete the upgrade.
     pub upgrade_timeout: Duration,
+    /// The event-log queue's cap and enqueue grace.
+    pub eventlog: EventLogConfig,
 }
 
 fn get<'a>(vars: &'a HashMap<String, String>, name: &str) -> Option<&'a str> {
@@ -270,6 +288,7 @@ impl Config {
                 "the durable event log is fed from a queue in Redis: set REDIS_URL too",
             ));
         }
+        let eventlog = EventLogConfig::from_vars(vars)?;
         let log_format = LogFormat::from_vars(vars)?;
         let socketio::SocketIo {
             ping_interval,
@@ -287,6 +306,13 @@ impl Config {
             slow_consumer_grace,
             max_connections,
         } = limits::Limits::from_vars(vars)?;
+        let http::Http {
+            admin_port,
+            http_header_timeout,
+            max_http_connections,
+            max_unauthenticated_per_ip,
+        } = http::Http::from_vars(vars)?;
+        let max_http_connections = max_http_connections.unwrap_or(max_connections + 1024);
         let recovery::Recovery {
             recovery_window,
             recovery_max_bytes,
@@ -322,6 +348,10 @@ impl Config {
             ping_timeout,
             connect_timeout,
             max_connections_per_user,
+            admin_port,
+            http_header_timeout,
+            max_http_connections,
+            max_unauthenticated_per_ip,
             max_payload,
             max_attachments,
             rate_per_sec,
@@ -353,6 +383,7 @@ impl Config {
             eventlog_batch,
             advertise_url,
             upgrade_timeout,
+            eventlog,
         })
     }
 }

@@ -1,10 +1,10 @@
 //! The server API under `/v1` for backend services: publish into a flow,
-//! read its presence and history, grant and revoke membership.
+//! read its presence, locks and history, grant and revoke membership.
 
 use std::sync::Arc;
 
 use axum::extract::rejection::JsonRejection;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -15,6 +15,12 @@ use tracing::{info, warn};
 
 use super::bearer;
 use crate::app::App;
+use crate::engine::{Control, QueuedEvent, RoomMessage};
+use crate::events::RESERVED;
+use crate::rooms::room_of;
+
+mod history;
+use history::history;
 
 /// The `/v1` routes.
 pub(super) fn routes() -> Router<Arc<App>> {
@@ -24,14 +30,12 @@ pub(super) fn routes() -> Router<Arc<App>> {
             post(publish_event).get(history),
         )
         .route("/v1/flows/{flow_id}/presence", get(presence))
+        .route("/v1/flows/{flow_id}/locks", get(locks))
         .route(
             "/v1/flows/{flow_id}/members/{user_id}",
             axum::routing::put(grant).delete(revoke),
         )
 }
-use crate::engine::{Control, QueuedEvent, RoomMessage};
-use crate::events::RESERVED;
-use crate::rooms::room_of;
 
 /// A server API error: `{error: {code, message}}` with its status.
 #[derive(Debug)]
@@ -183,6 +187,18 @@ async fn presence(
     Ok(Json(members).into_response())
 }
 
+/// The flow's pod locks, as `flow:locks` lists them.
+async fn locks(
+    State(app): State<Arc<App>>,
+    Path(flow_id): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    service_auth(&app, &headers)?;
+    let room = flow_room(&flow_id)?;
+    let locks = app.engine.locks.list(&room).await.map_err(unavailable)?;
+    Ok(Json(locks).into_response())
+}
+
 fn store(app: &App) -> Result<&flowgate_store::Store, ApiError> {
     app.store.as_ref().ok_or_else(|| {
         ApiError(
@@ -203,14 +219,33 @@ fn db_error(e: flowgate_store::StoreError) -> ApiError {
 }
 
 fn check_user_id(user_id: &str) -> Result<(), ApiError> {
-    if user_id.is_empty() || user_id.len() > 256 {
+    // No control characters: Postgres refuses NUL in text, and that must
+    // be a 400 naming the parameter, not a database failure.
+    if user_id.is_empty() || user_id.len() > 256 || user_id.chars().any(char::is_control) {
         return Err(ApiError(
             StatusCode::BAD_REQUEST,
             "INVALID_USER_ID",
-            "userId must be 1-256 characters".into(),
+            "path parameter userId must be 1-256 characters, none of them control characters"
+                .into(),
         ));
     }
     Ok(())
+}
+
+/// `{flowId}/members/{userId}` of the path: a segment that is not UTF-8
+/// after percent-decoding is a 400 with the JSON error of the API.
+fn member_path(
+    path: Result<Path<(String, String)>, axum::extract::rejection::PathRejection>,
+) -> Result<(String, String), ApiError> {
+    let Path((flow_id, user_id)) = path.map_err(|e| {
+        ApiError(
+            StatusCode::BAD_REQUEST,
+            "INVALID_PATH",
+            format!("path parameters flowId and userId: {}", e.body_text()),
+        )
+    })?;
+    check_user_id(&user_id)?;
+    Ok((flow_id, user_id))
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -221,13 +256,13 @@ struct GrantBody {
 
 async fn grant(
     State(app): State<Arc<App>>,
-    Path((flow_id, user_id)): Path<(String, String)>,
+    path: Result<Path<(String, String)>, axum::extract::rejection::PathRejection>,
     headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> Result<Response, ApiError> {
     service_auth(&app, &headers)?;
+    let (flow_id, user_id) = member_path(path)?;
     flow_room(&flow_id)?;
-    check_user_id(&user_id)?;
     // The body is optional; when present it must be `{role?}`.
     let body: GrantBody = if body.iter().all(u8::is_ascii_whitespace) {
         GrantBody::default()
@@ -257,25 +292,36 @@ async fn grant(
     )
 }
 
+/// Revokes a membership race-free: the refusal is cached before the
+/// eviction is published, and a join re-checks access once its socket is
+/// a local member of the room (`session::join`), so a join that passed
+/// its check just before the revocation either sees the refusal or is
+/// evicted by the control message.
 async fn revoke(
     State(app): State<Arc<App>>,
-    Path((flow_id, user_id)): Path<(String, String)>,
+    path: Result<Path<(String, String)>, axum::extract::rejection::PathRejection>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     service_auth(&app, &headers)?;
+    let (flow_id, user_id) = member_path(path)?;
     let room = flow_room(&flow_id)?;
-    check_user_id(&user_id)?;
     let removed = store(&app)?
         .revoke(&flow_id, &user_id)
         .await
         .map_err(db_error)?;
     // Cache the refusal rather than forgetting the grant: a join that read
     // the membership just before the delete cannot then cache it back.
+    // Without it a join's re-check could still read a cached grant, so a
+    // failure here fails the revocation (it is idempotent: retry).
     if let Some(cache) = &app.engine.access_cache {
-        let _ = cache
+        cache
             .put(&flow_id, &user_id, false, app.config.access_cache_ttl)
-            .await;
+            .await
+            .map_err(unavailable)?;
     }
+    // The user's locks go now, also those of a socket that is away (it
+    // could only come back refused).
+    crate::lock_keeper::release_user_locks(&app, &room, &user_id).await;
     // Every node holding a socket of this user in the room drops it now.
     app.engine
         .bus
@@ -289,67 +335,4 @@ async fn revoke(
         .map_err(unavailable)?;
     info!(flow_id, user_id, removed, "membership revoked");
     Ok(Json(json!({"ok": true, "removed": removed})).into_response())
-}
-
-#[derive(Debug, Deserialize)]
-struct HistoryQuery {
-    after: Option<String>,
-    limit: Option<i64>,
-}
-
-/// The durable log of a flow: a service token, or a user token whose user
-/// may join the flow.
-async fn history(
-    State(app): State<Arc<App>>,
-    Path(flow_id): Path<String>,
-    headers: HeaderMap,
-    query: Result<Query<HistoryQuery>, axum::extract::rejection::QueryRejection>,
-) -> Result<Response, ApiError> {
-    flow_room(&flow_id)?;
-    if service_auth(&app, &headers).is_err() {
-        let token = bearer(&headers).ok_or_else(|| {
-            ApiError(
-                StatusCode::UNAUTHORIZED,
-                "UNAUTHORIZED",
-                "Authorization: Bearer <token> required".into(),
-            )
-        })?;
-        let identity = app
-            .verifier
-            .verify(&token)
-            .map_err(|e| ApiError(StatusCode::UNAUTHORIZED, e.code(), e.to_string()))?;
-        let allowed = crate::access::may_join(&app, &identity, &flow_id)
-            .await
-            .map_err(unavailable)?;
-        if !allowed {
-            return Err(ApiError(
-                StatusCode::FORBIDDEN,
-                "FORBIDDEN",
-                "not a member of this flow".into(),
-            ));
-        }
-    }
-    let Query(q) =
-        query.map_err(|e| ApiError(StatusCode::BAD_REQUEST, "INVALID_QUERY", e.body_text()))?;
-    let limit = q.limit.unwrap_or(100);
-    if !(1..=1000).contains(&limit) {
-        return Err(ApiError(
-            StatusCode::BAD_REQUEST,
-            "INVALID_LIMIT",
-            "limit must be 1-1000".into(),
-        ));
-    }
-    let after = q.after.filter(|a| !a.is_empty());
-    if let Some(a) = &after {
-        flowgate_store::parse_offset(a)
-            .map_err(|e| ApiError(StatusCode::BAD_REQUEST, "INVALID_OFFSET", e.to_string()))?;
-    }
-    let events = store(&app)?
-        .events(&flow_id, after.as_deref(), limit)
-        .await
-        .map_err(db_error)?;
-    let next = (events.len() as i64 == limit)
-        .then(|| events.last().map(|e| e.offset.clone()))
-        .flatten();
-    Ok(Json(json!({"events": events, "next": next})).into_response())
 }

@@ -36,6 +36,14 @@ pub fn router(app: Arc<App>) -> Router {
         .merge(crate::demo::router(&app))
 }
 
+/// The admin port's routes: what load balancers and Prometheus read.
+pub fn admin_router(app: Arc<App>) -> Router {
+    Router::new()
+        .route("/health", get(health))
+        .route("/metrics", get(metrics))
+        .with_state(app)
+}
+
 /// An Engine.IO handshake error: HTTP status plus `{code, message}` as the
 /// JavaScript server sends them.
 fn eio_error(status: StatusCode, code: u8, message: &str) -> Response {

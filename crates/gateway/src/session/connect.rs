@@ -85,7 +85,7 @@ impl Session {
             .and_then(Value::as_str)
             .filter(|p| p.len() <= 64);
         if pid.is_some()
-            && self.app.user_slots.held(&identity.user_id)
+            && self.app.user_slots.held(identity.user_id.as_str())
                 >= self.app.config.max_connections_per_user
         {
             // Checked before recovery too, so that a recovery attempt
@@ -106,7 +106,11 @@ impl Session {
                         .recoveries
                         .with_label_values(&["recovered"])
                         .inc();
+                    self.pre_auth = None;
                     self.greet();
+                    for f in std::mem::take(&mut self.replay) {
+                        self.push_local(OutFrame::Room(f));
+                    }
                     return;
                 }
                 Err(why) => {
@@ -139,6 +143,7 @@ impl Session {
         };
         info!(user = ?socket.user_id, socket = %socket.id, "socket connected");
         self.socket = Some(socket);
+        self.pre_auth = None;
         self.save_record().await;
         self.greet();
     }
@@ -252,6 +257,7 @@ impl Session {
             session: info.clone(),
             last: after,
             start,
+            locks: Default::default(),
         });
         // Claim the record first, so that the connection this one replaces
         // releases nothing when it notices it is gone.
@@ -263,6 +269,15 @@ impl Session {
                 .engine_failed("subscribe", &e, &room, "recovery join failed");
             self.abandon_recovery(&room).await;
             return Err(NotRecovered::Unavailable);
+        }
+        // Checked again now that the socket is a member, as a join does: a
+        // revocation published before this point did not reach it.
+        if super::join::check_access(&app, identity, &info.flow_id)
+            .await
+            .is_err()
+        {
+            self.abandon_recovery(&room).await;
+            return Err(NotRecovered::Unknown);
         }
         // Live events now queue behind the replay; the overlap is skipped
         // by offset when written.
@@ -299,11 +314,10 @@ impl Session {
             frames.push(f);
         }
         let replayed = frames.len();
-        // Written before anything the room queued since the join; the
-        // delivered offset advances as they are written (`Session::admit`).
-        for f in frames {
-            self.push_local(OutFrame::Room(f));
-        }
+        // Written after the CONNECT reply (see `on_connect`) and before
+        // anything the room queued since the join; the delivered offset
+        // advances as they are written (`Session::admit`).
+        self.replay = frames;
         match app.engine.presence.join(&room, &info, self.owner()).await {
             Ok((_, true)) => self.announce_joined(&room, &info).await,
             Ok((_, false)) => {}
@@ -311,6 +325,7 @@ impl Session {
                 .metrics
                 .engine_failed("presence", &e, &room, "presence rejoin failed"),
         }
+        self.adopt_locks().await;
         info!(user = ?info.user_id, socket = %info.socket_id, room = %room, replayed, "session recovered");
         Ok(())
     }
@@ -320,7 +335,7 @@ impl Session {
             let _ = self.app.rooms.leave(room, &s.id).await;
         }
         self.socket = None;
-        self.local.clear();
+        self.replay.clear();
     }
 
     /// This connection's owner tag.

@@ -1,6 +1,13 @@
 //! `flow:join`: access check, room membership (and the bus subscription
-//! that follows), presence, `flow:users` to the joiner and `user:joined` to
-//! the others.
+//! that follows), presence, `flow:users` and `flow:locks` to the joiner
+//! and `user:joined` to the others.
+//!
+//! Access is checked twice: before anything is done, and again once the
+//! socket is a local member of the room. A revocation caches the refusal
+//! and then publishes the eviction; a join whose first check passed just
+//! before the revocation either reads the refusal in its second check, or
+//! is already a member when the eviction arrives and is removed by it. One
+//! or the other, never neither.
 
 use std::sync::Arc;
 
@@ -30,17 +37,8 @@ impl Session {
             .socket
             .as_ref()
             .ok_or_else(|| Refusal::new("JOIN_ERROR", "Not connected"))?;
-        match crate::access::may_join(&app, &socket.identity, &flow_id).await {
-            Ok(true) => {}
-            Ok(false) => return Err(Refusal::new("FORBIDDEN", "Not allowed to join this flow")),
-            Err(e) => {
-                warn!(error = %e, flow_id = ?flow_id, "join refused: access undecidable");
-                return Err(Refusal::new(
-                    "JOIN_ERROR",
-                    "Could not check access to the flow",
-                ));
-            }
-        }
+        let identity = socket.identity.clone();
+        check_access(&app, &identity, &flow_id).await?;
         let room: Arc<str> = room_of(&flow_id).into();
         // Joining the flow the socket is already in (a front end that joins
         // again on every `connect`, also after a recovery): the answer is
@@ -55,6 +53,7 @@ impl Session {
                 "flow:users",
                 &serde_json::to_value(&members).unwrap_or_default(),
             );
+            self.emit_flow_locks(&room).await;
             return Ok(());
         }
         let session = SessionInfo {
@@ -76,6 +75,12 @@ impl Session {
             app.metrics
                 .engine_failed("subscribe", &e, &room, "join failed");
             return Err(failed(&e, "subscribe failed"));
+        }
+        // A member now, so an eviction published from here on reaches this
+        // socket; one published before is seen as a refusal here.
+        if let Err(refusal) = check_access(&app, &identity, &flow_id).await {
+            let _ = app.rooms.leave(&room, &session.socket_id).await;
+            return Err(refusal);
         }
         // Where this socket starts in the room log: recovery replays from
         // here when the client received no room event yet.
@@ -106,6 +111,7 @@ impl Session {
                 session: session.clone(),
                 last: start,
                 start,
+                locks: Default::default(),
             });
         }
         self.save_record().await;
@@ -113,6 +119,7 @@ impl Session {
             "flow:users",
             &serde_json::to_value(&members).unwrap_or_default(),
         );
+        self.emit_flow_locks(&room).await;
         self.announce_joined(&room, &session).await;
         info!(user = ?session.user_id, room = %room, "joined flow");
         Ok(())
@@ -129,6 +136,25 @@ impl Session {
             self.app
                 .metrics
                 .engine_failed("publish", &e, room, "user:joined not published");
+        }
+    }
+}
+
+/// The access policy's decision as a refusal.
+pub(crate) async fn check_access(
+    app: &crate::app::App,
+    identity: &crate::auth::Identity,
+    flow_id: &str,
+) -> Result<(), Refusal> {
+    match crate::access::may_join(app, identity, flow_id).await {
+        Ok(true) => Ok(()),
+        Ok(false) => Err(Refusal::new("FORBIDDEN", "Not allowed to join this flow")),
+        Err(e) => {
+            warn!(error = %e, flow_id, "join refused: access undecidable");
+            Err(Refusal::new(
+                "JOIN_ERROR",
+                "Could not check access to the flow",
+            ))
         }
     }
 }

@@ -1,7 +1,8 @@
 //! Leaving a flow: `flow:leave`, joining another flow, a revoked
 //! membership, and the end of the connection all end here, with
 //! `user:left` to the others exactly when presence really lost the
-//! session.
+//! session, after the socket's pod locks were released (except at a
+//! recoverable end, which keeps them for the recovery window).
 
 use serde_json::json;
 use tracing::{debug, info};
@@ -20,14 +21,24 @@ impl Session {
         Ok(())
     }
 
-    /// Leaves the socket's flow, if any. The session's record is not
-    /// touched: at the end of a connection it keeps the flow so that a
-    /// recovery rejoins it.
+    /// Leaves the socket's flow, if any, releasing its locks. The
+    /// session's record is not touched: at the end of a connection it
+    /// keeps the flow so that a recovery rejoins it.
     pub(crate) async fn leave_flow(&mut self) {
+        self.leave_room(false).await;
+    }
+
+    /// Leaves the socket's flow; `keep_locks` for a connection that may be
+    /// recovered.
+    pub(crate) async fn leave_room(&mut self, keep_locks: bool) {
         let owner = self.owner().to_owned();
         let Some(joined) = self.socket.as_mut().and_then(|s| s.flow.take()) else {
             return;
         };
+        if !keep_locks {
+            self.release_locks(&joined.room, &joined.session.socket_id)
+                .await;
+        }
         let app = &self.app;
         let room = &*joined.room;
         let session = &joined.session;

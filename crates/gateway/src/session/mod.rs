@@ -11,16 +11,19 @@
 //!
 //! One file per job: [`connect`] (CONNECT, auth, recovery), [`join`],
 //! [`leave`], [`refresh`] (`auth:refresh`), [`relay`] (the relay table's
-//! events), [`reply`] (acks, `error`, own events).
+//! events), [`locks`] (pod locks), [`reply`] (acks, `error`, own events).
 
 mod connect;
 mod join;
 mod leave;
+mod locks;
 mod refresh;
 mod relay;
 mod reply;
-mod user_slots;
+mod slots;
 
+#[cfg(test)]
+mod locks_tests;
 #[cfg(test)]
 mod tests;
 
@@ -40,7 +43,7 @@ use crate::engineio::End;
 use crate::outbound::{OutFrame, Outbound, RoomFrame};
 use crate::rooms::NSP;
 pub(crate) use reply::Refusal;
-pub use user_slots::{UserSlot, UserSlots};
+pub use slots::{PeerSlots, Slot, Slots, UserSlot, UserSlots};
 
 /// CONNECT packets one connection may send: a client connects once (and
 /// again after a namespace-level disconnect); more is churn that costs the
@@ -71,6 +74,8 @@ pub(crate) struct Joined {
     pub(crate) last: Offset,
     /// The room's newest offset when the socket joined.
     pub(crate) start: Offset,
+    /// The pod locks this socket holds in the flow.
+    pub(crate) locks: locks::HeldLocks,
 }
 
 /// The `/flows` socket of a connection, once authenticated.
@@ -112,6 +117,11 @@ pub struct Session {
     connect_deadline: Option<Instant>,
     /// CONNECT packets received.
     connects: u32,
+    /// A recovery's missed events, written right after the CONNECT reply.
+    replay: Vec<Arc<RoomFrame>>,
+    /// This address's slot for a connection that has not authenticated;
+    /// given back at CONNECT.
+    pre_auth: Option<Slot<std::net::IpAddr>>,
 }
 
 impl Session {
@@ -128,7 +138,21 @@ impl Session {
             partial_bytes: 0,
             connect_deadline,
             connects: 0,
+            replay: Vec::new(),
+            pre_auth: None,
         }
+    }
+
+    /// Takes the peer's slot for an unauthenticated connection; `false`
+    /// when its address holds too many already (the connection is closed
+    /// at once).
+    pub fn admit_peer(&mut self) -> bool {
+        let Ok(addr) = self.hs.peer.parse::<std::net::SocketAddr>() else {
+            return true;
+        };
+        let max = self.app.config.max_unauthenticated_per_ip;
+        self.pre_auth = self.app.peer_slots.take(&addr.ip(), max);
+        self.pre_auth.is_some()
     }
 
     /// Queues a frame of the session's own, ahead of room frames.
@@ -171,17 +195,19 @@ impl Session {
 
     /// When [`Session::on_timer`] must run next.
     pub fn deadline(&self) -> Option<Instant> {
-        match (
+        [
             self.connect_deadline,
             self.socket.as_ref().and_then(|s| s.expires),
-        ) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+            self.locks_deadline(),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
     }
 
-    /// Connect timeout and token expiry.
+    /// Connect timeout, token expiry, and the refresh of held locks.
     pub async fn on_timer(&mut self, now: Instant) -> Result<(), End> {
+        self.on_locks_timer(now).await;
         if self.connect_deadline.is_some_and(|t| t <= now) {
             return Err(End::ConnectTimeout);
         }
@@ -282,7 +308,9 @@ impl Session {
                     debug!("second CONNECT on a connected namespace ignored");
                     return Ok(());
                 }
-                self.on_connect(p.data.as_ref()).await;
+                // Cold path, boxed: its state would otherwise sit in every
+                // connection's resident future.
+                Box::pin(self.on_connect(p.data.as_ref())).await;
                 Ok(())
             }
             PacketType::Disconnect => {
@@ -346,9 +374,10 @@ impl Session {
             Err(Refusal::new("RATE_LIMIT", "Rate limit exceeded"))
         } else {
             match (name, rule) {
-                ("flow:join", _) => self.join(payload.as_ref()).await,
-                ("flow:leave", _) => self.leave_event().await,
-                ("auth:refresh", _) => self.refresh(payload.as_ref()),
+                // Cold paths, boxed (see `on_connect`).
+                ("flow:join", _) => Box::pin(self.join(payload.as_ref())).await,
+                ("flow:leave", _) => Box::pin(self.leave_event()).await,
+                ("auth:refresh", _) => self.refresh(payload.as_ref()).await,
                 (_, Some(rule)) => self.relay(&rule, payload.as_ref(), attachments).await,
                 (other, None) => Err(Refusal::new(
                     "UNKNOWN_EVENT",
@@ -365,8 +394,14 @@ impl Session {
         if self.socket.is_none() {
             return;
         }
-        // The record keeps the flow, so that a recovery rejoins it.
-        self.leave_flow().await;
+        // The record keeps the flow, so that a recovery rejoins it; the
+        // locks too, for the window.
+        if end.recoverable() {
+            self.suspend_locks().await;
+            self.leave_room(true).await;
+        } else {
+            self.leave_flow().await;
+        }
         if end.recoverable() {
             self.release().await;
         } else {

@@ -29,7 +29,24 @@ impl Session {
         }
     }
 
+    /// One relay-table event: its lock rule (if any) decides first
+    /// whether it is relayed at all.
     pub(crate) async fn relay(
+        &mut self,
+        rule: &RelayRule,
+        payload: Option<&Value>,
+        attachments: Vec<Bytes>,
+    ) -> Result<(), Refusal> {
+        let step = self.lock_step(rule, payload).await?;
+        if matches!(step, super::locks::LockStep::Skip) {
+            return Ok(());
+        }
+        let r = self.relay_event(rule, payload, attachments).await;
+        self.lock_done(step, r.is_ok()).await;
+        r
+    }
+
+    async fn relay_event(
         &mut self,
         rule: &RelayRule,
         payload: Option<&Value>,

@@ -16,7 +16,7 @@ use crate::outbound::{OutFrame, Outbound, OutboundRx};
 
 const SECRET: &str = "session-test-secret";
 
-fn token(user: &str, exp_in: i64) -> String {
+pub(super) fn token(user: &str, exp_in: i64) -> String {
     let now = time::OffsetDateTime::now_utc().unix_timestamp();
     jsonwebtoken::encode(
         &jsonwebtoken::Header::default(),
@@ -26,7 +26,7 @@ fn token(user: &str, exp_in: i64) -> String {
     .unwrap()
 }
 
-async fn app(extra: &[(&str, &str)]) -> Arc<App> {
+pub(super) async fn app(extra: &[(&str, &str)]) -> Arc<App> {
     let mut vars: std::collections::HashMap<String, String> = [
         ("JWT_ACCESS_TOKEN_SECRET", SECRET),
         ("JWT_LEEWAY_SECS", "0"),
@@ -43,13 +43,13 @@ async fn app(extra: &[(&str, &str)]) -> Arc<App> {
         .unwrap()
 }
 
-struct Client {
-    session: Session,
+pub(super) struct Client {
+    pub(super) session: Session,
     rx: OutboundRx,
 }
 
 impl Client {
-    fn new(app: &Arc<App>) -> Self {
+    pub(super) fn new(app: &Arc<App>) -> Self {
         let (out, rx) = Outbound::new(64, 1 << 20, Duration::from_secs(5), app.metrics.clone());
         Client {
             session: Session::new(app.clone(), Handshake::default(), out),
@@ -57,14 +57,14 @@ impl Client {
         }
     }
 
-    async fn send(&mut self, packet: &str) -> Result<(), End> {
+    pub(super) async fn send(&mut self, packet: &str) -> Result<(), End> {
         self.session.on_message(packet).await
     }
 
     /// Everything the client would read now, in write order: the session's
     /// own frames, then the queue, room frames filtered as the connection
     /// task filters them.
-    fn read(&mut self) -> Vec<String> {
+    pub(super) fn read(&mut self) -> Vec<String> {
         let mut out = Vec::new();
         while let Some(f) = self.session.pop_local() {
             Self::text(&mut self.session, f, &mut out);
@@ -87,12 +87,12 @@ impl Client {
         }
     }
 
-    async fn connect(&mut self, auth: Value) -> Value {
+    pub(super) async fn connect(&mut self, auth: Value) -> Value {
         self.connect_reading(auth).await.0
     }
 
     /// CONNECT; the reply and everything else read with it.
-    async fn connect_reading(&mut self, auth: Value) -> (Value, Vec<String>) {
+    pub(super) async fn connect_reading(&mut self, auth: Value) -> (Value, Vec<String>) {
         self.send(&format!("0/flows,{auth}")).await.unwrap();
         let frames = self.read();
         let reply = frames
@@ -104,7 +104,7 @@ impl Client {
 }
 
 /// The arguments of every event named `name` in `frames`.
-fn events(frames: &[String], name: &str) -> Vec<Vec<Value>> {
+pub(super) fn events(frames: &[String], name: &str) -> Vec<Vec<Value>> {
     frames
         .iter()
         .filter_map(|f| f.strip_prefix("42/flows,"))
@@ -114,7 +114,7 @@ fn events(frames: &[String], name: &str) -> Vec<Vec<Value>> {
         .collect()
 }
 
-fn acks(frames: &[String]) -> Vec<Value> {
+pub(super) fn acks(frames: &[String]) -> Vec<Value> {
     frames
         .iter()
         .filter_map(|f| f.strip_prefix("43/flows,"))
@@ -265,6 +265,10 @@ async fn a_lost_session_recovers_with_what_it_missed() {
         .connect_reading(json!({"token": token("ada", 60), "pid": first["pid"], "offset": offset}))
         .await;
     assert_eq!(reply, first, "same sid and pid");
+    assert!(
+        f[0].starts_with("40/flows,"),
+        "the CONNECT reply comes first: {f:?}"
+    );
     let missed: Vec<Value> = events(&f, "pod:deleted")
         .into_iter()
         .map(|a| a[0]["podId"].clone())
