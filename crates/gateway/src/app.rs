@@ -5,7 +5,7 @@ use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
 
 use anyhow::Context;
-use flowgate_redis::{RedisEngine, RedisSettings};
+use flowgate_redis::{NodeDirectory, RedisEngine, RedisSettings};
 use flowgate_store::{Store, StoreError, StoreSettings};
 
 use crate::eventlog::{self, WriterMetrics};
@@ -40,6 +40,8 @@ pub struct App {
     pub drain: Drain,
     /// Open connections, against `max_connections`.
     pub connections: AtomicUsize,
+    /// This node's polling sessions, and the owners of other sessions.
+    pub eio_sessions: crate::engineio::Sessions,
     /// Authenticated sockets per user, against `max_connections_per_user`.
     pub user_slots: Arc<crate::session::UserSlots>,
     /// Unauthenticated connections per address, against
@@ -73,6 +75,7 @@ impl App {
         let verifier = TokenVerifier::new(&config.jwt).context("JWT key")?;
         let fanout = Arc::new(Fanout::new(metrics.clone()));
         let background = (TaskTracker::new(), CancellationToken::new());
+        let mut directory = None;
         let engine = match &config.redis_url {
             None => {
                 let hub = hub.unwrap_or_default();
@@ -89,8 +92,8 @@ impl App {
                     config.rate_burst,
                 )
             }
-            Some(url) => RedisEngine::start(
-                RedisSettings {
+            Some(url) => {
+                let settings = RedisSettings {
                     url: url.clone(),
                     node_id: config.node_id.clone(),
                     rate_per_sec: config.rate_per_sec,
@@ -105,14 +108,21 @@ impl App {
                     queue_max_len: config.eventlog.queue_max_len,
                     queue_max_bytes: config.eventlog.queue_max_bytes,
                     enqueue_grace: config.eventlog.enqueue_grace,
-                },
-                fanout.clone(),
-                metrics.registry(),
-                &background.0,
-                background.1.clone(),
-            )
-            .await
-            .context("REDIS_URL")?,
+                };
+                directory = Some(
+                    NodeDirectory::start(&settings, &background.0, background.1.clone())
+                        .context("REDIS_URL")?,
+                );
+                RedisEngine::start(
+                    settings,
+                    fanout.clone(),
+                    metrics.registry(),
+                    &background.0,
+                    background.1.clone(),
+                )
+                .await
+                .context("REDIS_URL")?
+            }
         };
         let rooms = Rooms::new(fanout, engine.bus.clone());
         let store = match &config.database_url {
@@ -121,6 +131,7 @@ impl App {
                 Some(Self::start_store(&config, url, &engine, &metrics, &background).await?)
             }
         };
+        let eio_sessions = crate::engineio::Sessions::new(&config.node_id, directory);
         let app = Arc::new(App {
             drain: Drain::new(config.drain_window),
             config: Arc::new(config),
@@ -130,6 +141,7 @@ impl App {
             rooms,
             metrics,
             connections: AtomicUsize::new(0),
+            eio_sessions,
             user_slots: Arc::default(),
             peer_slots: Arc::default(),
             background,

@@ -1,5 +1,5 @@
-//! flowgate's gateway node: Socket.IO flow rooms over WebSocket, with
-//! health, metrics and graceful drain.
+//! flowgate's gateway node: Socket.IO flow rooms over WebSocket and HTTP
+//! long-polling, with health, metrics and graceful drain.
 //!
 //! The binary (`main.rs`) only parses configuration, starts tracing and
 //! calls [`serve`]; tests call [`serve`] on a listener bound to port 0.
@@ -37,6 +37,21 @@ pub use config::Config;
 /// The engine seam, re-exported so tests and the gateway share one path.
 pub use flowgate_engine as engine;
 
+/// The URL other nodes forward this node's polling requests to:
+/// `FLOWGATE_ADVERTISE_URL`, else the bound address (loopback when bound to
+/// every interface, which suits one machine; set the variable otherwise).
+fn advertise_url(config: &Config, bound: std::net::SocketAddr) -> String {
+    if let Some(url) = &config.advertise_url {
+        return url.clone();
+    }
+    let ip = if bound.ip().is_unspecified() {
+        std::net::IpAddr::from([127, 0, 0, 1])
+    } else {
+        bound.ip()
+    };
+    format!("http://{}", std::net::SocketAddr::new(ip, bound.port()))
+}
+
 /// Serves `app` on `listener` until `shutdown` resolves, then drains:
 /// `/health` turns 503 and upgrades are refused, the load balancer is given
 /// `drain_notice` to notice, sockets are closed spread over `drain_window`,
@@ -48,6 +63,14 @@ pub async fn serve(
 ) -> anyhow::Result<()> {
     let addr = listener.local_addr()?;
     info!(addr = %addr, node = %app.config.node_id, engine = app.engine.kind, "listening");
+    if let Some(directory) = &app.eio_sessions.directory {
+        if app.config.advertise_url.is_none() && addr.ip().is_unspecified() {
+            warn!(
+                "FLOWGATE_ADVERTISE_URL is unset: other nodes will forward polling requests of this node's sessions to 127.0.0.1, which only works when every node runs on this machine"
+            );
+        }
+        directory.advertise(advertise_url(&app.config, addr));
+    }
     let stop_accepting = CancellationToken::new();
     let limits = listener::Limits {
         max_connections: app.config.max_http_connections,

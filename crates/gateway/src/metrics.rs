@@ -17,10 +17,16 @@ pub struct Metrics {
     registry: Registry,
     /// Event names that get their own label value.
     known_events: std::sync::Arc<HashSet<String>>,
-    /// Open WebSocket connections.
+    /// Open Engine.IO connections, whatever their transport.
     pub connections: IntGauge,
+    /// Engine.IO sessions opened, by the transport they opened with
+    /// (`websocket`, `polling`).
+    pub connections_opened: IntCounterVec,
     /// Connections refused at the upgrade (cap, drain, origin).
     pub connections_refused: IntCounterVec,
+    /// Requests of a session owned by another node, forwarded to it, by
+    /// kind (`polling`, `websocket`) and outcome (`ok`, `unknown`, `failed`).
+    pub forwarded: IntCounterVec,
     /// Rooms with at least one member on this node.
     pub rooms: IntGauge,
     /// Client events received, by event name.
@@ -92,7 +98,8 @@ impl Metrics {
         };
         let connections = reg(
             &registry,
-            IntGauge::new("connections", "Open WebSocket connections").expect("valid metric"),
+            IntGauge::new("connections", "Open Engine.IO connections (any transport)")
+                .expect("valid metric"),
         );
         let rooms = reg(
             &registry,
@@ -131,6 +138,22 @@ impl Metrics {
         Metrics {
             known_events: std::sync::Arc::new(known),
             connections,
+            connections_opened: counter_vec(
+                "connections_opened_total",
+                "Engine.IO sessions opened, by transport",
+                "transport",
+            ),
+            forwarded: reg(
+                &registry,
+                IntCounterVec::new(
+                    Opts::new(
+                        "forwarded_requests_total",
+                        "Requests of another node's session forwarded to it",
+                    ),
+                    &["kind", "outcome"],
+                )
+                .expect("valid metric"),
+            ),
             connections_refused: counter_vec(
                 "connections_refused_total",
                 "Upgrades refused",

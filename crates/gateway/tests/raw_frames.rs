@@ -275,7 +275,7 @@ async fn handshake_errors_are_engine_io_errors() {
     let n = node(&[]).await;
     let cases = [
         ("GET", "/socket.io/?EIO=3&transport=websocket", 400, 5),
-        ("GET", "/socket.io/?EIO=4&transport=polling", 400, 0),
+        ("GET", "/socket.io/?EIO=4&transport=flashsocket", 400, 0),
         ("GET", "/socket.io/?EIO=4", 400, 0),
         ("POST", "/socket.io/?EIO=4&transport=websocket", 400, 2),
         ("GET", "/socket.io/?EIO=4&transport=websocket", 400, 3),

@@ -14,8 +14,10 @@
 
 pub mod engineio;
 pub mod frame;
+pub mod polling;
 pub mod socketio;
 
 pub use engineio::{EnginePacket, OpenPacket};
 pub use frame::event_frame;
+pub use polling::{decode_payload, encode_payload, OutPacket, PayloadError, PayloadPacket};
 pub use socketio::{DecodeError, Decoded, Packet, PacketType, PartialPacket};

@@ -27,7 +27,8 @@
 //! `subscriber` (the message pump and re-subscription), `presence`,
 //! `reaper` (dead nodes and the maintenance loop), `limiter`,
 //! `event_queue`, `access_cache`, `locks` (pod locks), `scripts` and
-//! `lock_scripts` (the Lua).
+//! `lock_scripts` (the Lua), `registry` (the node directory: where other
+//! nodes forward polling requests).
 
 mod access_cache;
 mod bus;
@@ -40,6 +41,7 @@ mod locks;
 mod metrics;
 mod presence;
 mod reaper;
+mod registry;
 mod scripts;
 mod sessions;
 mod subscriber;
@@ -59,6 +61,7 @@ use tracing::warn;
 
 use crate::metrics::Metrics;
 use crate::scripts::Scripts;
+pub use registry::NodeDirectory;
 
 /// Settings of the Redis engine.
 #[derive(Debug, Clone)]

@@ -1,10 +1,12 @@
 //! Test support: start gateway nodes in process on free loopback ports, mint
-//! JWTs, and speak raw Engine.IO / Socket.IO frames and plain HTTP to them.
+//! JWTs, and speak raw Engine.IO / Socket.IO frames (WebSocket or HTTP
+//! long-polling) and plain HTTP to them.
 //!
 //! Real dependencies (Redis, Postgres, PgBouncer, HAProxy) are started as
 //! child processes by the modules that need them; nothing here mocks them.
 
 pub mod chaos;
+pub mod polling;
 pub mod procs;
 
 use std::collections::HashMap;

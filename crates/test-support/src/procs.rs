@@ -249,6 +249,17 @@ pub struct HaProxy {
 impl HaProxy {
     /// Starts HAProxy balancing over the three node ports.
     pub fn start(nodes: [u16; 3]) -> anyhow::Result<Self> {
+        Self::start_with(nodes, &[])
+    }
+
+    /// Starts HAProxy round-robin, every request to the next node, with no
+    /// stickiness (`LB_ROUNDROBIN` in `deploy/haproxy.cfg`).
+    pub fn round_robin(nodes: [u16; 3]) -> anyhow::Result<Self> {
+        Self::start_with(nodes, &[("LB_ROUNDROBIN", "1")])
+    }
+
+    /// Starts HAProxy with extra variables for `deploy/haproxy.cfg`.
+    pub fn start_with(nodes: [u16; 3], vars: &[(&str, &str)]) -> anyhow::Result<Self> {
         let cfg = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/haproxy.cfg");
         let dir = TempDir::new("haproxy")?;
         let port = free_port()?;
@@ -262,6 +273,7 @@ impl HaProxy {
             .env("NODE1_PORT", nodes[0].to_string())
             .env("NODE2_PORT", nodes[1].to_string())
             .env("NODE3_PORT", nodes[2].to_string())
+            .envs(vars.iter().copied())
             .stdout(log.try_clone()?)
             .stderr(log)
             .stdin(Stdio::null())
@@ -273,6 +285,11 @@ impl HaProxy {
             child,
             _dir: dir,
         })
+    }
+
+    /// The load balancer's address.
+    pub fn addr(&self) -> std::net::SocketAddr {
+        std::net::SocketAddr::from(([127, 0, 0, 1], self.port))
     }
 
     /// The Engine.IO URL through the load balancer.

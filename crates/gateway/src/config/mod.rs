@@ -30,6 +30,7 @@ mod recovery;
 mod redis;
 mod server;
 mod socketio;
+mod transport;
 
 pub use access::AccessPolicy;
 pub use eventlog::EventLogConfig;
@@ -169,6 +170,13 @@ pub struct Config {
     pub event_retention_months: u32,
     /// `FLOWGATE_EVENTLOG_BATCH` (500): events per write.
     pub eventlog_batch: usize,
+    /// `FLOWGATE_ADVERTISE_URL`: how other nodes reach this one to forward
+    /// polling requests; `http://<HOST, or 127.0.0.1 when unspecified>:<bound
+    /// port>` when unset.
+    pub advertise_url: Option<String>,
+    /// `FLOWGATE_UPGRADE_TIMEOUT_MS` (10 000): how long a polling session's
+    /// WebSocket probe may take to complete the upgrade.
+    pub upgrade_timeout: Duration,
     /// The event-log queue's cap and enqueue grace.
     pub eventlog: EventLogConfig,
 }
@@ -320,6 +328,10 @@ impl Config {
             drain_window,
             shutdown_deadline,
         } = drain::Drain::from_vars(vars)?;
+        let transport::Transport {
+            advertise_url,
+            upgrade_timeout,
+        } = transport::Transport::from_vars(vars)?;
 
         Ok(Config {
             listen,
@@ -369,6 +381,8 @@ impl Config {
             access_cache_ttl,
             event_retention_months,
             eventlog_batch,
+            advertise_url,
+            upgrade_timeout,
             eventlog,
         })
     }

@@ -43,6 +43,10 @@ impl Drop for GaugeGuard {
 async fn run<T: Transport>(mut transport: T, app: Arc<App>, hs: Handshake, sid: String) {
     let cfg = app.config.clone();
     app.metrics.connections.inc();
+    app.metrics
+        .connections_opened
+        .with_label_values(&[transport.name()])
+        .inc();
     let _gauge = GaugeGuard(app.metrics.connections.clone());
     let (out, mut rx) = Outbound::new(
         cfg.outbound_queue,
@@ -52,7 +56,7 @@ async fn run<T: Transport>(mut transport: T, app: Arc<App>, hs: Handshake, sid: 
     );
     let open = OpenPacket {
         sid,
-        upgrades: vec![],
+        upgrades: transport.upgrades().iter().map(|u| u.to_string()).collect(),
         ping_interval: cfg.ping_interval.as_millis() as u64,
         ping_timeout: cfg.ping_timeout.as_millis() as u64,
         max_payload: cfg.max_payload as u64,

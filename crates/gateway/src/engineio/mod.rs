@@ -4,15 +4,19 @@
 //! Above it sits the Socket.IO session ([`crate::session`]), which never
 //! knows which transport carries it: the connection task hands it each
 //! Engine.IO `message` and writes what it answers. A transport is anything
-//! that implements [`Transport`] (WebSocket now; HTTP long-polling plugs in
-//! beside it).
+//! that implements [`Transport`] ([`ws`] and [`polling`], which upgrades to a
+//! WebSocket mid-session); [`registry`] knows which node owns a session.
 
 mod conn;
 mod end;
 mod heartbeat;
+pub mod polling;
+pub mod registry;
 mod transport;
 pub mod ws;
 
 pub use conn::serve;
 pub use end::End;
+pub(crate) use registry::Owner;
+pub use registry::Sessions;
 pub use transport::{Incoming, Transport};

@@ -31,4 +31,8 @@ pub trait Transport: Send {
     fn close(&mut self, code: Option<(u16, &'static str)>) -> impl Future<Output = ()> + Send;
     /// `websocket` or `polling`, for metrics and logs.
     fn name(&self) -> &'static str;
+    /// The transports the client may upgrade to, for the open packet.
+    fn upgrades(&self) -> &'static [&'static str] {
+        &[]
+    }
 }

@@ -8,8 +8,9 @@
 // Environment:
 //   FLOWGATE_BIN     the binary (default: the workspace's target/debug/flowgate)
 //   CHROMIUM_BIN     the browser (default: /usr/bin/chromium)
-//   DEMO_TRANSPORTS  the page's ?transports= (default "websocket"; "default"
-//                    opens the page without it, i.e. polling then upgrade)
+//   DEMO_TRANSPORTS  the page's ?transports= (default "default": the page is
+//                    opened without it, so the client polls, then upgrades;
+//                    e.g. "websocket" or "polling" to force one)
 import { test, before, after } from "node:test";
 import assert from "node:assert/strict";
 import { spawn } from "node:child_process";
@@ -24,9 +25,9 @@ const here = path.dirname(fileURLToPath(import.meta.url));
 const BIN = process.env.FLOWGATE_BIN ?? path.resolve(here, "../../../../target/debug/flowgate");
 const CHROMIUM = process.env.CHROMIUM_BIN ?? "/usr/bin/chromium";
 const SECRET = "browser-test-secret";
-// Until the gateway serves HTTP long-polling the page must be told to use
-// WebSocket only; "default" exercises the client's default options.
-const TRANSPORTS = process.env.DEMO_TRANSPORTS ?? "websocket";
+// "default" exercises the client's default options: HTTP long-polling
+// first, then the upgrade to WebSocket.
+const TRANSPORTS = process.env.DEMO_TRANSPORTS ?? "default";
 const FLOW = "browser-test";
 const SCREENSHOT =
   process.env.FLOWGATE_UPDATE_SCREENSHOT === "1"
@@ -210,8 +211,14 @@ test("two browsers share pods, edges, drags with locks, cursors and presence", {
     assert.deepEqual(users, ["Alice", "Bob"]);
   }
   // The transport the page shows is the engine's.
+  // With the defaults the client starts on polling and must upgrade.
+  if (TRANSPORTS === "default") {
+    await a.waitForFunction(() => document.querySelector("#transport").dataset.transport === "websocket", {
+      timeout: 5000,
+    });
+  }
   const transport = await a.$eval("#transport", (n) => n.dataset.transport);
-  if (TRANSPORTS === "websocket") assert.equal(transport, "websocket");
+  if (TRANSPORTS === "default" || TRANSPORTS === "websocket") assert.equal(transport, "websocket");
   else assert.match(transport, /^(polling|websocket)$/);
 
   // Pods created in A appear in B with the same title and position.

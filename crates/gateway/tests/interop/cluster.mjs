@@ -65,8 +65,11 @@ export async function startRedis() {
   };
 }
 
-/** HAProxy with deploy/haproxy.cfg in front of three node ports. */
-export async function startHaproxy(ports) {
+/**
+ * HAProxy with deploy/haproxy.cfg in front of three node ports; `env` picks
+ * a variant (`{ LB_ROUNDROBIN: "1" }`: every request to the next node).
+ */
+export async function startHaproxy(ports, env = {}) {
   const port = await freePort();
   const proc = spawn(which("haproxy"), ["-db", "-f", path.join(REPO, "deploy/haproxy.cfg")], {
     env: {
@@ -76,6 +79,7 @@ export async function startHaproxy(ports) {
       NODE1_PORT: String(ports[0]),
       NODE2_PORT: String(ports[1]),
       NODE3_PORT: String(ports[2]),
+      ...env,
     },
     stdio: "ignore",
   });
@@ -84,10 +88,11 @@ export async function startHaproxy(ports) {
 }
 
 /**
- * Redis, three nodes and HAProxy. `env` goes to every node. Returns
+ * Redis, three nodes and HAProxy. `env` goes to every node, `lbEnv` to
+ * HAProxy (see startHaproxy). Returns
  * { redis, lb, nodes: [{id, port, url, proc, kill(), term(), restart()}] }.
  */
-export async function startCluster(env = {}) {
+export async function startCluster(env = {}, lbEnv = {}) {
   const redis = await startRedis();
   const nodes = [];
   for (let i = 1; i <= 3; i++) {
@@ -123,7 +128,7 @@ export async function startCluster(env = {}) {
     await entry.start();
     nodes.push(entry);
   }
-  const lb = await startHaproxy(nodes.map((n) => n.port));
+  const lb = await startHaproxy(nodes.map((n) => n.port), lbEnv);
   return {
     redis,
     lb,

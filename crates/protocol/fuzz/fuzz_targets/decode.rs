@@ -1,5 +1,6 @@
 //! Fuzzes the decoders with arbitrary frames: Engine.IO text packets,
-//! Socket.IO packets, binary attachments and placeholder checks. Any panic
+//! polling payloads, Socket.IO packets, binary attachments and placeholder
+//! checks. Any panic
 //! is a bug (the gateway turns every decode error into a clean close).
 //! Run with: `cd crates/protocol/fuzz && RUSTC_BOOTSTRAP=1 cargo fuzz run decode`
 #![no_main]
@@ -29,4 +30,12 @@ fuzz_target!(|data: &[u8]| {
         }
     }
     let _ = Packet::decode(text);
+    // A polling POST body: every text packet it holds is a frame too.
+    if let Ok(packets) = flowgate_protocol::decode_payload(text) {
+        for p in packets {
+            if let flowgate_protocol::PayloadPacket::Text(t) = p {
+                let _ = EnginePacket::decode(t);
+            }
+        }
+    }
 });

@@ -1,42 +1,30 @@
-//! HTTP routes: the Engine.IO endpoint (WebSocket upgrade), `/health` for
-//! load balancers, `/metrics` for Prometheus, and the server API under
-//! `/v1` for backend services.
+//! The server API under `/v1` for backend services: publish into a flow,
+//! read its presence, locks and history, grant and revoke membership.
 
-use std::collections::HashMap;
-use std::net::SocketAddr;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Duration;
 
 use axum::extract::rejection::JsonRejection;
-use axum::extract::ws::rejection::WebSocketUpgradeRejection;
-use axum::extract::{ConnectInfo, DefaultBodyLimit, Path, Query, State, WebSocketUpgrade};
-use axum::http::{header, HeaderMap, Method, StatusCode};
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{any, get, post};
+use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use tracing::{info, warn};
 
+use super::bearer;
 use crate::app::App;
 use crate::engine::{Control, QueuedEvent, RoomMessage};
-use crate::engineio::{self, ws::WsTransport};
 use crate::events::RESERVED;
 use crate::rooms::room_of;
-use crate::session::Handshake;
 
 mod history;
 use history::history;
 
-/// Every route of a node.
-pub fn router(app: Arc<App>) -> Router {
-    let body_limit = app.config.max_payload;
+/// The `/v1` routes.
+pub(super) fn routes() -> Router<Arc<App>> {
     Router::new()
-        .route("/socket.io/", any(engine_io))
-        .route("/socket.io", any(engine_io))
-        .route("/health", get(health))
-        .route("/metrics", get(metrics))
         .route(
             "/v1/flows/{flow_id}/events",
             post(publish_event).get(history),
@@ -47,194 +35,6 @@ pub fn router(app: Arc<App>) -> Router {
             "/v1/flows/{flow_id}/members/{user_id}",
             axum::routing::put(grant).delete(revoke),
         )
-        .layer(DefaultBodyLimit::max(body_limit))
-        .with_state(app.clone())
-        // Empty unless FLOWGATE_DEMO is on.
-        .merge(crate::demo::router(&app))
-}
-
-/// The admin port's routes: what load balancers and Prometheus read.
-pub fn admin_router(app: Arc<App>) -> Router {
-    Router::new()
-        .route("/health", get(health))
-        .route("/metrics", get(metrics))
-        .with_state(app)
-}
-
-/// An Engine.IO handshake error: HTTP status plus `{code, message}` as the
-/// JavaScript server sends them.
-fn eio_error(status: StatusCode, code: u8, message: &str) -> Response {
-    (status, Json(json!({"code": code, "message": message}))).into_response()
-}
-
-/// Holds one of the node's connection slots until dropped.
-struct Slot(Arc<App>);
-
-impl Drop for Slot {
-    fn drop(&mut self) {
-        self.0.connections.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
-fn bearer(headers: &HeaderMap) -> Option<String> {
-    let v = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
-    let (scheme, token) = v.split_once(' ')?;
-    scheme
-        .eq_ignore_ascii_case("bearer")
-        .then(|| token.trim().to_owned())
-}
-
-async fn engine_io(
-    State(app): State<Arc<App>>,
-    method: Method,
-    Query(q): Query<HashMap<String, String>>,
-    headers: HeaderMap,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
-) -> Response {
-    let refused = |reason: &str| {
-        app.metrics
-            .connections_refused
-            .with_label_values(&[reason])
-            .inc()
-    };
-    if q.get("transport").map(String::as_str) != Some("websocket") {
-        refused("bad request");
-        return eio_error(StatusCode::BAD_REQUEST, 0, "Transport unknown");
-    }
-    if q.get("EIO").map(String::as_str) != Some("4") {
-        refused("bad request");
-        return eio_error(StatusCode::BAD_REQUEST, 5, "Unsupported protocol version");
-    }
-    if method != Method::GET {
-        refused("bad request");
-        return eio_error(StatusCode::BAD_REQUEST, 2, "Bad handshake method");
-    }
-    if q.contains_key("sid") {
-        // An upgrade of a polling session; this node has no polling sessions.
-        refused("bad request");
-        return eio_error(StatusCode::BAD_REQUEST, 1, "Session ID unknown");
-    }
-    if !app.config.allowed_origins.is_empty() {
-        let origin = headers.get(header::ORIGIN).and_then(|o| o.to_str().ok());
-        if let Some(origin) = origin {
-            let origin = origin.trim_end_matches('/');
-            if !app.config.allowed_origins.iter().any(|a| a == origin) {
-                refused("origin");
-                info!(origin, "upgrade refused: origin not allowed");
-                return eio_error(StatusCode::FORBIDDEN, 4, "Forbidden");
-            }
-        }
-    }
-    if app.drain.is_draining() {
-        refused("draining");
-        return eio_error(StatusCode::SERVICE_UNAVAILABLE, 3, "Server is draining");
-    }
-    let Ok(ws) = ws else {
-        refused("bad request");
-        return eio_error(StatusCode::BAD_REQUEST, 3, "Bad request");
-    };
-    if app.connections.fetch_add(1, Ordering::Relaxed) >= app.config.max_connections {
-        app.connections.fetch_sub(1, Ordering::Relaxed);
-        refused("capacity");
-        warn!(
-            max = app.config.max_connections,
-            "upgrade refused: connection cap reached"
-        );
-        return eio_error(StatusCode::SERVICE_UNAVAILABLE, 3, "Server is at capacity");
-    }
-    let slot = Slot(app.clone());
-    let hs = Handshake {
-        bearer: bearer(&headers),
-        query_token: q.get("token").cloned(),
-        peer: peer.to_string(),
-    };
-    let max = app.config.max_payload;
-    // tungstenite's default buffers are 128 KiB each per connection; most
-    // frames here are tens of bytes, so small buffers (which grow for a
-    // large frame) keep an idle connection cheap.
-    ws.max_message_size(max)
-        .max_frame_size(max)
-        .read_buffer_size(2 * 1024)
-        .write_buffer_size(4 * 1024)
-        .on_upgrade(move |socket| {
-            let tracker = app.drain.tracker().clone();
-            tracker.track_future(async move {
-                let _slot = slot;
-                let sid = crate::ids::random_id(20);
-                engineio::serve(WsTransport(socket), app, hs, sid).await;
-            })
-        })
-}
-
-async fn health(State(app): State<Arc<App>>) -> Response {
-    let ping = tokio::time::timeout(Duration::from_secs(1), app.engine.health.ping()).await;
-    let (engine_up, engine) = match ping {
-        Ok(Ok(latency)) => (
-            true,
-            json!({"kind": app.engine.kind, "state": "up", "latencyMs": latency.as_secs_f64() * 1e3}),
-        ),
-        Ok(Err(e)) => (
-            false,
-            json!({"kind": app.engine.kind, "state": "down", "error": e.to_string()}),
-        ),
-        Err(_) => (
-            false,
-            json!({"kind": app.engine.kind, "state": "down", "error": "timeout"}),
-        ),
-    };
-    let draining = app.drain.is_draining();
-    let ok = engine_up && !draining;
-    // Postgres is shown but does not take the node out of the load
-    // balancer: rooms keep working without it.
-    let postgres = match postgres_health(&app).await {
-        None => json!({"state": "not configured"}),
-        Some(Ok(latency)) => json!({"state": "up", "latencyMs": latency.as_secs_f64() * 1e3}),
-        Some(Err(e)) => json!({"state": "down", "error": e}),
-    };
-    let degraded = postgres["state"] == "down";
-    let body = json!({
-        "status": if draining { "draining" } else if !ok { "unavailable" } else if degraded { "degraded" } else { "ok" },
-        "node": app.config.node_id,
-        "connections": app.connections.load(Ordering::Relaxed),
-        "dependencies": {"engine": engine, "postgres": postgres},
-    });
-    let status = if ok {
-        StatusCode::OK
-    } else {
-        StatusCode::SERVICE_UNAVAILABLE
-    };
-    (status, [(header::CACHE_CONTROL, "no-store")], Json(body)).into_response()
-}
-
-/// The Postgres check, cached for a second so that every load balancer
-/// hitting `/health` costs at most one query per second.
-async fn postgres_health(app: &App) -> Option<Result<Duration, String>> {
-    let store = app.store.as_ref()?;
-    if let Some((at, r)) = app.pg_health.lock().clone() {
-        if at.elapsed() < Duration::from_secs(1) {
-            return Some(r);
-        }
-    }
-    let r = match tokio::time::timeout(Duration::from_secs(1), store.ping()).await {
-        Ok(Ok(d)) => Ok(d),
-        Ok(Err(e)) => Err(e.to_string()),
-        Err(_) => Err("timeout".to_owned()),
-    };
-    app.metrics.postgres_up.set(r.is_ok() as i64);
-    *app.pg_health.lock() = Some((std::time::Instant::now(), r.clone()));
-    Some(r)
-}
-
-async fn metrics(State(app): State<Arc<App>>) -> Response {
-    if let Some(store) = &app.store {
-        store.update_metrics();
-    }
-    (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        app.metrics.render(),
-    )
-        .into_response()
 }
 
 /// A server API error: `{error: {code, message}}` with its status.

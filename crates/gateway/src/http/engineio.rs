@@ -1,0 +1,290 @@
+//! The Engine.IO endpoint `/socket.io/`: opens WebSocket and HTTP
+//! long-polling sessions, serves the GETs and POSTs of polling sessions and
+//! their upgrade probes, and forwards requests of sessions another node
+//! owns ([`super::forward`]).
+//!
+//! Errors are the JavaScript server's: HTTP status plus `{code, message}`
+//! (0 transport unknown, 1 session ID unknown, 2 bad handshake method,
+//! 3 bad request, 4 forbidden, 5 unsupported protocol version).
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use axum::extract::{ConnectInfo, FromRequestParts, Query, Request, State, WebSocketUpgrade};
+use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
+use axum::response::{IntoResponse, Response};
+use tracing::{info, warn};
+
+use super::forward::{forward, unknown_sid};
+use super::{bearer, cors, eio_error, EioError, Slot};
+use crate::app::App;
+use crate::engineio::polling::{probe, PollError, PollingTransport, Shared};
+use crate::engineio::{self, ws::WsTransport, Owner};
+use crate::session::Handshake;
+
+fn refused(app: &App, reason: &str) {
+    app.metrics
+        .connections_refused
+        .with_label_values(&[reason])
+        .inc()
+}
+
+/// Every request to `/socket.io/`.
+pub(super) async fn engine_io(
+    State(app): State<Arc<App>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    req: Request,
+) -> Response {
+    let q: HashMap<String, String> = Query::try_from_uri(req.uri())
+        .map(|Query(q)| q)
+        .unwrap_or_default();
+    let polling = match q.get("transport").map(String::as_str) {
+        Some("polling") => true,
+        Some("websocket") => false,
+        _ => {
+            refused(&app, "bad request");
+            return eio_error(StatusCode::BAD_REQUEST, 0, "Transport unknown");
+        }
+    };
+    if q.get("EIO").map(String::as_str) != Some("4") {
+        refused(&app, "bad request");
+        return eio_error(StatusCode::BAD_REQUEST, 5, "Unsupported protocol version");
+    }
+    // Polling is served with CORS; a WebSocket keeps its Origin check.
+    let origin = if polling {
+        match cors::check(&app, req.headers()) {
+            Ok(o) => o,
+            Err(e) => return e.into_response(),
+        }
+    } else {
+        if let Err(e) = ws_origin(&app, req.headers()) {
+            return e.into_response();
+        }
+        None
+    };
+    if polling && cors::is_preflight(req.method()) {
+        return cors::preflight(origin, req.headers());
+    }
+    let resp = match q.get("sid") {
+        None => open(&app, &q, req, peer, polling).await,
+        Some(sid) => match app.eio_sessions.locate(sid) {
+            Owner::Local(shared) if polling => serve_polling(&app, &shared, req).await,
+            Owner::Local(shared) => upgrade(&app, shared, req).await,
+            Owner::Remote(node) => forward(&app, &node, req, !polling).await,
+            Owner::Unknown => {
+                refused(&app, "unknown sid");
+                unknown_sid()
+            }
+        },
+    };
+    cors::apply(resp, origin)
+}
+
+fn ws_origin(app: &App, headers: &HeaderMap) -> Result<(), EioError> {
+    if app.config.allowed_origins.is_empty() {
+        return Ok(());
+    }
+    let origin = headers.get(header::ORIGIN).and_then(|o| o.to_str().ok());
+    if let Some(origin) = origin {
+        let origin = origin.trim_end_matches('/');
+        if !app.config.allowed_origins.iter().any(|a| a == origin) {
+            refused(app, "origin");
+            info!(origin, "upgrade refused: origin not allowed");
+            return Err(EioError(StatusCode::FORBIDDEN, 4, "Forbidden"));
+        }
+    }
+    Ok(())
+}
+
+/// Takes a connection slot, unless the node drains or is full.
+fn admit(app: &Arc<App>) -> Result<Slot, EioError> {
+    if app.drain.is_draining() {
+        refused(app, "draining");
+        return Err(EioError(
+            StatusCode::SERVICE_UNAVAILABLE,
+            3,
+            "Server is draining",
+        ));
+    }
+    if app.connections.fetch_add(1, Ordering::Relaxed) >= app.config.max_connections {
+        app.connections.fetch_sub(1, Ordering::Relaxed);
+        refused(app, "capacity");
+        warn!(
+            max = app.config.max_connections,
+            "connection refused: connection cap reached"
+        );
+        return Err(EioError(
+            StatusCode::SERVICE_UNAVAILABLE,
+            3,
+            "Server is at capacity",
+        ));
+    }
+    Ok(Slot(app.clone()))
+}
+
+/// A new session (no `sid`): a WebSocket, or a polling session whose
+/// handshake GET returns the open packet.
+async fn open(
+    app: &Arc<App>,
+    q: &HashMap<String, String>,
+    req: Request,
+    peer: SocketAddr,
+    polling: bool,
+) -> Response {
+    if req.method() != Method::GET {
+        refused(app, "bad request");
+        return eio_error(StatusCode::BAD_REQUEST, 2, "Bad handshake method");
+    }
+    let hs = Handshake {
+        bearer: bearer(req.headers()),
+        query_token: q.get("token").cloned(),
+        peer: peer.to_string(),
+    };
+    if polling {
+        let slot = match admit(app) {
+            Ok(s) => s,
+            Err(e) => return e.into_response(),
+        };
+        let sid = app.eio_sessions.new_sid();
+        let cfg = &app.config;
+        let (transport, shared) = PollingTransport::open(
+            sid.clone(),
+            app.eio_sessions.map.clone(),
+            cfg.outbound_queue_bytes,
+            cfg.max_payload,
+            app.metrics.upgrades.clone(),
+        );
+        let app2 = app.clone();
+        app.drain.tracker().spawn(async move {
+            let _slot = slot;
+            engineio::serve(transport, app2, hs, sid).await;
+        });
+        return poll_response(shared.poll().await);
+    }
+    let (mut parts, _) = req.into_parts();
+    let Ok(ws) = WebSocketUpgrade::from_request_parts(&mut parts, &()).await else {
+        refused(app, "bad request");
+        return eio_error(StatusCode::BAD_REQUEST, 3, "Bad request");
+    };
+    let slot = match admit(app) {
+        Ok(s) => s,
+        Err(e) => return e.into_response(),
+    };
+    let app = app.clone();
+    sized(ws, app.config.max_payload).on_upgrade(move |socket| {
+        let tracker = app.drain.tracker().clone();
+        tracker.track_future(async move {
+            let _slot = slot;
+            let sid = crate::ids::random_id(20);
+            engineio::serve(WsTransport(socket), app, hs, sid).await;
+        })
+    })
+}
+
+/// tungstenite's default buffers are 128 KiB each per connection; most
+/// frames here are tens of bytes, so small buffers (which grow for a
+/// large frame) keep an idle connection cheap.
+fn sized(ws: WebSocketUpgrade, max: usize) -> WebSocketUpgrade {
+    ws.max_message_size(max)
+        .max_frame_size(max)
+        .read_buffer_size(2 * 1024)
+        .write_buffer_size(4 * 1024)
+}
+
+/// A GET or POST of a polling session this node owns.
+async fn serve_polling(app: &App, shared: &Shared, req: Request) -> Response {
+    match *req.method() {
+        Method::GET => poll_response(shared.poll().await),
+        Method::POST => {
+            let limit = app.config.max_payload;
+            let declared = req
+                .headers()
+                .get(header::CONTENT_LENGTH)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse::<u64>().ok());
+            if declared.is_some_and(|n| n > limit as u64) {
+                return too_large(app, shared);
+            }
+            // Reads at most `limit` bytes, whatever the client declared.
+            let body = match axum::body::to_bytes(req.into_body(), limit).await {
+                Ok(b) => b,
+                Err(e) if is_length_limit(&e) => return too_large(app, shared),
+                Err(_) => return eio_error(StatusCode::BAD_REQUEST, 3, "Bad request"),
+            };
+            match shared.post(body).await {
+                Ok(()) => (
+                    [(header::CONTENT_TYPE, HeaderValue::from_static("text/html"))],
+                    "ok",
+                )
+                    .into_response(),
+                Err(e) => poll_error(e),
+            }
+        }
+        _ => eio_error(StatusCode::BAD_REQUEST, 3, "Bad request"),
+    }
+}
+
+fn is_length_limit(e: &axum::Error) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(s) = source {
+        if s.is::<http_body_util::LengthLimitError>() {
+            return true;
+        }
+        source = s.source();
+    }
+    false
+}
+
+/// A POST over the max payload: 413, and the session ends as a WebSocket
+/// connection does for an oversize frame.
+fn too_large(app: &App, shared: &Shared) -> Response {
+    warn!(
+        max_payload = app.config.max_payload,
+        "polling POST over max payload"
+    );
+    shared.oversize();
+    eio_error(StatusCode::PAYLOAD_TOO_LARGE, 3, "Payload too large")
+}
+
+fn poll_error(e: PollError) -> Response {
+    match e {
+        PollError::Unknown => unknown_sid(),
+        PollError::BadRequest(_) => eio_error(StatusCode::BAD_REQUEST, 3, "Bad request"),
+    }
+}
+
+fn poll_response(r: Result<String, PollError>) -> Response {
+    match r {
+        Ok(payload) => (
+            [(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/plain; charset=UTF-8"),
+            )],
+            payload,
+        )
+            .into_response(),
+        Err(e) => poll_error(e),
+    }
+}
+
+/// A WebSocket with the `sid` of a polling session this node owns: the
+/// upgrade probe.
+async fn upgrade(app: &Arc<App>, shared: Arc<Shared>, req: Request) -> Response {
+    let (mut parts, _) = req.into_parts();
+    let Ok(ws) = WebSocketUpgrade::from_request_parts(&mut parts, &()).await else {
+        return eio_error(StatusCode::BAD_REQUEST, 3, "Bad request");
+    };
+    if !shared.begin_probe() {
+        return eio_error(StatusCode::BAD_REQUEST, 3, "Bad request");
+    }
+    let tracker = app.drain.tracker().clone();
+    let timeout = app.config.upgrade_timeout;
+    sized(ws, app.config.max_payload)
+        .on_failed_upgrade({
+            let shared = shared.clone();
+            move |_| shared.probe_failed()
+        })
+        .on_upgrade(move |socket| tracker.track_future(probe(socket, shared, timeout)))
+}
