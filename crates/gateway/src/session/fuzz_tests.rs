@@ -34,15 +34,29 @@ fn input() -> impl Strategy<Value = Input> {
         // Arbitrary text.
         "\\PC{0,64}".prop_map(Input::Text),
         // Structured-looking Socket.IO packets with arbitrary parts.
-        (0u8..8, prop::option::of("/[a-z]{0,6}"), prop::option::of(0u64..99), events, "\\PC{0,24}")
+        (
+            0u8..8,
+            prop::option::of("/[a-z]{0,6}"),
+            prop::option::of(0u64..99),
+            events,
+            "\\PC{0,24}"
+        )
             .prop_map(|(t, nsp, id, ev, data)| {
                 let nsp = nsp.map(|n| format!("{n},")).unwrap_or_default();
                 let id = id.map(|i| i.to_string()).unwrap_or_default();
                 Input::Text(format!("{t}{nsp}{id}[\"{ev}\",{data}]"))
             }),
-        Just(Input::Text(format!("0/flows,{}", json!({"token": token("fz", 60)})))),
-        Just(Input::Text(r#"2/flows,1["flow:join",{"flowId":"f"}]"#.into())),
-        Just(Input::Text(r#"51-/flows,["pod:update",{"podId":"p","updates":{"_placeholder":true,"num":0}}]"#.into())),
+        Just(Input::Text(format!(
+            "0/flows,{}",
+            json!({"token": token("fz", 60)})
+        ))),
+        Just(Input::Text(
+            r#"2/flows,1["flow:join",{"flowId":"f"}]"#.into()
+        )),
+        Just(Input::Text(
+            r#"51-/flows,["pod:update",{"podId":"p","updates":{"_placeholder":true,"num":0}}]"#
+                .into()
+        )),
         prop::collection::vec(any::<u8>(), 0..32).prop_map(Input::Binary),
     ]
 }
