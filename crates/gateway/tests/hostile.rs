@@ -186,3 +186,41 @@ async fn pings_and_errors_do_not_amplify_what_a_client_sends() {
         "{total} bytes answered to a 50 kB event name"
     );
 }
+
+/// Sends a request head with a large announced body (and no body), and
+/// reads the status line the server answers with, within a second.
+async fn status_before_body(n: &TestNode, auth: Option<&str>, length: usize) -> String {
+    let mut s = TcpStream::connect(n.addr).await.unwrap();
+    let auth = auth
+        .map(|a| format!("Authorization: Bearer {a}\r\n"))
+        .unwrap_or_default();
+    s.write_all(
+        format!(
+            "POST /v1/flows/f/events HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n{auth}Content-Length: {length}\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut buf = vec![0u8; 256];
+    let n = tokio::time::timeout(Duration::from_secs(1), s.read(&mut buf))
+        .await
+        .expect("answered before any body was sent")
+        .unwrap();
+    String::from_utf8_lossy(&buf[..n])
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .to_owned()
+}
+
+#[tokio::test]
+async fn the_api_checks_the_token_before_reading_a_body_and_bounds_it() {
+    let n = TestNode::start(&[]).await.unwrap();
+    let line = status_before_body(&n, None, 50_000_000).await;
+    assert!(line.contains(" 401 "), "{line}");
+    let line = status_before_body(&n, Some("wrong"), 50_000_000).await;
+    assert!(line.contains(" 403 "), "{line}");
+    let line = status_before_body(&n, Some(flowgate_test_support::SERVICE_TOKEN), 50_000_000).await;
+    assert!(line.contains(" 413 "), "{line}");
+}

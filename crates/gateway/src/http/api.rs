@@ -23,7 +23,7 @@ mod history;
 use history::history;
 
 /// The `/v1` routes.
-pub(super) fn routes() -> Router<Arc<App>> {
+pub(super) fn routes(app: Arc<App>) -> Router<Arc<App>> {
     Router::new()
         .route(
             "/v1/flows/{flow_id}/events",
@@ -35,6 +35,28 @@ pub(super) fn routes() -> Router<Arc<App>> {
             "/v1/flows/{flow_id}/members/{user_id}",
             axum::routing::put(grant).delete(revoke),
         )
+        .route_layer(axum::middleware::from_fn_with_state(app, token_first))
+}
+
+/// Writes (POST, PUT, DELETE) need the service token, and it is checked
+/// before anything reads the body: an anonymous client cannot make the
+/// node buffer a body. (Reads check their own credentials: the history
+/// also takes a member's JWT.)
+async fn token_first(
+    State(app): State<Arc<App>>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let write = !matches!(
+        *req.method(),
+        axum::http::Method::GET | axum::http::Method::HEAD
+    );
+    if write {
+        if let Err(e) = service_auth(&app, req.headers()) {
+            return e.into_response();
+        }
+    }
+    next.run(req).await
 }
 
 /// A server API error: `{error: {code, message}}` with its status.
@@ -126,8 +148,14 @@ async fn publish_event(
 ) -> Result<Response, ApiError> {
     service_auth(&app, &headers)?;
     let room = flow_room(&flow_id)?;
-    let Json(body) =
-        body.map_err(|e| ApiError(StatusCode::BAD_REQUEST, "INVALID_BODY", e.body_text()))?;
+    let Json(body) = body.map_err(|e| match e.status() {
+        StatusCode::PAYLOAD_TOO_LARGE => ApiError(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "TOO_LARGE",
+            "the body is over the max payload".into(),
+        ),
+        _ => ApiError(StatusCode::BAD_REQUEST, "INVALID_BODY", e.body_text()),
+    })?;
     if body.event.is_empty() || body.event.len() > 128 || RESERVED.contains(&body.event.as_str()) {
         return Err(ApiError(
             StatusCode::BAD_REQUEST,

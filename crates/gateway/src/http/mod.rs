@@ -29,7 +29,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/socket.io", any(engine_io))
         .route("/health", get(health))
         .route("/metrics", get(metrics))
-        .merge(api::routes())
+        .merge(api::routes(app.clone()))
         .layer(DefaultBodyLimit::max(body_limit))
         .with_state(app.clone())
         // Empty unless FLOWGATE_DEMO is on.
