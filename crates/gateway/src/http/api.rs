@@ -40,7 +40,8 @@ pub(super) fn routes(app: Arc<App>) -> Router<Arc<App>> {
 
 /// Writes (POST, PUT, DELETE) need the service token, and it is checked
 /// before anything reads the body: an anonymous client cannot make the
-/// node buffer a body. (Reads check their own credentials: the history
+/// node buffer a body. An announced body over the max payload is 413 at
+/// once; one that grows past it while read is cut by `DefaultBodyLimit`. (Reads check their own credentials: the history
 /// also takes a member's JWT.)
 async fn token_first(
     State(app): State<Arc<App>>,
@@ -54,6 +55,20 @@ async fn token_first(
     if write {
         if let Err(e) = service_auth(&app, req.headers()) {
             return e.into_response();
+        }
+        // An announced body over the limit is refused before it is read.
+        let announced = req
+            .headers()
+            .get(axum::http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if announced.is_some_and(|n| n > app.config.max_payload as u64) {
+            return ApiError(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "TOO_LARGE",
+                format!("the body is over {} bytes", app.config.max_payload),
+            )
+            .into_response();
         }
     }
     next.run(req).await
