@@ -63,14 +63,15 @@ describe("token expiry (JWT_LEEWAY_SECS=0)", { concurrency: true }, () => {
   });
 
   test("JWT_LEEWAY_SECS extends exp, at connect and while connected", async () => {
-    const { url: lurl } = await node({ JWT_LEEWAY_SECS: "2" });
-    const exp = nowSecs() - 1; // already past exp, within the leeway
+    const { url: lurl } = await node({ JWT_LEEWAY_SECS: "3" });
+    const exp = nowSecs() - 1; // already past exp, within the leeway (which ends at least 1 s from now,
+    // so the expiry cannot race the listeners attached after `connected`)
     const socket = await client(lurl, { auth: { token: token("lee-a", { extra: { exp } }) } });
-    const err = next(socket, "error", untilExp(exp + 2) + 3000);
-    const { reason, at } = await disconnected(socket, untilExp(exp + 2) + 3000);
+    const err = next(socket, "error", untilExp(exp + 3) + 3000);
+    const { reason, at } = await disconnected(socket, untilExp(exp + 3) + 3000);
     assert.equal((await err).code, "TOKEN_EXPIRED");
     assert.equal(reason, "io server disconnect");
-    assert.ok(at >= (exp + 2) * 1000 - 50, `not before exp + leeway (${at - (exp + 2) * 1000} ms)`);
+    assert.ok(at >= (exp + 3) * 1000 - 50, `not before exp + leeway (${at - (exp + 3) * 1000} ms)`);
     const old = await connectError(lurl, { auth: { token: token("lee-b", { extra: { exp: nowSecs() - 10 } }) } });
     assert.equal(old.data?.code, "INVALID_TOKEN", "beyond the leeway");
   });
