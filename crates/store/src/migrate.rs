@@ -1,8 +1,6 @@
 //! The schema: applying the embedded migrations over a direct connection,
 //! and refusing to serve on a schema older than this binary.
 
-use tokio_postgres::NoTls;
-
 use crate::{q, Store, StoreError};
 
 mod embedded {
@@ -12,7 +10,9 @@ mod embedded {
 /// Applies the embedded migrations over a direct connection; idempotent.
 /// Returns the versions applied now.
 pub async fn migrate(direct_url: &str) -> Result<Vec<i32>, StoreError> {
-    let (mut client, conn) = tokio_postgres::connect(direct_url, NoTls)
+    let (config, tls) = crate::tls::connect_config(direct_url)?;
+    let (mut client, conn) = config
+        .connect(tls)
         .await
         .map_err(|e| StoreError::Pool(e.to_string()))?;
     let task = tokio::spawn(conn);
