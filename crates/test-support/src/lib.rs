@@ -6,6 +6,9 @@
 
 pub mod chaos;
 pub mod procs;
+pub mod redis_cluster;
+pub mod sentinel;
+pub mod tls;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
