@@ -22,6 +22,8 @@ const TIMINGS: &[(&str, &str)] = &[
     ("FLOWGATE_PRESENCE_REFRESH_MS", "500"),
     ("FLOWGATE_SESSION_TTL_MS", "8000"),
     ("FLOWGATE_REDIS_TIMEOUT_MS", "1000"),
+    ("FLOWGATE_RATE_LIMIT_PER_SEC", "1000"),
+    ("FLOWGATE_RATE_LIMIT_BURST", "1000"),
 ];
 
 async fn nodes(url: &str, n: usize) -> Vec<TestNode> {

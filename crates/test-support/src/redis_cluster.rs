@@ -95,16 +95,22 @@ impl RedisCluster {
             .context("no live cluster node")
     }
 
-    /// Waits until every live node reports `cluster_state:ok` and the
-    /// masters that serve all slots each have a replica connected.
+    /// Waits until every live node reports `cluster_state:ok` and every
+    /// live replica is in sync with its master.
     pub fn wait_ok(&self, wait: Duration) -> anyhow::Result<()> {
         let deadline = Instant::now() + wait;
         loop {
+            // A replica that never finished its first sync does not stand
+            // for election (its data counts as infinitely old): a master
+            // killed before that would stay down.
             let ok = self.nodes.iter().all(|n| {
                 std::net::TcpStream::connect(("127.0.0.1", n.port)).is_err()
-                    || cli(n.port, &["cluster", "info"])
+                    || (cli(n.port, &["cluster", "info"])
                         .map(|i| i.contains("cluster_state:ok"))
                         .unwrap_or(false)
+                        && cli(n.port, &["info", "replication"])
+                            .map(|i| i.contains("role:master") || i.contains("master_link_status:up"))
+                            .unwrap_or(false))
             });
             if ok {
                 return Ok(());
@@ -165,7 +171,11 @@ impl RedisCluster {
                 }
             }
             if Instant::now() > deadline {
-                bail!("no replica took over {key}'s slot in {wait:?}");
+                let nodes = self
+                    .any_port()
+                    .and_then(|p| cli(p, &["cluster", "nodes"]))
+                    .unwrap_or_default();
+                bail!("no replica took over {key}'s slot in {wait:?}:\n{nodes}");
             }
             std::thread::sleep(Duration::from_millis(100));
         }
