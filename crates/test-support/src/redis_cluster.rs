@@ -109,7 +109,9 @@ impl RedisCluster {
                         .map(|i| i.contains("cluster_state:ok"))
                         .unwrap_or(false)
                         && cli(n.port, &["info", "replication"])
-                            .map(|i| i.contains("role:master") || i.contains("master_link_status:up"))
+                            .map(|i| {
+                                i.contains("role:master") || i.contains("master_link_status:up")
+                            })
                             .unwrap_or(false))
             });
             if ok {

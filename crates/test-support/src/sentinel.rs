@@ -74,8 +74,8 @@ pub struct SentinelSetup {
 }
 
 impl SentinelSetup {
-    /// Starts everything and waits until the sentinels know the replica
-    /// and each other (a failover needs both).
+    /// Starts everything and waits until the replica is in sync and the
+    /// sentinels know it and each other (a failover needs all three).
     pub fn start() -> anyhow::Result<Self> {
         let master = RedisServer::start()?;
         let replica = RedisServer::start_with(
@@ -112,7 +112,14 @@ impl SentinelSetup {
                     })
                     .unwrap_or(false)
             });
-            if ready {
+            // A replica that never finished its first sync is not one the
+            // sentinels would promote.
+            let synced = setup
+                .replica
+                .cli(&["info", "replication"])
+                .map(|i| i.contains("master_link_status:up"))
+                .unwrap_or(false);
+            if ready && synced {
                 return Ok(setup);
             }
             if Instant::now() > deadline {
