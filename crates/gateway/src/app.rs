@@ -5,7 +5,7 @@ use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
 
 use anyhow::Context;
-use flowgate_redis::{NodeDirectory, RedisEngine, RedisSettings};
+use flowgate_redis::{NodeDirectory, RedisEngine, RedisSettings, RedisTls};
 use flowgate_store::{Store, StoreError, StoreSettings};
 
 use crate::eventlog::{self, WriterMetrics};
@@ -95,6 +95,11 @@ impl App {
             Some(url) => {
                 let settings = RedisSettings {
                     url: url.clone(),
+                    tls: RedisTls {
+                        ca_file: config.redis_ca_file.clone(),
+                        client_cert: config.redis_client_cert.clone(),
+                        client_key: config.redis_client_key.clone(),
+                    },
                     node_id: config.node_id.clone(),
                     rate_per_sec: config.rate_per_sec,
                     burst: config.rate_burst,

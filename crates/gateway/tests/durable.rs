@@ -579,6 +579,7 @@ async fn test_queue(e: &Env, grace_ms: u64, max_bytes: u64) -> Arc<dyn EventQueu
     let engine = RedisEngine::start(
         RedisSettings {
             url: e.redis.url(),
+            tls: Default::default(),
             node_id: format!("writers-{grace_ms}-{max_bytes}"),
             rate_per_sec: 100,
             burst: 100,

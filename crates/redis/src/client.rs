@@ -1,20 +1,163 @@
-//! The fred clients and Redis liveness: how the two clients are built, the
-//! pinger that keeps `up` current, the fail-fast guard every engine call
-//! uses, and `/health`.
+//! The fred clients and Redis liveness: how the two clients are built
+//! (URL forms, TLS, failover), the pinger that keeps `up` current, the
+//! fail-fast guard every engine call uses, and `/health`.
+//!
+//! Every URL form of the contract goes through fred's `Config::from_url`:
+//! one server, Redis Cluster (`redis-cluster://`: fred routes each command,
+//! script and `SSUBSCRIBE` by the slot of its first key or channel) and
+//! Sentinel (`redis-sentinel://`: fred asks the sentinels for the master
+//! and asks again on every reconnect). A failover is a reconnect to fred:
+//! it announces each new connection on `reconnect_rx`, where the pump
+//! re-subscribes the node's rooms and fills the gap from the room logs.
+//!
+//! TLS (`rediss…://`) is rustls with the CA bundle and client certificate of
+//! [`RedisTls`]; there is no plaintext fallback, and a server that does not
+//! complete a handshake at start is a start-up error.
 
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use flowgate_engine::{EngineError, EngineHealth};
 use fred::prelude::*;
+use fred::types::config::{ReconnectError, TlsConfig, TlsConnector, TlsHostMapping};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::{RedisEngine, RedisSettings};
+use crate::{RedisEngine, RedisSettings, RedisTls};
 
-pub(crate) fn build_client(s: &RedisSettings, broadcast: usize) -> Result<Client, Error> {
-    let mut config = Config::from_url(&s.url)?;
+/// How long the start-up TLS check waits for a connection and a handshake.
+const TLS_CHECK_TIMEOUT: Duration = Duration::from_secs(5);
+
+fn config_error(message: impl std::fmt::Display) -> EngineError {
+    EngineError(format!("REDIS_URL: {message}"))
+}
+
+/// The fred configuration of `s.url`, with this node's TLS material in
+/// place of fred's default (system roots, no client certificate).
+pub(crate) fn config(s: &RedisSettings) -> Result<Config, EngineError> {
+    let mut config = Config::from_url(&s.url).map_err(config_error)?;
+    let tls_url = s.url.starts_with("rediss") || s.url.starts_with("valkeys");
+    let has_material =
+        s.tls.ca_file.is_some() || s.tls.client_cert.is_some() || s.tls.client_key.is_some();
+    if tls_url {
+        config.tls = Some(TlsConfig {
+            connector: TlsConnector::from(rustls_config(&s.tls)?),
+            // The name checked is the host the client dials: the URL's,
+            // or the address a cluster reports for its nodes (so their
+            // certificates name those, as ElastiCache's do).
+            hostnames: TlsHostMapping::None,
+        });
+    } else if has_material {
+        return Err(config_error(
+            "TLS certificates are configured but the URL is not rediss://",
+        ));
+    }
+    Ok(config)
+}
+
+/// A rustls client configuration: the CA bundle (or the system roots) and
+/// an optional client certificate. The ring provider is named explicitly
+/// so that no process-wide default provider has to be installed.
+fn rustls_config(tls: &RedisTls) -> Result<rustls::ClientConfig, EngineError> {
+    let mut roots = rustls::RootCertStore::empty();
+    match &tls.ca_file {
+        Some(path) => {
+            let certs = CertificateDer::pem_file_iter(path)
+                .and_then(|i| i.collect::<Result<Vec<_>, _>>())
+                .map_err(|e| config_error(format!("CA file {}: {e}", path.display())))?;
+            for c in certs {
+                roots
+                    .add(c)
+                    .map_err(|e| config_error(format!("CA file {}: {e}", path.display())))?;
+            }
+        }
+        None => {
+            let native = fred::rustls_native_certs::load_native_certs();
+            roots.add_parsable_certificates(native.certs);
+        }
+    }
+    if roots.is_empty() {
+        return Err(config_error(
+            "no CA certificate to verify the server with (set FLOWGATE_REDIS_CA_FILE)",
+        ));
+    }
+    let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(config_error)?
+    .with_root_certificates(roots);
+    match (&tls.client_cert, &tls.client_key) {
+        (None, None) => Ok(builder.with_no_client_auth()),
+        (Some(cert), Some(key)) => {
+            let chain = CertificateDer::pem_file_iter(cert)
+                .and_then(|i| i.collect::<Result<Vec<_>, _>>())
+                .map_err(|e| config_error(format!("client certificate {}: {e}", cert.display())))?;
+            let key = PrivateKeyDer::from_pem_file(key)
+                .map_err(|e| config_error(format!("client key {}: {e}", key.display())))?;
+            builder
+                .with_client_auth_cert(chain, key)
+                .map_err(|e| config_error(format!("client certificate: {e}")))
+        }
+        _ => Err(config_error(
+            "a client certificate needs both its certificate and its key",
+        )),
+    }
+}
+
+/// For a TLS URL, completes one handshake with the first configured host
+/// that accepts a TCP connection. A host that accepts TCP but not the
+/// handshake (a plaintext server, a certificate that does not verify) is
+/// a configuration error: refusing to start says so at once, where a
+/// client retrying in the background would only show a 503. No host
+/// reachable at all is not an error: the node starts degraded, as without
+/// TLS.
+pub(crate) async fn check_tls(config: &Config) -> Result<(), EngineError> {
+    let Some(tls) = &config.tls else {
+        return Ok(());
+    };
+    let TlsConnector::Rustls(connector) = &tls.connector;
+    for server in config.server.hosts() {
+        let addr = (server.host.to_string(), server.port);
+        let tcp =
+            match tokio::time::timeout(TLS_CHECK_TIMEOUT, tokio::net::TcpStream::connect(addr))
+                .await
+            {
+                Ok(Ok(tcp)) => tcp,
+                _ => continue,
+            };
+        let name = server
+            .tls_server_name
+            .as_ref()
+            .unwrap_or(&server.host)
+            .to_string();
+        let name = ServerName::try_from(name).map_err(config_error)?;
+        return match tokio::time::timeout(TLS_CHECK_TIMEOUT, connector.connect(name, tcp)).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(config_error(format!(
+                "TLS handshake with {}:{} failed: {e} (no plaintext fallback)",
+                server.host, server.port
+            ))),
+            Err(_) => Err(config_error(format!(
+                "{}:{} accepted a connection but completed no TLS handshake in {TLS_CHECK_TIMEOUT:?} (no plaintext fallback)",
+                server.host, server.port
+            ))),
+        };
+    }
+    warn!("no Redis host reachable yet for the TLS check; starting degraded");
+    Ok(())
+}
+
+pub(crate) fn build_client(
+    config: &Config,
+    s: &RedisSettings,
+    broadcast: usize,
+) -> Result<Client, Error> {
+    let mut config = config.clone();
     // Start even if Redis is down: the node serves degraded (503 on
     // /health) and connects when Redis appears.
     config.fail_fast = false;
@@ -29,6 +172,17 @@ pub(crate) fn build_client(s: &RedisSettings, broadcast: usize) -> Result<Client
             // already have run (a room event published twice). Callers
             // refuse the one operation instead; the client retries.
             c.max_command_attempts = 1;
+            // Replies that mean "this is not the master (any more)": a
+            // master demoted without dropping its connections (a Sentinel
+            // or manual failover) answers READONLY, a shard mid-failover
+            // CLUSTERDOWN or MASTERDOWN. Each makes fred reconnect, so it
+            // asks the sentinels or the cluster again for the master.
+            c.reconnect_errors = vec![
+                ReconnectError::ClusterDown,
+                ReconnectError::Loading,
+                ReconnectError::MasterDown,
+                ReconnectError::ReadOnly,
+            ];
         })
         .set_policy(ReconnectPolicy::new_exponential(0, 50, 1000, 2))
         .build()

@@ -47,6 +47,7 @@ mod sessions;
 mod subscriber;
 
 use std::num::NonZeroU32;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64};
 use std::sync::Arc;
 use std::time::Duration;
@@ -63,11 +64,29 @@ use crate::metrics::Metrics;
 use crate::scripts::Scripts;
 pub use registry::NodeDirectory;
 
+/// TLS material for a `rediss://` URL (any of its forms: one server,
+/// `rediss-cluster://`, `rediss-sentinel://`). Files are PEM.
+#[derive(Debug, Clone, Default)]
+pub struct RedisTls {
+    /// The CA bundle that signs the servers' certificates; the system's
+    /// roots when unset.
+    pub ca_file: Option<PathBuf>,
+    /// A client certificate chain, for servers that require one
+    /// (`tls-auth-clients yes`); needs `client_key`.
+    pub client_cert: Option<PathBuf>,
+    /// The client certificate's private key.
+    pub client_key: Option<PathBuf>,
+}
+
 /// Settings of the Redis engine.
 #[derive(Debug, Clone)]
 pub struct RedisSettings {
-    /// `redis://…`.
+    /// `redis://` or `rediss://` (one server), `redis-cluster://` or
+    /// `rediss-cluster://host:port?node=host:port&…` (Redis Cluster),
+    /// `redis-sentinel://` or `rediss-sentinel://host:port?sentinelServiceName=…&node=…`.
     pub url: String,
+    /// Certificates for the TLS forms of `url`; must be empty otherwise.
+    pub tls: RedisTls,
     /// This node's id (heartbeats, session ownership).
     pub node_id: String,
     /// Events per second per user.
@@ -151,10 +170,14 @@ impl RedisEngine {
         tasks: &TaskTracker,
         stop: CancellationToken,
     ) -> Result<Engine, EngineError> {
-        let client = client::build_client(&settings, 32).map_err(err)?;
+        let config = client::config(&settings)?;
+        // A TLS URL whose server does not complete a handshake is refused
+        // here, at start, rather than left retrying in the background.
+        client::check_tls(&config).await?;
+        let client = client::build_client(&config, &settings, 32).map_err(err)?;
         // Room traffic arrives on this client's broadcast channel; a large
         // capacity absorbs bursts while the pump task is busy.
-        let subscriber = client::build_client(&settings, 1 << 16).map_err(err)?;
+        let subscriber = client::build_client(&config, &settings, 1 << 16).map_err(err)?;
         client.connect();
         subscriber.connect();
         for c in [&client, &subscriber] {

@@ -52,7 +52,8 @@ impl NodeDirectory {
         tasks: &TaskTracker,
         stop: CancellationToken,
     ) -> Result<Self, EngineError> {
-        let client = crate::client::build_client(settings, 16).map_err(err)?;
+        let config = crate::client::config(settings)?;
+        let client = crate::client::build_client(&config, settings, 16).map_err(err)?;
         client.connect();
         let (tx, rx) = watch::channel(None);
         let dir = NodeDirectory {

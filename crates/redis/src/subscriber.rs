@@ -38,7 +38,12 @@ impl RedisEngine {
                     pending = !self.fill_gaps().await;
                 }
                 // Messages of the old connection first: they are older.
-                m = rx.recv() => match m {
+                // While a fill is pending, live messages wait in the
+                // channel: delivering one would move the room's position
+                // past the events the fill has yet to read (the command
+                // client may come back after the subscriber, as in a
+                // cluster failover), and those would be skipped for good.
+                m = rx.recv(), if !pending => match m {
                     Ok(m) => self.on_message(&m.channel, &m.value),
                     Err(RecvError::Lagged(n)) => {
                         self.0.metrics.bus_lagged.inc_by(n);

@@ -2,6 +2,10 @@
 //! transaction pooling mode: flow memberships, the room event log
 //! (partitioned by month) and the migrations that create them.
 //!
+//! TLS (`sslmode=require`, `verify-ca`, `verify-full`, with `sslrootcert`,
+//! `sslcert`, `sslkey` in the URL, as libpq reads them) works for both
+//! connections: see `tls`.
+//!
 //! PgBouncer 1.18 does not support protocol-level named prepared
 //! statements, so every query here goes through `query_typed` /
 //! `execute_typed` (unnamed statements) or the simple query protocol, and
@@ -19,16 +23,17 @@ use std::time::{Duration, Instant};
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use prometheus::{IntCounter, IntGauge, Registry};
 use thiserror::Error;
-use tokio_postgres::NoTls;
 use tracing::warn;
 
 mod event_log;
 mod members;
 mod migrate;
 mod partitions;
+mod tls;
 
 pub use event_log::{parse_offset, LoggedEvent, MAX_OFFSET_MS};
 pub use migrate::{latest_migration, migrate};
+pub use tls::check_url;
 
 /// A failure of the durable side; never fatal to rooms.
 #[derive(Debug, Error)]
@@ -134,13 +139,10 @@ fn with_causes(e: &dyn std::error::Error) -> String {
 impl Store {
     /// Builds the pool (connections open lazily) and registers its metrics.
     pub fn new(settings: StoreSettings, registry: &Registry) -> Result<Self, StoreError> {
-        let pg: tokio_postgres::Config = settings
-            .url
-            .parse()
-            .map_err(|e: tokio_postgres::Error| StoreError::Config(e.to_string()))?;
+        let (pg, tls) = tls::connect_config(&settings.url)?;
         let mgr = Manager::from_config(
             pg,
-            NoTls,
+            tls,
             ManagerConfig {
                 // `Fast` does not run a query on checkout; broken
                 // connections surface as query errors and are dropped.

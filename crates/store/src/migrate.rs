@@ -1,8 +1,6 @@
 //! The schema: applying the embedded migrations over a direct connection,
 //! and refusing to serve on a schema older than this binary.
 
-use tokio_postgres::NoTls;
-
 use crate::{q, Store, StoreError};
 
 mod embedded {
@@ -12,9 +10,11 @@ mod embedded {
 /// Applies the embedded migrations over a direct connection; idempotent.
 /// Returns the versions applied now.
 pub async fn migrate(direct_url: &str) -> Result<Vec<i32>, StoreError> {
-    let (mut client, conn) = tokio_postgres::connect(direct_url, NoTls)
+    let (config, tls) = crate::tls::connect_config(direct_url)?;
+    let (mut client, conn) = config
+        .connect(tls)
         .await
-        .map_err(|e| StoreError::Pool(e.to_string()))?;
+        .map_err(|e| StoreError::Pool(with_source(&e)))?;
     let task = tokio::spawn(conn);
     let report = embedded::migrations::runner()
         .run_async(&mut client)
@@ -27,6 +27,15 @@ pub async fn migrate(direct_url: &str) -> Result<Vec<i32>, StoreError> {
         .iter()
         .map(|m| m.version())
         .collect())
+}
+
+/// A tokio-postgres error with its cause: its own text is only "db error"
+/// or "error performing TLS handshake", which tells an operator nothing.
+fn with_source(e: &tokio_postgres::Error) -> String {
+    match std::error::Error::source(e) {
+        Some(cause) => format!("{e}: {cause}"),
+        None => e.to_string(),
+    }
 }
 
 /// The newest migration this binary carries.

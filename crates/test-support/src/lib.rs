@@ -8,6 +8,9 @@
 pub mod chaos;
 pub mod polling;
 pub mod procs;
+pub mod redis_cluster;
+pub mod sentinel;
+pub mod tls;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;

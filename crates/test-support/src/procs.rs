@@ -79,18 +79,32 @@ pub struct RedisServer {
     pub port: u16,
     dir: TempDir,
     child: Option<Child>,
+    /// More `redis-server` arguments (cluster mode, TLS, replication).
+    extra: Vec<String>,
 }
 
 impl RedisServer {
     /// Starts Redis on a free port, without persistence.
     pub fn start() -> anyhow::Result<Self> {
+        Self::start_with(free_port()?, Vec::new())
+    }
+
+    /// Starts Redis with more arguments; `port` is where it is awaited
+    /// (the TLS port when the arguments set `--port 0 --tls-port …`).
+    pub fn start_with(port: u16, extra: Vec<String>) -> anyhow::Result<Self> {
         let mut r = RedisServer {
-            port: free_port()?,
+            port,
             dir: TempDir::new("redis")?,
             child: None,
+            extra,
         };
         r.spawn()?;
         Ok(r)
+    }
+
+    /// Its working directory (for cluster and config files).
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
     }
 
     fn spawn(&mut self) -> anyhow::Result<()> {
@@ -109,6 +123,7 @@ impl RedisServer {
                 "--dir",
                 &self.dir.path().display().to_string(),
             ])
+            .args(&self.extra)
             .stdout(log.try_clone()?)
             .stderr(log)
             .stdin(Stdio::null())
@@ -414,6 +429,11 @@ impl PgStack {
         chown(stack.dir.path())?;
         stack.start_bouncer()?;
         Ok(stack)
+    }
+
+    /// Its directory (owned by `postgres`): data, PgBouncer's ini.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
     }
 
     /// Runs SQL as the superuser over the Unix socket.

@@ -1,10 +1,11 @@
-//! Postgres: the PgBouncer and direct URLs, the pool and query bounds, and
-//! the durable event log's batch size and retention.
+//! Postgres: the PgBouncer and direct URLs (with libpq's TLS parameters:
+//! `sslmode`, `sslrootcert`, `sslcert`, `sslkey`), the pool and query
+//! bounds, and the durable event log's batch size and retention.
 
 use std::collections::HashMap;
 use std::time::Duration;
 
-use super::{get, millis, parse, positive, ConfigError};
+use super::{err, get, millis, parse, positive, ConfigError};
 
 /// The [`Config`](super::Config) fields of the same names.
 pub(super) struct Database {
@@ -21,9 +22,18 @@ pub(super) struct Database {
 
 impl Database {
     pub(super) fn from_vars(vars: &HashMap<String, String>) -> Result<Self, ConfigError> {
+        // A bad sslmode or an unreadable certificate file is a
+        // configuration error now, not a pool that never connects.
+        let url = |var: &'static str| -> Result<Option<String>, ConfigError> {
+            let url = get(vars, var).map(str::to_owned);
+            if let Some(u) = &url {
+                flowgate_store::check_url(u).map_err(|e| err(var, e.to_string()))?;
+            }
+            Ok(url)
+        };
         Ok(Database {
-            database_url: get(vars, "DATABASE_URL").map(str::to_owned),
-            database_direct_url: get(vars, "DATABASE_DIRECT_URL").map(str::to_owned),
+            database_url: url("DATABASE_URL")?,
+            database_direct_url: url("DATABASE_DIRECT_URL")?,
             db_pool_size: positive(
                 "FLOWGATE_DB_POOL_SIZE",
                 parse(vars, "FLOWGATE_DB_POOL_SIZE", 16)?,
@@ -47,5 +57,40 @@ impl Database {
                 parse(vars, "FLOWGATE_EVENTLOG_BATCH", 500)?,
             )?,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::{vars, Config};
+
+    #[test]
+    fn tls_parameters_are_checked_at_start() {
+        let e = Config::from_vars(&vars(&[
+            ("JWT_ACCESS_TOKEN_SECRET", "s"),
+            ("REDIS_URL", "redis://127.0.0.1:6379"),
+            (
+                "DATABASE_URL",
+                "postgres://u@db/app?sslmode=verify-full&sslrootcert=/nonexistent.pem",
+            ),
+        ]))
+        .unwrap_err();
+        assert_eq!(e.var, "DATABASE_URL");
+        let e = Config::from_vars(&vars(&[
+            ("JWT_ACCESS_TOKEN_SECRET", "s"),
+            (
+                "DATABASE_DIRECT_URL",
+                "postgres://u@db/app?sslmode=sometimes",
+            ),
+        ]))
+        .unwrap_err();
+        assert_eq!(e.var, "DATABASE_DIRECT_URL");
+        let c = Config::from_vars(&vars(&[
+            ("JWT_ACCESS_TOKEN_SECRET", "s"),
+            ("REDIS_URL", "redis://127.0.0.1:6379"),
+            ("DATABASE_URL", "postgres://u@db/app?sslmode=require"),
+        ]))
+        .unwrap();
+        assert!(c.database_url.is_some());
     }
 }

@@ -63,6 +63,13 @@ pub struct Config {
     pub node_id: String,
     /// `REDIS_URL`; `None` runs the embedded in-memory engine.
     pub redis_url: Option<String>,
+    /// `FLOWGATE_REDIS_CA_FILE`: PEM CA bundle for a TLS `REDIS_URL`
+    /// (the system roots when unset).
+    pub redis_ca_file: Option<PathBuf>,
+    /// `FLOWGATE_REDIS_CLIENT_CERT`: PEM client certificate chain.
+    pub redis_client_cert: Option<PathBuf>,
+    /// `FLOWGATE_REDIS_CLIENT_KEY`: its PEM private key.
+    pub redis_client_key: Option<PathBuf>,
     /// `DATABASE_URL` (through PgBouncer).
     pub database_url: Option<String>,
     /// `DATABASE_DIRECT_URL` (migrations).
@@ -258,6 +265,9 @@ impl Config {
         } = server::Server::from_vars(vars)?;
         let redis::Redis {
             redis_url,
+            redis_ca_file,
+            redis_client_cert,
+            redis_client_key,
             redis_timeout,
             room_log_len,
             room_log_ttl,
@@ -337,6 +347,9 @@ impl Config {
             listen,
             node_id,
             redis_url,
+            redis_ca_file,
+            redis_client_cert,
+            redis_client_key,
             database_url,
             database_direct_url,
             jwt,

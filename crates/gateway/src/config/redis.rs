@@ -1,8 +1,11 @@
-//! The Redis engine: `REDIS_URL`, its command timeout, the room streams,
-//! and the node heartbeat and presence timings. Without `REDIS_URL` the
-//! node runs the embedded in-memory engine and the timings go unused.
+//! The Redis engine: `REDIS_URL` (one server, Redis Cluster or Sentinel,
+//! each plain or TLS) and its certificates, its command timeout, the room
+//! streams, and the node heartbeat and presence timings. Without
+//! `REDIS_URL` the node runs the embedded in-memory engine and the timings
+//! go unused.
 
 use std::collections::HashMap;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use super::{err, get, millis, parse, positive, ConfigError};
@@ -10,6 +13,9 @@ use super::{err, get, millis, parse, positive, ConfigError};
 /// The [`Config`](super::Config) fields of the same names.
 pub(super) struct Redis {
     pub(super) redis_url: Option<String>,
+    pub(super) redis_ca_file: Option<PathBuf>,
+    pub(super) redis_client_cert: Option<PathBuf>,
+    pub(super) redis_client_key: Option<PathBuf>,
     pub(super) redis_timeout: Duration,
     pub(super) room_log_len: u64,
     pub(super) room_log_ttl: Duration,
@@ -22,13 +28,42 @@ pub(super) struct Redis {
 impl Redis {
     pub(super) fn from_vars(vars: &HashMap<String, String>) -> Result<Self, ConfigError> {
         let redis_url = get(vars, "REDIS_URL").map(str::to_owned);
-        if let Some(url) = &redis_url {
-            if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
-                return Err(err("REDIS_URL", "must start with redis:// or rediss://"));
+        let tls = match &redis_url {
+            Some(url) => check_url(url)?,
+            None => false,
+        };
+        let file = |var: &'static str| -> Result<Option<PathBuf>, ConfigError> {
+            let Some(path) = get(vars, var).map(PathBuf::from) else {
+                return Ok(None);
+            };
+            if !tls {
+                return Err(err(
+                    var,
+                    "needs a TLS REDIS_URL (rediss://, rediss-cluster:// or rediss-sentinel://)",
+                ));
             }
+            if !path.is_file() {
+                return Err(err(
+                    var,
+                    format!("{} is not a readable file", path.display()),
+                ));
+            }
+            Ok(Some(path))
+        };
+        let redis_ca_file = file("FLOWGATE_REDIS_CA_FILE")?;
+        let redis_client_cert = file("FLOWGATE_REDIS_CLIENT_CERT")?;
+        let redis_client_key = file("FLOWGATE_REDIS_CLIENT_KEY")?;
+        if redis_client_cert.is_some() != redis_client_key.is_some() {
+            return Err(err(
+                "FLOWGATE_REDIS_CLIENT_CERT",
+                "needs FLOWGATE_REDIS_CLIENT_KEY, and the other way round",
+            ));
         }
         let r = Redis {
             redis_url,
+            redis_ca_file,
+            redis_client_cert,
+            redis_client_key,
             node_heartbeat: positive(
                 "FLOWGATE_NODE_HEARTBEAT_MS",
                 millis(vars, "FLOWGATE_NODE_HEARTBEAT_MS", 1_000)?,
@@ -76,5 +111,90 @@ impl Redis {
             ));
         }
         Ok(r)
+    }
+}
+
+/// Checks the scheme of `REDIS_URL`; returns whether it asks for TLS.
+fn check_url(url: &str) -> Result<bool, ConfigError> {
+    let (scheme, rest) = url.split_once("://").unwrap_or(("", ""));
+    let tls = scheme.starts_with("rediss");
+    match scheme {
+        "redis" | "rediss" | "redis-cluster" | "rediss-cluster" => {}
+        "redis-sentinel" | "rediss-sentinel" => {
+            // fred needs the name of the master set the sentinels watch.
+            if !rest.contains("sentinelServiceName=") {
+                return Err(err(
+                    "REDIS_URL",
+                    "a redis-sentinel:// URL needs ?sentinelServiceName=<master name>",
+                ));
+            }
+        }
+        _ => {
+            return Err(err(
+                "REDIS_URL",
+                "must start with redis://, rediss://, redis-cluster://, rediss-cluster://, redis-sentinel:// or rediss-sentinel://",
+            ))
+        }
+    }
+    Ok(tls)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::{vars, Config};
+
+    fn with(pairs: &[(&str, &str)]) -> Result<Config, super::ConfigError> {
+        let mut all = vec![("JWT_ACCESS_TOKEN_SECRET", "s")];
+        all.extend_from_slice(pairs);
+        Config::from_vars(&vars(&all))
+    }
+
+    #[test]
+    fn every_url_form_of_the_contract_is_accepted() {
+        for url in [
+            "redis://127.0.0.1:6379",
+            "rediss://cache.example:6379",
+            "redis-cluster://10.0.0.1:6379?node=10.0.0.2:6379&node=10.0.0.3:6379",
+            "rediss-cluster://cfg.example:6379",
+            "redis-sentinel://10.0.0.1:26379?sentinelServiceName=main&node=10.0.0.2:26379",
+        ] {
+            assert_eq!(
+                with(&[("REDIS_URL", url)]).unwrap().redis_url.as_deref(),
+                Some(url)
+            );
+        }
+    }
+
+    #[test]
+    fn bad_urls_and_tls_files_name_their_variable() {
+        let e = with(&[("REDIS_URL", "http://x")]).unwrap_err();
+        assert_eq!(e.var, "REDIS_URL");
+        let e = with(&[("REDIS_URL", "redis-sentinel://x:26379")]).unwrap_err();
+        assert_eq!(e.var, "REDIS_URL");
+        // Certificates with a plaintext URL would be silently unused.
+        let e = with(&[
+            ("REDIS_URL", "redis://x:6379"),
+            ("FLOWGATE_REDIS_CA_FILE", "Cargo.toml"),
+        ])
+        .unwrap_err();
+        assert_eq!(e.var, "FLOWGATE_REDIS_CA_FILE");
+        let e = with(&[
+            ("REDIS_URL", "rediss://x:6379"),
+            ("FLOWGATE_REDIS_CA_FILE", "/nonexistent/ca.pem"),
+        ])
+        .unwrap_err();
+        assert_eq!(e.var, "FLOWGATE_REDIS_CA_FILE");
+        let e = with(&[
+            ("REDIS_URL", "rediss://x:6379"),
+            ("FLOWGATE_REDIS_CLIENT_CERT", "Cargo.toml"),
+        ])
+        .unwrap_err();
+        assert_eq!(e.var, "FLOWGATE_REDIS_CLIENT_CERT");
+        let c = with(&[
+            ("REDIS_URL", "rediss://x:6379"),
+            ("FLOWGATE_REDIS_CA_FILE", "Cargo.toml"),
+        ])
+        .unwrap();
+        assert!(c.redis_ca_file.is_some());
     }
 }

@@ -1,0 +1,281 @@
+//! Redis high availability with real processes: the cross-node behaviour
+//! (relay, presence, order, the server API) on a six-node Redis Cluster
+//! with rooms on every shard; the master of a busy room's slot killed and
+//! replaced by its replica while events flow; the same failover behind
+//! Sentinel. No node is restarted: relay, presence and `/health` come back
+//! by themselves, and every acknowledged event reaches every member once,
+//! in order.
+
+use std::time::{Duration, Instant};
+
+use flowgate_test_support::redis_cluster::RedisCluster;
+use flowgate_test_support::sentinel::SentinelSetup;
+use flowgate_test_support::{http, token, RawClient, TestNode, SERVICE_TOKEN};
+use serde_json::{json, Value};
+
+/// Timings short enough for a test, with a dead-node bound longer than a
+/// failover: every node stalls on Redis while it lasts, and none may
+/// declare the others dead for it.
+const TIMINGS: &[(&str, &str)] = &[
+    ("FLOWGATE_NODE_HEARTBEAT_MS", "500"),
+    ("FLOWGATE_NODE_DEAD_AFTER_MS", "8000"),
+    ("FLOWGATE_PRESENCE_REFRESH_MS", "500"),
+    ("FLOWGATE_SESSION_TTL_MS", "8000"),
+    ("FLOWGATE_REDIS_TIMEOUT_MS", "1000"),
+    ("FLOWGATE_RATE_LIMIT_PER_SEC", "1000"),
+    ("FLOWGATE_RATE_LIMIT_BURST", "1000"),
+];
+
+async fn nodes(url: &str, n: usize) -> Vec<TestNode> {
+    let mut out = Vec::new();
+    for i in 0..n {
+        let id = format!("ha{i}");
+        let mut vars: Vec<(&str, &str)> = vec![("REDIS_URL", url), ("FLOWGATE_NODE_ID", &id)];
+        vars.extend_from_slice(TIMINGS);
+        out.push(TestNode::start(&vars).await.expect("node starts"));
+    }
+    out
+}
+
+async fn joined(n: &TestNode, user: &str, flow: &str) -> RawClient {
+    let mut c = RawClient::connect(&n.ws_url(), &token(user, 600))
+        .await
+        .unwrap();
+    c.emit("flow:join", json!({"flowId": flow, "userName": user}))
+        .await
+        .unwrap();
+    c.expect_event("flow:users").await.unwrap();
+    c
+}
+
+async fn presence(n: &TestNode, flow: &str) -> Option<Vec<String>> {
+    let auth = format!("Bearer {SERVICE_TOKEN}");
+    let path = format!("/v1/flows/{flow}/presence");
+    let (s, body) = http(n.addr, "GET", &path, &[("Authorization", &auth)], None)
+        .await
+        .ok()?;
+    if s != 200 {
+        return None;
+    }
+    let v: Value = serde_json::from_str(&body).ok()?;
+    let mut ids: Vec<String> = v
+        .as_array()?
+        .iter()
+        .filter_map(|u| u["userId"].as_str().map(str::to_owned))
+        .collect();
+    ids.sort();
+    Some(ids)
+}
+
+async fn health(n: &TestNode) -> u16 {
+    http(n.addr, "GET", "/health", &[], None)
+        .await
+        .map(|(s, _)| s)
+        .unwrap_or(0)
+}
+
+/// Every `pod:moved` x a client receives until it sees `last`.
+async fn moves_until(c: &mut RawClient, last: i64) -> Vec<i64> {
+    let mut got = Vec::new();
+    let end = tokio::time::Instant::now() + Duration::from_secs(20);
+    while got.last() != Some(&last) {
+        match tokio::time::timeout_at(end, c.recv_event()).await {
+            Ok(Ok((name, data))) if name == "pod:moved" => {
+                got.push(data["position"]["x"].as_i64().unwrap_or(-1))
+            }
+            Ok(Ok(_)) => {}
+            // Quiet for a while (a failover), or a frame of another kind.
+            Ok(Err(e))
+                if e.to_string().contains("no frame")
+                    || e.to_string().contains("not a /flows event") => {}
+            other => panic!("receiver stopped after {got:?}: {other:?}"),
+        }
+    }
+    got
+}
+
+/// Flows whose rooms land on three different cluster masters.
+fn flows_on_every_shard(cluster: &RedisCluster) -> Vec<String> {
+    let mut by_master = std::collections::BTreeMap::new();
+    for i in 0..200 {
+        let flow = format!("spread{i}");
+        let master = cluster.master_of(&format!("{{flow:{flow}}}")).unwrap();
+        by_master.entry(master).or_insert(flow);
+    }
+    assert_eq!(by_master.len(), 3, "three masters serve the rooms");
+    by_master.into_values().collect()
+}
+
+#[tokio::test]
+async fn rooms_on_every_shard_relay_across_nodes() {
+    let cluster = RedisCluster::start().unwrap();
+    let ns = nodes(&cluster.url(), 3).await;
+    for flow in flows_on_every_shard(&cluster) {
+        let mut a = joined(&ns[0], "alice", &flow).await;
+        let mut b = joined(&ns[1], "bob", &flow).await;
+        assert_eq!(
+            a.expect_event("user:joined").await.unwrap()["userId"],
+            "bob"
+        );
+        let mut c = joined(&ns[2], "carol", &flow).await;
+        for r in [&mut a, &mut b] {
+            assert_eq!(
+                r.expect_event("user:joined").await.unwrap()["userId"],
+                "carol"
+            );
+        }
+        // Order across nodes: the room's stream and its shard channel
+        // live on one master, written by one script.
+        for x in 0..20 {
+            let ack = c
+                .emit_ack(
+                    x,
+                    "pod:move",
+                    json!({"podId": "p", "position": {"x": x, "y": 0}}),
+                )
+                .await
+                .unwrap();
+            assert_eq!(ack, json!({"ok": true}), "{flow}");
+        }
+        for r in [&mut a, &mut b] {
+            assert_eq!(
+                moves_until(r, 19).await,
+                (0..20).collect::<Vec<_>>(),
+                "{flow}"
+            );
+        }
+        // The server API on any node reaches members on every node.
+        let auth = format!("Bearer {SERVICE_TOKEN}");
+        let (s, body) = http(
+            ns[1].addr,
+            "POST",
+            &format!("/v1/flows/{flow}/events"),
+            &[("Authorization", &auth)],
+            Some(r#"{"event":"execution:started","data":{"run":1}}"#),
+        )
+        .await
+        .unwrap();
+        assert_eq!(s, 202, "{body}");
+        for r in [&mut a, &mut b, &mut c] {
+            assert_eq!(
+                r.expect_event("execution:started").await.unwrap(),
+                json!({"run": 1})
+            );
+        }
+        assert_eq!(
+            presence(&ns[0], &flow).await.unwrap(),
+            ["alice", "bob", "carol"]
+        );
+        b.emit("flow:leave", json!({})).await.unwrap();
+        for r in [&mut a, &mut c] {
+            assert_eq!(r.expect_event("user:left").await.unwrap()["userId"], "bob");
+        }
+    }
+    for n in &ns {
+        assert_eq!(health(n).await, 200);
+    }
+}
+
+/// Three members of `flow` on three nodes; `kill` takes the room's Redis
+/// master down after ten events and returns once its replacement serves.
+/// The sender keeps emitting throughout; afterwards relay, presence and
+/// `/health` must be back on every node without a restart, and each
+/// receiver must have every acknowledged event exactly once, in order.
+async fn busy_room_survives_failover(url: &str, flow: &str, kill: impl FnOnce() + Send) {
+    let ns = nodes(url, 3).await;
+    let mut rx1 = joined(&ns[0], "r1", flow).await;
+    let mut rx2 = joined(&ns[1], "r2", flow).await;
+    let mut tx = joined(&ns[2], "tx", flow).await;
+    let mut acked = Vec::new();
+    let mut kill = Some(kill);
+    let mut after_failover = 0;
+    let started = Instant::now();
+    let mut x = 0i64;
+    // Ten events before, then until ten more are acknowledged after the
+    // failover completed.
+    while after_failover < 10 {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "relay did not come back: acked {acked:?}"
+        );
+        let ack = tx
+            .emit_ack(
+                x as u64,
+                "pod:move",
+                json!({"podId": "p", "position": {"x": x, "y": 0}}),
+            )
+            .await
+            .unwrap();
+        if ack == json!({"ok": true}) {
+            acked.push(x);
+            if kill.is_none() {
+                after_failover += 1;
+            }
+        }
+        if x == 10 {
+            // The nodes run on the other worker threads meanwhile.
+            tokio::task::block_in_place(kill.take().unwrap());
+        }
+        x += 1;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let last = *acked.last().unwrap();
+    for rx in [&mut rx1, &mut rx2] {
+        let got = moves_until(rx, last).await;
+        // Refused events may or may not have run; acknowledged ones must
+        // all be there, and nothing twice or out of order.
+        assert!(got.windows(2).all(|w| w[0] < w[1]), "order: {got:?}");
+        for a in &acked {
+            assert!(got.contains(a), "acknowledged {a} missing: {got:?}");
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let mut ok = true;
+        for n in &ns {
+            ok &= health(n).await == 200;
+            ok &= presence(n, flow).await.as_deref()
+                == Some(&["r1", "r2", "tx"].map(String::from)[..]);
+        }
+        if ok {
+            break;
+        }
+        assert!(Instant::now() < deadline, "health or presence not back");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // The failover was a reconnect to every node, and the nodes said so.
+    for n in &ns {
+        assert!(n.metric("flowgate_bus_resubscribes_total") >= 1.0);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_master_failover_heals_without_restarting_a_node() {
+    let mut cluster = RedisCluster::start().unwrap();
+    let flow = "busy";
+    let tag = format!("{{flow:{flow}}}");
+    let master = cluster.master_of(&tag).unwrap();
+    let url = cluster.url();
+    let cluster_ref = &mut cluster;
+    busy_room_survives_failover(&url, flow, || {
+        cluster_ref.kill(master).unwrap();
+        let new = cluster_ref
+            .wait_failover(&tag, master, Duration::from_secs(30))
+            .unwrap();
+        assert_ne!(new, master);
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sentinel_failover_heals_without_restarting_a_node() {
+    let mut setup = SentinelSetup::start().unwrap();
+    assert_eq!(setup.master_port().unwrap(), setup.master.port);
+    let url = setup.url();
+    let setup_ref = &mut setup;
+    busy_room_survives_failover(&url, "watched", || {
+        setup_ref.master.stop();
+        setup_ref.wait_failover(Duration::from_secs(30)).unwrap();
+    })
+    .await;
+}
