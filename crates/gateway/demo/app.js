@@ -259,9 +259,6 @@
       // Authentication failures carry a contract code in err.data.code.
       const code = err.data?.code;
       let text = code ? `${code}: ${err.message}` : err.message;
-      if (!TRANSPORTS && !code) {
-        text += " (if this gateway does not serve HTTP long-polling yet, open the page with ?transports=websocket)";
-      }
       showConnection("error", `cannot connect: ${text}`);
     });
 
