@@ -8,6 +8,7 @@
 //! one branch of a `select!`. Writes are bounded by the slow-consumer grace,
 //! so a client that stops reading cannot hold the task forever.
 
+use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -243,9 +244,19 @@ async fn feed<T: Transport>(t: &mut T, session: &mut Session, f: OutFrame) -> Re
 
 /// Flushes, for at most the slow-consumer grace, and no longer than it
 /// takes for the connection to be kicked (a full queue kicks at once).
+///
+/// The flush is polled once first: almost always the socket takes the
+/// bytes at once, and the timer and the kick watch (a timer-wheel entry and
+/// a lock each) are only set up for a client that is not reading.
 async fn flush<T: Transport>(t: &mut T, grace: Duration, out: &Outbound) -> Result<(), End> {
+    let fut = t.flush();
+    tokio::pin!(fut);
+    let first = std::future::poll_fn(|cx| std::task::Poll::Ready(fut.as_mut().poll(cx))).await;
+    if let std::task::Poll::Ready(r) = first {
+        return r;
+    }
     tokio::select! {
-        r = tokio::time::timeout(grace, t.flush()) => match r {
+        r = tokio::time::timeout(grace, &mut fut) => match r {
             Ok(r) => r,
             // The client has not read for the whole grace.
             Err(_) => Err(End::SlowConsumer),
