@@ -51,43 +51,10 @@ const STYLE_CSS: &str = include_str!("../demo/style.css");
 /// `demo/vendor/README.md` for its version and checksum).
 const SOCKET_IO_JS: &[u8] = include_bytes!("../demo/vendor/socket.io.min.js");
 
-/// Whether the demo is served. Parsed here for now; it belongs with the rest
-/// of the configuration and will move there.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct DemoSettings {
-    /// `FLOWGATE_DEMO` is on.
-    pub enabled: bool,
-}
-
-impl DemoSettings {
-    /// Reads `FLOWGATE_DEMO` from the environment.
-    pub fn from_env() -> Self {
-        Self::parse(std::env::var("FLOWGATE_DEMO").ok().as_deref())
-    }
-
-    /// `1`, `true`, `yes` or `on` enable the demo; anything else leaves it
-    /// off. An unrecognised value is logged rather than fatal, because the
-    /// safe reading of a typo here is "off".
-    pub fn parse(value: Option<&str>) -> Self {
-        let enabled = match value.map(|v| v.trim().to_ascii_lowercase()) {
-            None => false,
-            Some(v) => match v.as_str() {
-                "1" | "true" | "yes" | "on" => true,
-                "" | "0" | "false" | "no" | "off" => false,
-                _ => {
-                    warn!(value = %v, "FLOWGATE_DEMO not understood; the demo stays off (use 1 or 0)");
-                    false
-                }
-            },
-        };
-        DemoSettings { enabled }
-    }
-}
-
 /// The demo's routes when `FLOWGATE_DEMO` is on, else an empty router (so
 /// the caller can merge it unconditionally).
 pub fn router(app: &Arc<App>) -> Router {
-    if !DemoSettings::from_env().enabled {
+    if !app.config.demo {
         return Router::new();
     }
     warn!(
@@ -355,17 +322,6 @@ fn by_label(counter: &IntCounterVec) -> BTreeMap<String, f64> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn only_clear_yes_values_enable_the_demo() {
-        for on in ["1", "true", "YES", " on "] {
-            assert!(DemoSettings::parse(Some(on)).enabled, "{on:?}");
-        }
-        for off in ["0", "", "false", "off", "no", "2", "enabled"] {
-            assert!(!DemoSettings::parse(Some(off)).enabled, "{off:?}");
-        }
-        assert!(!DemoSettings::parse(None).enabled);
-    }
 
     #[test]
     fn rates_average_over_the_window() {

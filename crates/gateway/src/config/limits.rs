@@ -100,6 +100,7 @@ mod tests {
                 "FLOWGATE_PING_INTERVAL_MS",
             ),
             (&[("JWT_LEEWAY_SECS", "86400")][..], "JWT_LEEWAY_SECS"),
+            (&[("FLOWGATE_DEMO", "enabled")][..], "FLOWGATE_DEMO"),
             (
                 &[("FLOWGATE_SERVICE_TOKEN", "tok\n")][..],
                 "FLOWGATE_SERVICE_TOKEN",

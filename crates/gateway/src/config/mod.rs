@@ -83,6 +83,9 @@ pub struct Config {
     pub access: AccessPolicy,
     /// `FRONTEND_URL`: allowed browser origins; empty allows any.
     pub allowed_origins: Vec<String>,
+    /// `FLOWGATE_DEMO` (off): serve the demo canvas and the ops view, which
+    /// mint development tokens for anyone.
+    pub demo: bool,
     /// `FLOWGATE_EVENTS_FILE`: relay table; the contract's table when unset.
     pub events_file: Option<PathBuf>,
     /// `FLOWGATE_PING_INTERVAL_MS` (25 000).
@@ -262,6 +265,7 @@ impl Config {
             service_token,
             allowed_origins,
             events_file,
+            demo,
         } = server::Server::from_vars(vars)?;
         let redis::Redis {
             redis_url,
@@ -357,6 +361,7 @@ impl Config {
             access,
             allowed_origins,
             events_file,
+            demo,
             ping_interval,
             ping_timeout,
             connect_timeout,

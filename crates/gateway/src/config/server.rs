@@ -14,6 +14,7 @@ pub(super) struct Server {
     pub(super) service_token: Option<String>,
     pub(super) allowed_origins: Vec<String>,
     pub(super) events_file: Option<PathBuf>,
+    pub(super) demo: bool,
 }
 
 impl Server {
@@ -59,6 +60,14 @@ impl Server {
             },
             allowed_origins,
             events_file,
+            // Only a clear yes turns on a page that mints tokens; anything
+            // else is a configuration error, not a silent guess.
+            demo: match get(vars, "FLOWGATE_DEMO").map(|v| v.trim().to_ascii_lowercase()) {
+                None => false,
+                Some(v) if ["1", "true", "yes", "on"].contains(&v.as_str()) => true,
+                Some(v) if ["0", "false", "no", "off"].contains(&v.as_str()) => false,
+                Some(_) => return Err(err("FLOWGATE_DEMO", "must be 1 or 0")),
+            },
         })
     }
 }
