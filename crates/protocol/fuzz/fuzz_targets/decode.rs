@@ -20,7 +20,10 @@ fuzz_target!(|data: &[u8]| {
                 assert!(again.is_ok(), "re-encoding a decoded packet must decode");
             }
             Ok(Decoded::NeedsAttachments(mut partial)) => {
-                for _ in 0..partial.expected() {
+                // The count is the client's claim: the gateway refuses more
+                // than FLOWGATE_MAX_ATTACHMENTS before collecting any, so the
+                // harness collects at most a few.
+                for _ in 0..partial.expected().min(16) {
                     if let Some(p) = partial.push(bytes::Bytes::from_static(b"x")) {
                         let _ = p.check_placeholders();
                     }
