@@ -103,6 +103,8 @@ impl App {
                     node_id: config.node_id.clone(),
                     rate_per_sec: config.rate_per_sec,
                     burst: config.rate_burst,
+                    lease: config.rate_lease,
+                    lease_for: config.rate_lease_for,
                     heartbeat: config.node_heartbeat,
                     dead_after: config.node_dead_after,
                     presence_refresh: config.presence_refresh,

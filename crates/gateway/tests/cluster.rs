@@ -16,15 +16,7 @@ const FAST: &[(&str, &str)] = &[
 ];
 
 async fn nodes(redis: &RedisServer, n: usize) -> Vec<TestNode> {
-    let url = redis.url();
-    let mut out = Vec::new();
-    for i in 0..n {
-        let id = format!("node{i}");
-        let mut vars: Vec<(&str, &str)> = vec![("REDIS_URL", &url), ("FLOWGATE_NODE_ID", &id)];
-        vars.extend_from_slice(FAST);
-        out.push(TestNode::start(&vars).await.expect("node starts"));
-    }
-    out
+    nodes_with(redis, n, &[]).await
 }
 
 async fn joined(n: &TestNode, user: &str, flow: &str) -> (RawClient, Vec<Value>) {
@@ -200,11 +192,22 @@ async fn only_nodes_with_members_are_subscribed() {
     }
 }
 
-#[tokio::test]
-async fn one_user_shares_one_budget_across_nodes() {
-    let redis = RedisServer::start().unwrap();
-    let ns = nodes(&redis, 3).await;
-    let secs = 3.0;
+async fn nodes_with(redis: &RedisServer, n: usize, extra: &[(&str, &str)]) -> Vec<TestNode> {
+    let url = redis.url();
+    let mut out = Vec::new();
+    for i in 0..n {
+        let id = format!("node{i}");
+        let mut vars: Vec<(&str, &str)> = vec![("REDIS_URL", &url), ("FLOWGATE_NODE_ID", &id)];
+        vars.extend_from_slice(FAST);
+        vars.extend_from_slice(extra);
+        out.push(TestNode::start(&vars).await.expect("node starts"));
+    }
+    out
+}
+
+/// `greedy` floods through every node, `other` through the first only, for
+/// `secs`; returns what each got accepted and the time it took.
+async fn flood(ns: &[TestNode], secs: f64) -> (HashMap<&'static str, u32>, f64) {
     let started = Instant::now();
     let mut tasks = Vec::new();
     for (i, n) in ns.iter().enumerate() {
@@ -234,7 +237,15 @@ async fn one_user_shares_one_budget_across_nodes() {
         let (user, ok) = t.await.unwrap();
         *accepted.entry(user).or_default() += ok;
     }
-    let elapsed = started.elapsed().as_secs_f64();
+    (accepted, started.elapsed().as_secs_f64())
+}
+
+#[tokio::test]
+async fn one_user_shares_one_budget_across_nodes() {
+    // Lease 1: one Redis call per event, the budget exact.
+    let redis = RedisServer::start().unwrap();
+    let ns = nodes_with(&redis, 3, &[("FLOWGATE_RATE_LIMIT_LEASE", "1")]).await;
+    let (accepted, elapsed) = flood(&ns, 3.0).await;
     // Burst of 20, then 20/s, ±1/s.
     let expected = 20.0 + 20.0 * elapsed;
     let greedy = f64::from(accepted["greedy"]);
@@ -246,6 +257,51 @@ async fn one_user_shares_one_budget_across_nodes() {
     assert!(
         f64::from(accepted["other"]) >= expected - elapsed - 1.0,
         "{accepted:?}"
+    );
+}
+
+/// The bound the limiter's docs and the README state: with leases of L
+/// tokens, a user sending through n nodes gets at most n·(L − 1) events
+/// more than the shared budget, and at most n·(L − 1) fewer.
+#[tokio::test]
+async fn leased_budget_stays_within_its_stated_bound() {
+    let redis = RedisServer::start().unwrap();
+    let lease = 5.0;
+    let ns = nodes_with(&redis, 3, &[("FLOWGATE_RATE_LIMIT_LEASE", "5")]).await;
+    let (accepted, elapsed) = flood(&ns, 3.0).await;
+    let n = ns.len() as f64;
+    let expected = 20.0 + 20.0 * elapsed;
+    let slack = n * (lease - 1.0) + elapsed + 1.0;
+    let greedy = f64::from(accepted["greedy"]);
+    assert!(
+        (greedy - expected).abs() <= slack,
+        "greedy accepted {greedy} in {elapsed:.2}s, expected {expected:.0}±{slack:.0}"
+    );
+    // On one node, the local filter keeps it exact.
+    let other = f64::from(accepted["other"]);
+    assert!(
+        other <= expected + elapsed + 1.0 && other >= expected - lease - elapsed - 1.0,
+        "other accepted {other} in {elapsed:.2}s, expected {expected:.0}"
+    );
+    // And the point of it: a user within its budget costs one Redis call
+    // per lease, not per event.
+    let before = ns[1].metric("flowgate_limiter_redis_calls_total");
+    let mut c = RawClient::connect(&ns[1].ws_url(), &token("paced", 600))
+        .await
+        .unwrap();
+    let mut accepted = 0;
+    for id in 1..=30u64 {
+        let ack = c.emit_ack(id, "flow:leave", json!({})).await.unwrap();
+        if ack["code"] != "RATE_LIMIT" {
+            accepted += 1;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(accepted, 30, "10/s is within the budget");
+    let calls = ns[1].metric("flowgate_limiter_redis_calls_total") - before;
+    assert!(
+        (1.0..=30.0 / lease + 2.0).contains(&calls),
+        "{calls} Redis calls for 30 events with leases of {lease}"
     );
 }
 

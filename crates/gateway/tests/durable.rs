@@ -583,6 +583,8 @@ async fn test_queue(e: &Env, grace_ms: u64, max_bytes: u64) -> Arc<dyn EventQueu
             node_id: format!("writers-{grace_ms}-{max_bytes}"),
             rate_per_sec: 100,
             burst: 100,
+            lease: 1,
+            lease_for: Duration::from_secs(1),
             heartbeat: Duration::from_secs(1),
             dead_after: Duration::from_secs(5),
             presence_refresh: Duration::from_secs(5),

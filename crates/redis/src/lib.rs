@@ -13,7 +13,9 @@
 //!   claims it (a lock with a TTL), removes its sessions and publishes
 //!   `user:left` for each.
 //! - **Limiter**: GCRA in Lua with Redis time, behind a local `governor`
-//!   filter so an abusive client costs no round trip. While Redis is
+//!   filter so an abusive client costs no round trip; a node takes a few
+//!   tokens of a user's budget per call (a lease) and spends them locally,
+//!   so an active user costs one call per few events. While Redis is
 //!   unreachable each node enforces the budget alone (the local filter):
 //!   a user spread over k nodes may get up to k× the budget until Redis is
 //!   back. Each such decision is counted in `flowgate_limiter_fallback_total`.
@@ -93,6 +95,11 @@ pub struct RedisSettings {
     pub rate_per_sec: u32,
     /// Burst per user.
     pub burst: u32,
+    /// Tokens of a user's shared budget a node takes per Redis call (1:
+    /// one call per event).
+    pub lease: u32,
+    /// How long a node may spend tokens it took; unspent ones are dropped.
+    pub lease_for: Duration,
     /// How often the node heartbeats and looks for dead nodes.
     pub heartbeat: Duration,
     /// A node silent this long is dead and its sessions are removed.
@@ -136,6 +143,8 @@ pub(crate) struct Inner {
     /// The limiter's local first filter (and the per-node budget while
     /// Redis is unreachable).
     pub(crate) local: DefaultKeyedRateLimiter<String>,
+    /// Tokens this node took from users' shared budgets and may still spend.
+    pub(crate) leases: limiter::Leases,
     pub(crate) scripts: Scripts,
     pub(crate) queue_scripts: event_queue::QueueScripts,
     pub(crate) metrics: Metrics,
@@ -195,6 +204,7 @@ impl RedisEngine {
             subscriber,
             sink,
             local: RateLimiter::keyed(quota),
+            leases: limiter::Leases::default(),
             scripts: Scripts::new(),
             queue_scripts: event_queue::QueueScripts::new(),
             metrics: Metrics::new(registry).map_err(err)?,

@@ -7,6 +7,7 @@ pub(crate) struct Metrics {
     pub(crate) up: IntGauge,
     pub(crate) outages: IntCounter,
     pub(crate) limiter_fallback: IntCounter,
+    pub(crate) limiter_calls: IntCounter,
     pub(crate) bus_messages: IntCounter,
     pub(crate) bus_lagged: IntCounter,
     pub(crate) reaped_sessions: IntCounter,
@@ -44,6 +45,10 @@ impl Metrics {
             limiter_fallback: c(
                 "limiter_fallback_total",
                 "Rate-limit decisions taken by the per-node fallback while Redis was unreachable",
+            )?,
+            limiter_calls: c(
+                "limiter_redis_calls_total",
+                "Rate-limit decisions that went to Redis (a lease of the shared budget taken, or refused)",
             )?,
             bus_messages: c(
                 "bus_messages_total",

@@ -40,6 +40,7 @@ impl RedisEngine {
                 last_refresh = Instant::now();
                 self.refresh_presence().await;
                 self.0.local.retain_recent();
+                self.0.leases.prune(std::time::Instant::now());
             }
         }
         // Clean exit: sessions still open at the deadline leave with a

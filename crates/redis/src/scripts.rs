@@ -187,8 +187,10 @@ return redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', '(' .. (now - tonumber(ARGV[
 "#;
 
 /// GCRA: one theoretical arrival time (µs) per user. Allows a burst of
-/// ARGV[2] events, then one every ARGV[1] µs. Returns 1 if allowed.
-/// KEYS: the user's limiter key.
+/// ARGV[2] events, then one every ARGV[1] µs. Grants up to ARGV[3] events
+/// at once (a node's lease) — as many as the budget holds right now, each
+/// charged as if it had arrived — and returns how many; refused, minus the
+/// µs until the budget holds one again. KEYS: the user's limiter key.
 pub(crate) const GCRA: &str = r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
@@ -196,10 +198,16 @@ local interval = tonumber(ARGV[1])
 local burst = tonumber(ARGV[2])
 local tat = tonumber(redis.call('GET', KEYS[1]) or now)
 if tat < now then tat = now end
-local new_tat = tat + interval
-if new_tat - now > burst * interval then return 0 end
+local n = math.floor((now + burst * interval - tat) / interval)
+if n > tonumber(ARGV[3]) then n = tonumber(ARGV[3]) end
+if n < 1 then
+  local wait = tat - (burst - 1) * interval - now
+  if wait < 1 then wait = 1 end
+  return -wait
+end
+local new_tat = tat + n * interval
 redis.call('SET', KEYS[1], new_tat, 'PX', math.ceil((new_tat - now) / 1000) + 1)
-return 1
+return n
 "#;
 
 /// The room log after an offset, and whether events after it were

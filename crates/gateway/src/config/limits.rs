@@ -13,6 +13,8 @@ pub(super) struct Limits {
     pub(super) max_attachments: usize,
     pub(super) rate_per_sec: u32,
     pub(super) rate_burst: u32,
+    pub(super) rate_lease: u32,
+    pub(super) rate_lease_for: Duration,
     pub(super) outbound_queue: usize,
     pub(super) outbound_queue_bytes: usize,
     pub(super) slow_consumer_grace: Duration,
@@ -35,6 +37,16 @@ impl Limits {
                 "FLOWGATE_RATE_LIMIT_BURST",
                 parse(vars, "FLOWGATE_RATE_LIMIT_BURST", 20)?,
             )?,
+            // Tokens a node takes from the shared budget per Redis call;
+            // see the limiter (`flowgate-redis`) for the bound this puts on
+            // over-admission. 1 = one call per event, exact.
+            rate_lease: within(
+                "FLOWGATE_RATE_LIMIT_LEASE",
+                parse(vars, "FLOWGATE_RATE_LIMIT_LEASE", 5)?,
+                1,
+                1000,
+            )?,
+            rate_lease_for: millis(vars, "FLOWGATE_RATE_LIMIT_LEASE_MS", 2_000)?,
             outbound_queue: within(
                 "FLOWGATE_OUTBOUND_QUEUE",
                 parse(vars, "FLOWGATE_OUTBOUND_QUEUE", 1024)?,

@@ -119,6 +119,10 @@ pub struct Config {
     pub rate_per_sec: u32,
     /// `FLOWGATE_RATE_LIMIT_BURST` (20).
     pub rate_burst: u32,
+    /// Tokens of the shared budget a node takes per limiter call.
+    pub rate_lease: u32,
+    /// How long a node may spend the tokens it took.
+    pub rate_lease_for: Duration,
     /// `FLOWGATE_OUTBOUND_QUEUE` (1024 frames per connection).
     pub outbound_queue: usize,
     /// `FLOWGATE_OUTBOUND_QUEUE_BYTES` (2 MiB per connection): the byte
@@ -315,6 +319,8 @@ impl Config {
             max_attachments,
             rate_per_sec,
             rate_burst,
+            rate_lease,
+            rate_lease_for,
             outbound_queue,
             outbound_queue_bytes,
             slow_consumer_grace,
@@ -374,6 +380,8 @@ impl Config {
             max_attachments,
             rate_per_sec,
             rate_burst,
+            rate_lease,
+            rate_lease_for,
             outbound_queue,
             outbound_queue_bytes,
             recovery_window,
