@@ -10,6 +10,7 @@ pub mod locks;
 pub mod memory;
 pub mod memory_locks;
 mod offset;
+pub mod wire;
 
 pub use event_queue::{EventQueue, PushRefused, QueueEntry, QueuedEvent};
 pub use locks::{Acquired, LockHolder, LockInfo, PodLocks, Refreshed, Unlocked};
@@ -30,28 +31,38 @@ use thiserror::Error;
 #[error("engine unavailable: {0}")]
 pub struct EngineError(pub String);
 
+/// The Socket.IO namespace of flow rooms: every room event is framed for it.
+pub const NSP: &str = "/flows";
+
 /// One message on a room's bus: an event for the room's members.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone)]
 pub struct RoomMessage {
     /// The event name members receive.
     pub event: String,
-    /// Its single argument, as JSON text: serialized once by the publisher,
-    /// copied into each node's frame without being parsed again.
-    pub data: Box<RawValue>,
-    /// Binary attachments referenced by placeholders in `data`.
-    #[serde(default, skip_serializing_if = "Vec::is_empty", with = "base64_frames")]
+    /// Its argument: JSON text as the publisher built it, or the frame a
+    /// publisher built once and the bus carried ([`wire`]).
+    pub(crate) body: Body,
+    /// Binary attachments referenced by placeholders in the argument.
     pub attachments: Vec<Bytes>,
     /// The sender's socket id: everyone but the sender receives it.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub except: Option<String>,
     /// Dropped for a full queue rather than queued; never replayed.
-    #[serde(default)]
     pub volatile: bool,
     /// Publish time (µs since the epoch), for the fan-out latency histogram.
     pub published_at_us: u64,
     /// An instruction to the nodes instead of an event for clients.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub control: Option<Control>,
+}
+
+/// A room message's argument, in the form it was last in.
+#[derive(Debug, Clone)]
+pub(crate) enum Body {
+    /// JSON text (serialized once by the publisher).
+    Json(Box<RawValue>),
+    /// The event's Socket.IO frame up to its data argument (`head`), and,
+    /// when the bus already completed it with the offset and closing
+    /// bracket, the whole frame (`whole`, a slice of the bus message).
+    Framed { head: Bytes, whole: Option<Bytes> },
 }
 
 /// Instructions carried by the room bus to every node with members.
@@ -75,7 +86,7 @@ impl RoomMessage {
     pub fn with_raw(event: impl Into<String>, data: Box<RawValue>) -> Self {
         RoomMessage {
             event: event.into(),
-            data,
+            body: Body::Json(data),
             attachments: Vec::new(),
             except: None,
             volatile: false,
@@ -91,30 +102,58 @@ impl RoomMessage {
             ..RoomMessage::new("", Value::Null)
         }
     }
-}
 
-/// Attachments travel between nodes as base64 strings inside the JSON
-/// message (serde's default for bytes would be an array of numbers).
-mod base64_frames {
-    use base64::Engine as _;
-    use bytes::Bytes;
-    use serde::{Deserialize, Deserializer, Serializer};
-
-    const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::STANDARD;
-
-    pub(crate) fn serialize<S: Serializer>(v: &[Bytes], s: S) -> Result<S::Ok, S::Error> {
-        s.collect_seq(v.iter().map(|b| B64.encode(b)))
+    /// The event's Socket.IO frame up to its data argument.
+    pub fn frame_head(&self) -> Bytes {
+        match &self.body {
+            Body::Json(data) => Bytes::from(flowgate_protocol::event_frame_head(
+                NSP,
+                &self.event,
+                data.get(),
+                self.attachments.len(),
+                24,
+            )),
+            Body::Framed { head, .. } => head.clone(),
+        }
     }
 
-    pub(crate) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Bytes>, D::Error> {
-        Vec::<String>::deserialize(d)?
-            .into_iter()
-            .map(|s| {
-                B64.decode(s)
-                    .map(Bytes::from)
-                    .map_err(serde::de::Error::custom)
-            })
-            .collect()
+    /// The event's whole text frame, with `offset` as its trailing
+    /// argument: the slice the bus delivered when it has one for that
+    /// offset, built otherwise.
+    pub fn frame(&self, offset: Option<Offset>) -> Bytes {
+        if let Body::Framed {
+            whole: Some(whole), ..
+        } = &self.body
+        {
+            return whole.clone();
+        }
+        let offset = offset.map(|o| o.to_string());
+        let mut text = match &self.body {
+            Body::Json(data) => flowgate_protocol::event_frame_head(
+                NSP,
+                &self.event,
+                data.get(),
+                self.attachments.len(),
+                24,
+            ),
+            Body::Framed { head, .. } => {
+                let mut t = String::with_capacity(head.len() + 24);
+                // Heads are built from `&str` and checked when decoded.
+                t.push_str(std::str::from_utf8(head).unwrap_or_default());
+                t
+            }
+        };
+        flowgate_protocol::finish_frame(&mut text, offset.as_deref());
+        Bytes::from(text)
+    }
+
+    /// The argument as JSON text, when the message still holds it (not
+    /// after the bus carried it as a frame).
+    pub fn data_json(&self) -> Option<&str> {
+        match &self.body {
+            Body::Json(d) => Some(d.get()),
+            Body::Framed { .. } => None,
+        }
     }
 }
 
@@ -374,16 +413,16 @@ mod tests {
     use super::*;
 
     #[test]
-    fn room_messages_round_trip_with_attachments() {
-        let mut m = RoomMessage::new("pod:updated", serde_json::json!({"a": 1}));
-        m.attachments = vec![Bytes::from_static(b"\x00\xffbin")];
-        m.except = Some("s".into());
-        let text = serde_json::to_string(&m).unwrap();
-        assert!(text.contains("\"AP9iaW4=\""), "{text}");
-        let back = serde_json::from_str::<RoomMessage>(&text).unwrap();
-        assert_eq!(back.data.get(), r#"{"a":1}"#);
-        assert_eq!(back.attachments, m.attachments);
-        assert_eq!(back.except, m.except);
-        assert_eq!(serde_json::to_string(&back).unwrap(), text);
+    fn frames_carry_the_offset_and_attachments() {
+        let m = RoomMessage::new("pod:moved", serde_json::json!({"x": 1}));
+        let f = m.frame(Some(Offset { ms: 5, seq: 1 }));
+        assert_eq!(&f[..], br#"42/flows,["pod:moved",{"x":1},"5-1"]"#);
+        assert_eq!(&m.frame(None)[..], br#"42/flows,["pod:moved",{"x":1}]"#);
+        let mut m = RoomMessage::new(
+            "pod:moved",
+            serde_json::json!({"_placeholder": true, "num": 0}),
+        );
+        m.attachments = vec![Bytes::from_static(b"x")];
+        assert!(m.frame(None).starts_with(b"451-/flows,"));
     }
 }

@@ -112,6 +112,7 @@ impl App {
                     command_timeout: config.redis_timeout,
                     log_len: config.room_log_len,
                     log_ttl: config.room_log_ttl,
+                    bus_json: config.bus_json,
                     queue_max_len: config.eventlog.queue_max_len,
                     queue_max_bytes: config.eventlog.queue_max_bytes,
                     enqueue_grace: config.eventlog.enqueue_grace,

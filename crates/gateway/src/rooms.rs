@@ -8,8 +8,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::extract::ws::Utf8Bytes;
 use dashmap::DashMap;
-use flowgate_protocol::event_frame;
 
 use crate::engine::{
     now_us, Control, Deliver, EngineError, LocalSession, Offset, RoomBus, RoomMessage, SessionInfo,
@@ -18,7 +18,7 @@ use crate::metrics::Metrics;
 use crate::outbound::{Kick, OutFrame, Outbound, RoomFrame};
 
 /// The Socket.IO namespace of flow rooms.
-pub const NSP: &str = "/flows";
+pub use crate::engine::NSP;
 
 /// The room name of a flow.
 pub fn room_of(flow_id: &str) -> String {
@@ -60,20 +60,18 @@ pub struct Fanout {
     metrics: Metrics,
 }
 
-/// Encodes a room message into its frame, once per node: the event, its
-/// JSON argument copied as is, and the offset as trailing argument.
+/// A room message's frame for this node's members, built (or, for a frame
+/// the publisher built and the bus carried, sliced) once per node: the
+/// event, its JSON argument copied as is, and the offset as trailing
+/// argument.
 pub fn room_frame(room: &Arc<str>, offset: Option<Offset>, msg: &RoomMessage) -> Arc<RoomFrame> {
-    let offset_text = offset.map(|o| o.to_string());
-    let text = event_frame(
-        NSP,
-        &msg.event,
-        msg.data.get(),
-        msg.attachments.len(),
-        offset_text.as_deref(),
-    );
+    let text = Utf8Bytes::try_from(msg.frame(offset))
+        // Frames are built from `&str` or checked when decoded; this
+        // fallback is never taken.
+        .unwrap_or_else(|_| Utf8Bytes::from_static("42/flows,[\"error\",null]"));
     Arc::new(RoomFrame {
         room: room.clone(),
-        text: text.into(),
+        text,
         attachments: msg.attachments.clone(),
         offset,
     })

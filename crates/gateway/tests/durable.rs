@@ -592,6 +592,7 @@ async fn test_queue(e: &Env, grace_ms: u64, max_bytes: u64) -> Arc<dyn EventQueu
             command_timeout: Duration::from_secs(2),
             log_len: 1000,
             log_ttl: Duration::from_secs(3600),
+            bus_json: false,
             queue_max_len: 1000,
             queue_max_bytes: max_bytes,
             enqueue_grace: Duration::from_millis(grace_ms),

@@ -23,9 +23,28 @@ pub fn event_frame(
     attachments: usize,
     offset: Option<&str>,
 ) -> String {
-    let mut text = String::with_capacity(
-        24 + nsp.len() + event.len() + data_json.len() + offset.map_or(0, str::len),
+    let mut text = event_frame_head(
+        nsp,
+        event,
+        data_json,
+        attachments,
+        offset.map_or(0, str::len),
     );
+    finish_frame(&mut text, offset);
+    text
+}
+
+/// The frame of [`event_frame`] up to its data argument: what a publisher
+/// builds once, before the room log gives the event its offset. `spare` is
+/// extra capacity to reserve for the rest.
+pub fn event_frame_head(
+    nsp: &str,
+    event: &str,
+    data_json: &str,
+    attachments: usize,
+    spare: usize,
+) -> String {
+    let mut text = String::with_capacity(24 + nsp.len() + event.len() + data_json.len() + spare);
     if attachments == 0 {
         text.push_str("42");
     } else {
@@ -41,12 +60,17 @@ pub fn event_frame(
     push_json_str(&mut text, event);
     text.push(',');
     text.push_str(data_json);
-    if let Some(offset) = offset {
-        text.push(',');
-        push_json_str(&mut text, offset);
-    }
-    text.push(']');
     text
+}
+
+/// Completes a frame head: the offset as the trailing argument (when
+/// there is one), then the closing bracket.
+pub fn finish_frame(head: &mut String, offset: Option<&str>) {
+    if let Some(offset) = offset {
+        head.push(',');
+        push_json_str(head, offset);
+    }
+    head.push(']');
 }
 
 #[cfg(test)]

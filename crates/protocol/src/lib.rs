@@ -18,6 +18,6 @@ pub mod polling;
 pub mod socketio;
 
 pub use engineio::{EnginePacket, OpenPacket};
-pub use frame::event_frame;
+pub use frame::{event_frame, event_frame_head, finish_frame};
 pub use polling::{decode_payload, encode_payload, OutPacket, PayloadError, PayloadPacket};
 pub use socketio::{DecodeError, Decoded, Packet, PacketType, PartialPacket};

@@ -4,7 +4,7 @@
 //! channels.
 
 use async_trait::async_trait;
-use flowgate_engine::{EngineError, Offset, Replay, RoomBus, RoomMessage};
+use flowgate_engine::{wire, EngineError, Offset, Replay, RoomBus, RoomMessage};
 use fred::prelude::*;
 use tracing::warn;
 
@@ -36,9 +36,10 @@ fn decode_entries(v: Value) -> Vec<(Offset, RoomMessage)> {
             if k.as_str().as_deref() != Some("m") {
                 continue;
             }
-            match v.as_str().map(|t| serde_json::from_str::<RoomMessage>(&t)) {
+            match v.into_bytes().map(wire::decode_logged) {
                 Some(Ok(m)) => out.push((o, m)),
-                _ => warn!(offset = %o, "undecodable room log entry skipped"),
+                Some(Err(e)) => warn!(offset = %o, error = %e, "unreadable room log entry skipped"),
+                None => warn!(offset = %o, "unreadable room log entry skipped"),
             }
         }
     }
@@ -49,10 +50,20 @@ fn decode_entries(v: Value) -> Vec<(Offset, RoomMessage)> {
 impl RoomBus for RedisEngine {
     async fn publish(&self, room: &str, msg: RoomMessage) -> Result<Option<Offset>, EngineError> {
         self.ensure_up()?;
-        let json = serde_json::to_string(&msg).map_err(err)?;
-        let deadline = self.deadline_ms().to_string();
+        // The frame is built here, once for the whole cluster (see
+        // `flowgate_engine::wire`).
+        let (message, format) = if self.0.settings.bus_json {
+            (Value::from(wire::encode_legacy(&msg).map_err(err)?), "0")
+        } else {
+            (Value::Bytes(wire::encode(&msg).map_err(err)?), "1")
+        };
+        let deadline = Value::from(self.deadline_ms());
         if msg.volatile {
             // Never replayed, so not worth a stream entry.
+            let message = match message {
+                Value::String(json) => Value::from(format!("- {json}")),
+                binary => binary,
+            };
             let _: i64 = self
                 .0
                 .scripts
@@ -60,7 +71,7 @@ impl RoomBus for RedisEngine {
                 .evalsha_with_reload(
                     &self.0.client,
                     vec![channel(room)],
-                    vec![format!("- {json}"), String::new(), String::new(), deadline],
+                    vec![message, Value::from(""), Value::from(""), deadline],
                 )
                 .await
                 .map_err(err)?;
@@ -75,10 +86,11 @@ impl RoomBus for RedisEngine {
                 &self.0.client,
                 vec![stream_key(room), channel(room)],
                 vec![
-                    json,
-                    s.log_len.to_string(),
-                    (s.log_ttl.as_millis() as i64).to_string(),
+                    message,
+                    Value::from(s.log_len as i64),
+                    Value::from(s.log_ttl.as_millis() as i64),
                     deadline,
+                    Value::from(format),
                 ],
             )
             .await

@@ -114,6 +114,9 @@ pub struct RedisSettings {
     pub log_len: u64,
     /// A room stream without events for this long is deleted.
     pub log_ttl: Duration,
+    /// Publish room messages in the first releases' JSON
+    /// (`flowgate_engine::wire`, version 0) instead of the binary format.
+    pub bus_json: bool,
     /// The event-log queue's cap in entries: persisted events are refused
     /// beyond it.
     pub queue_max_len: u64,

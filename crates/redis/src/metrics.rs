@@ -10,6 +10,7 @@ pub(crate) struct Metrics {
     pub(crate) limiter_calls: IntCounter,
     pub(crate) bus_messages: IntCounter,
     pub(crate) bus_lagged: IntCounter,
+    pub(crate) bus_undecodable: IntCounter,
     pub(crate) reaped_sessions: IntCounter,
     pub(crate) resubscribes: IntCounter,
     pub(crate) gap_filled: IntCounter,
@@ -53,6 +54,10 @@ impl Metrics {
             bus_messages: c(
                 "bus_messages_total",
                 "Room messages this node received from Redis",
+            )?,
+            bus_undecodable: c(
+                "bus_undecodable_total",
+                "Room messages this node could not read (another wire-format version, or corrupt) and skipped",
             )?,
             bus_lagged: c(
                 "bus_lagged_total",

@@ -59,8 +59,10 @@ end
 /// Appends a room event to the room's stream and publishes it on the
 /// room's shard channel in one atomic step, so offsets and delivery order
 /// agree; nothing happens past the deadline. KEYS: stream, channel. ARGV:
-/// message JSON, MAXLEN, TTL (ms), deadline (Redis ms). Returns the offset
-/// (the stream id).
+/// message, MAXLEN, TTL (ms), deadline (Redis ms), format (`1`: the binary
+/// format, to which the channel's copy gets `,"<offset>"]` appended — the
+/// end of the frame the publisher built; `0`: `<offset> <json>`). Returns
+/// the offset (the stream id).
 pub(crate) fn publish() -> String {
     format!("{DEADLINE_CHECK}{PUBLISH}")
 }
@@ -72,7 +74,11 @@ local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*', 'm', ARGV[1]
 if redis.call('PTTL', KEYS[1]) < tonumber(ARGV[3]) / 2 then
   redis.call('PEXPIRE', KEYS[1], ARGV[3])
 end
-redis.call('SPUBLISH', KEYS[2], id .. ' ' .. ARGV[1])
+if ARGV[5] == '1' then
+  redis.call('SPUBLISH', KEYS[2], ARGV[1] .. ',"' .. id .. '"]')
+else
+  redis.call('SPUBLISH', KEYS[2], id .. ' ' .. ARGV[1])
+end
 return id
 "#;
 

@@ -10,7 +10,7 @@
 //! message, so that room order holds. Only a gap the log no longer holds
 //! (trimmed) makes that room's members reconnect.
 
-use flowgate_engine::{Offset, Replay, RoomBus, RoomMessage};
+use flowgate_engine::{wire, Offset, Replay, RoomBus};
 use fred::prelude::*;
 use tokio::sync::broadcast::error::RecvError;
 use tokio_util::sync::CancellationToken;
@@ -67,20 +67,25 @@ impl RedisEngine {
         let Some(room) = room_of_channel(channel) else {
             return;
         };
-        let Some(text) = value.as_bytes().and_then(|b| std::str::from_utf8(b).ok()) else {
-            warn!(channel, "non-text room message ignored");
-            return;
-        };
-        let Some((offset, json)) = text.split_once(' ') else {
-            warn!(channel, "room message without offset ignored");
-            return;
-        };
-        match serde_json::from_str::<RoomMessage>(json) {
-            Ok(msg) => {
-                self.0.metrics.bus_messages.inc();
-                self.0.sink.deliver(room, offset.parse().ok(), &msg);
+        // A clone of the `Bytes` the client received: the frame is sliced
+        // out of it, not copied.
+        let bytes = match value {
+            Value::Bytes(b) => b.clone(),
+            Value::String(s) => s.inner().clone(),
+            _ => {
+                warn!(channel, "non-text room message ignored");
+                return;
             }
-            Err(e) => warn!(channel, error = %e, "undecodable room message ignored"),
+        };
+        match wire::decode_live(bytes) {
+            Ok((offset, msg)) => {
+                self.0.metrics.bus_messages.inc();
+                self.0.sink.deliver(room, offset, &msg);
+            }
+            Err(e) => {
+                self.0.metrics.bus_undecodable.inc();
+                warn!(channel, error = %e, "undecodable room message ignored");
+            }
         }
     }
 

@@ -167,6 +167,9 @@ pub struct Config {
     pub room_log_len: u64,
     /// `FLOWGATE_ROOM_LOG_TTL_SECS` (86 400): idle room streams expire.
     pub room_log_ttl: Duration,
+    /// `FLOWGATE_BUS_FORMAT=json`: publish room messages in the first
+    /// releases' JSON (for a rolling upgrade from them); default `binary`.
+    pub bus_json: bool,
     /// `FLOWGATE_DB_POOL_SIZE` (16): Postgres connections per node.
     pub db_pool_size: usize,
     /// `FLOWGATE_DB_CONNECT_TIMEOUT_MS` (5 000): wait for a pooled connection.
@@ -283,6 +286,7 @@ impl Config {
             node_dead_after,
             presence_refresh,
             session_ttl,
+            bus_json,
         } = redis::Redis::from_vars(vars)?;
         let database::Database {
             database_url,
@@ -399,6 +403,7 @@ impl Config {
             redis_timeout,
             room_log_len,
             room_log_ttl,
+            bus_json,
             db_pool_size,
             db_connect_timeout,
             db_query_timeout,

@@ -23,6 +23,7 @@ pub(super) struct Redis {
     pub(super) node_dead_after: Duration,
     pub(super) presence_refresh: Duration,
     pub(super) session_ttl: Duration,
+    pub(super) bus_json: bool,
 }
 
 impl Redis {
@@ -93,6 +94,13 @@ impl Redis {
                 parse(vars, "FLOWGATE_ROOM_LOG_TTL_SECS", 86_400)?,
             )?)
             .min(Duration::from_secs(365 * 24 * 3600)),
+            // The room bus's wire format (`flowgate_engine::wire`): `json`
+            // only while nodes of the first releases are still running.
+            bus_json: match get(vars, "FLOWGATE_BUS_FORMAT").unwrap_or("binary") {
+                "binary" => false,
+                "json" => true,
+                _ => return Err(err("FLOWGATE_BUS_FORMAT", "must be `binary` or `json`")),
+            },
         };
         // A node is declared dead only after it missed at least two beats,
         // and a session is listed only while it was refreshed at least once
