@@ -72,7 +72,12 @@ impl App {
                 .rules()
                 .flat_map(|r| [r.event.as_str(), r.emit.as_str()]),
         );
-        let verifier = TokenVerifier::new(&config.jwt).context("JWT key")?;
+        let verifier = TokenVerifier::new(&config.jwt)
+            .context("JWT key")?
+            .keeping_claim(match &config.access {
+                crate::config::AccessPolicy::Claims { claim } => Some(claim.clone()),
+                _ => None,
+            });
         let fanout = Arc::new(Fanout::new(metrics.clone()));
         let background = (TaskTracker::new(), CancellationToken::new());
         let mut directory = None;

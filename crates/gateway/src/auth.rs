@@ -39,7 +39,8 @@ pub struct Identity {
     pub user_id: String,
     /// `exp` in seconds since the epoch, when present.
     pub expires_at: Option<u64>,
-    /// All claims, for the `claims` access policy.
+    /// The claim the `claims` access policy reads (no other claim is
+    /// kept).
     pub claims: serde_json::Map<String, Value>,
 }
 
@@ -48,6 +49,9 @@ pub struct Identity {
 pub struct TokenVerifier {
     key: DecodingKey,
     validation: Validation,
+    /// The one claim the access policy reads, if any: the rest of a
+    /// token's claims are not kept for the connection's life.
+    keep_claim: Option<String>,
 }
 
 impl std::fmt::Debug for TokenVerifier {
@@ -92,7 +96,18 @@ impl TokenVerifier {
             None => validation.validate_aud = false,
         }
         validation.set_required_spec_claims(&required);
-        Ok(TokenVerifier { key, validation })
+        Ok(TokenVerifier {
+            key,
+            validation,
+            keep_claim: None,
+        })
+    }
+
+    /// Keeps `claim` (the `claims` access policy's) in identities; every
+    /// other claim is dropped once the user id and expiry are read.
+    pub fn keeping_claim(mut self, claim: Option<String>) -> Self {
+        self.keep_claim = claim;
+        self
     }
 
     /// Verifies a token and extracts the identity.
@@ -113,7 +128,7 @@ impl TokenVerifier {
                 _ => "Invalid token".to_owned(),
             })
         })?;
-        let claims = data.claims;
+        let mut claims = data.claims;
         let user_id = [claims.get("userId"), claims.get("sub")]
             .into_iter()
             .flatten()
@@ -124,6 +139,7 @@ impl TokenVerifier {
             })
             .ok_or_else(|| AuthError::AuthError("Token has no userId or sub claim".to_owned()))?;
         let expires_at = claims.get("exp").and_then(numeric_date);
+        claims.retain(|k, _| self.keep_claim.as_deref() == Some(k.as_str()));
         Ok(Identity {
             user_id,
             expires_at,
@@ -192,6 +208,21 @@ mod tests {
             &EncodingKey::from_secret(secret),
         )
         .unwrap()
+    }
+
+    #[test]
+    fn only_the_access_policys_claim_is_kept() {
+        let token = sign(
+            json!({"userId": "u", "flows": ["a"], "name": "x", "exp": now() + 60}),
+            b"secret",
+        );
+        let v = TokenVerifier::new(&cfg()).unwrap();
+        assert!(v.verify(&token).unwrap().claims.is_empty());
+        let v = v.keeping_claim(Some("flows".into()));
+        let id = v.verify(&token).unwrap();
+        assert_eq!(id.claims.len(), 1);
+        assert_eq!(id.claims["flows"], json!(["a"]));
+        assert_eq!(id.expires_at, Some(now() + 60));
     }
 
     #[test]

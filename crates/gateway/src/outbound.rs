@@ -2,24 +2,33 @@
 //! connection (which drains it) and every room the socket is in (which fill
 //! it).
 //!
-//! Fan-out never waits on a client: frames are offered with `try_send`. The
-//! queue is bounded twice — in frames and in bytes — so a client that does
-//! not read holds at most `max_bytes` of queued frames, whatever their size.
-//! A full queue drops volatile frames (cursors, selections); if it stays full
-//! longer than the slow-consumer grace, or a non-volatile frame does not fit
-//! (it must not be lost silently), the connection is closed as a slow
-//! consumer: the client reconnects and recovers what it missed from the
-//! room log.
+//! Fan-out never waits on a client: frames are offered with `push`, which
+//! never blocks. The queue is bounded twice — in frames and in bytes — so a
+//! client that does not read holds at most `max_bytes` of queued frames,
+//! whatever their size. A full queue drops volatile frames (cursors,
+//! selections); if it stays full longer than the slow-consumer grace, or a
+//! non-volatile frame does not fit (it must not be lost silently), the
+//! connection is closed as a slow consumer: the client reconnects and
+//! recovers what it missed from the room log.
+//!
+//! Hand-written rather than a `tokio::sync::mpsc` channel: a channel
+//! allocates its first block of slots (≈1.3 KiB here) for every connection,
+//! idle or not, and a kick would need a second primitive. This queue is a
+//! `VecDeque` behind a mutex that allocates on the first frame and is freed
+//! again once a burst is drained, with one waker: the connection's task is
+//! its only consumer, and it waits for frames and for a kick alike.
 
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::collections::VecDeque;
+use std::future::poll_fn;
+use std::sync::Arc;
+use std::task::{Poll, Waker};
 use std::time::{Duration, Instant};
 
 use axum::extract::ws::Utf8Bytes;
 use bytes::Bytes;
 use flowgate_engine::Offset;
-use tokio::sync::mpsc;
-use tokio_util::sync::CancellationToken;
+use parking_lot::Mutex;
+use prometheus::IntCounter;
 
 use crate::metrics::Metrics;
 
@@ -75,154 +84,194 @@ pub enum Kick {
 }
 
 /// Shared between the connection and every room it is in.
+/// A queue that held more than this many frames gives its memory back
+/// once drained, so a burst does not stay resident in an idle connection.
+const SHRINK_ABOVE: usize = 16;
+
 #[derive(Debug)]
 struct Shared {
-    /// Bytes of the frames now in the queue.
-    queued_bytes: AtomicUsize,
-    /// The byte bound of the queue.
+    state: Mutex<State>,
+    max_frames: usize,
     max_bytes: usize,
-    /// Milliseconds (since `epoch`) at which the queue was first found full;
-    /// 0 while it has room.
-    full_since_ms: AtomicU64,
-    /// Reference point of `full_since_ms`.
-    epoch: Instant,
-    /// Cancelled to close the connection.
-    kick: CancellationToken,
-    /// Why it was kicked.
-    reason: OnceLock<Kick>,
-    /// How long a full queue is tolerated while volatile frames drop.
     grace: Duration,
-    metrics: Metrics,
+    drops: IntCounter,
+    slow_consumers: IntCounter,
 }
 
-/// The sending side of a connection's queue; cheap to clone.
+#[derive(Debug, Default)]
+struct State {
+    frames: VecDeque<OutFrame>,
+    bytes: usize,
+    /// Since when volatile frames are being dropped (the queue is full).
+    full_since: Option<Instant>,
+    kicked: Option<Kick>,
+    /// The connection is gone: nothing is queued any more.
+    closed: bool,
+    /// The connection's task, waiting for a frame or a kick.
+    waker: Option<Waker>,
+}
+
+impl State {
+    fn park(&mut self, w: &Waker) {
+        match &self.waker {
+            Some(old) if old.will_wake(w) => {}
+            _ => self.waker = Some(w.clone()),
+        }
+    }
+
+    fn pop(&mut self) -> Option<OutFrame> {
+        let f = self.frames.pop_front()?;
+        self.bytes = self.bytes.saturating_sub(f.bytes());
+        if self.frames.is_empty() && self.frames.capacity() > SHRINK_ABOVE {
+            self.frames = VecDeque::new();
+        }
+        Some(f)
+    }
+}
+
+/// The filling side: cheap to clone, one per room membership and session.
 #[derive(Debug, Clone)]
 pub struct Outbound {
-    tx: mpsc::Sender<OutFrame>,
     shared: Arc<Shared>,
 }
 
-/// The receiving side, owned by the connection task.
+/// The draining side, owned by the connection's task.
 #[derive(Debug)]
 pub struct OutboundRx {
-    rx: mpsc::Receiver<OutFrame>,
     shared: Arc<Shared>,
 }
 
 impl OutboundRx {
-    fn taken(&self, f: &OutFrame) {
-        self.shared
-            .queued_bytes
-            .fetch_sub(f.bytes(), Ordering::Relaxed);
-    }
-
-    /// The next frame; `None` once every sender is gone.
+    /// The next frame, waiting for one.
     pub async fn recv(&mut self) -> Option<OutFrame> {
-        let f = self.rx.recv().await?;
-        self.taken(&f);
-        Some(f)
+        poll_fn(|cx| {
+            let mut st = self.shared.state.lock();
+            match st.pop() {
+                Some(f) => Poll::Ready(Some(f)),
+                None => {
+                    st.park(cx.waker());
+                    Poll::Pending
+                }
+            }
+        })
+        .await
     }
 
-    /// The next frame if one is queued.
+    /// The next frame, if one is queued.
     pub fn try_recv(&mut self) -> Option<OutFrame> {
-        let f = self.rx.try_recv().ok()?;
-        self.taken(&f);
-        Some(f)
+        self.shared.state.lock().pop()
+    }
+}
+
+impl Drop for OutboundRx {
+    fn drop(&mut self) {
+        let mut st = self.shared.state.lock();
+        st.closed = true;
+        st.frames = VecDeque::new();
+        st.bytes = 0;
     }
 }
 
 impl Outbound {
-    /// A queue of at most `capacity` frames and `max_bytes` bytes.
+    /// A queue of at most `capacity` frames and `max_bytes` bytes; volatile
+    /// frames are dropped while it is full, for at most `grace`.
     pub fn new(
         capacity: usize,
         max_bytes: usize,
         grace: Duration,
         metrics: Metrics,
     ) -> (Self, OutboundRx) {
-        let (tx, rx) = mpsc::channel(capacity.max(1));
         let shared = Arc::new(Shared {
-            queued_bytes: AtomicUsize::new(0),
+            state: Mutex::new(State::default()),
+            max_frames: capacity.max(1),
             max_bytes,
-            full_since_ms: AtomicU64::new(0),
-            epoch: Instant::now(),
-            kick: CancellationToken::new(),
-            reason: OnceLock::new(),
             grace,
-            metrics,
+            drops: metrics.queue_drops.clone(),
+            slow_consumers: metrics.slow_consumer_disconnects.clone(),
         });
         (
             Outbound {
-                tx,
                 shared: shared.clone(),
             },
-            OutboundRx { rx, shared },
+            OutboundRx { shared },
         )
     }
 
-    /// Offers a frame. Returns `false` if it was not queued.
+    /// Offers a frame without waiting. Returns `false` if it was dropped
+    /// (full or closed).
     pub fn push(&self, frame: OutFrame, volatile: bool) -> bool {
+        let s = &*self.shared;
         let n = frame.bytes();
-        let s = &self.shared;
-        let before = s.queued_bytes.fetch_add(n, Ordering::Relaxed);
+        let mut st = s.state.lock();
+        if st.closed || st.kicked.is_some() {
+            return false;
+        }
         // A frame larger than the whole bound still goes into an empty
         // queue: the bound limits what piles up, not what one event may be
         // (that is the max payload's job).
-        let fits = before == 0 || before + n <= s.max_bytes;
-        let sent = if fits {
-            self.tx.try_send(frame).map_err(|e| match e {
-                mpsc::error::TrySendError::Full(_) => true,
-                mpsc::error::TrySendError::Closed(_) => false,
-            })
-        } else {
-            Err(true)
-        };
-        match sent {
-            Ok(()) => {
-                if s.full_since_ms.load(Ordering::Relaxed) != 0 {
-                    s.full_since_ms.store(0, Ordering::Relaxed);
-                }
-                true
+        let fits = st.frames.len() < s.max_frames && (st.bytes == 0 || st.bytes + n <= s.max_bytes);
+        if fits {
+            st.frames.push_back(frame);
+            st.bytes += n;
+            st.full_since = None;
+            let w = st.waker.take();
+            drop(st);
+            if let Some(w) = w {
+                w.wake();
             }
-            Err(full) => {
-                s.queued_bytes.fetch_sub(n, Ordering::Relaxed);
-                if !full {
-                    return false;
-                }
-                if volatile {
-                    s.metrics.queue_drops.inc();
-                    let now = s.epoch.elapsed().as_millis() as u64 + 1;
-                    let since = s.full_since_ms.load(Ordering::Relaxed);
-                    if since == 0 {
-                        s.full_since_ms.store(now, Ordering::Relaxed);
-                    } else if Duration::from_millis(now - since) > s.grace {
-                        self.kick(Kick::SlowConsumer);
-                    }
-                } else {
-                    self.kick(Kick::SlowConsumer);
-                }
-                false
-            }
+            return true;
         }
+        let kick = if volatile {
+            s.drops.inc();
+            let now = Instant::now();
+            match st.full_since {
+                None => {
+                    st.full_since = Some(now);
+                    false
+                }
+                Some(since) => now.duration_since(since) > s.grace,
+            }
+        } else {
+            true
+        };
+        drop(st);
+        if kick {
+            self.kick(Kick::SlowConsumer);
+        }
+        false
     }
 
     /// Closes the connection for `why` (the first reason wins).
     pub fn kick(&self, why: Kick) {
-        if self.shared.reason.set(why).is_ok() {
-            if why == Kick::SlowConsumer {
-                self.shared.metrics.slow_consumer_disconnects.inc();
-            }
-            self.shared.kick.cancel();
+        let mut st = self.shared.state.lock();
+        if st.kicked.is_some() {
+            return;
+        }
+        st.kicked = Some(why);
+        let w = st.waker.take();
+        drop(st);
+        if why == Kick::SlowConsumer {
+            self.shared.slow_consumers.inc();
+        }
+        if let Some(w) = w {
+            w.wake();
         }
     }
 
-    /// Resolves when the connection must be closed, with the reason.
+    /// Resolves when the connection must be closed, with the reason. Only
+    /// the connection's own task waits on it (the queue has one waker).
     pub async fn kicked(&self) -> Kick {
-        self.shared.kick.cancelled().await;
-        self.shared
-            .reason
-            .get()
-            .copied()
-            .unwrap_or(Kick::SlowConsumer)
+        poll_fn(|cx| {
+            let mut st = self.shared.state.lock();
+            match st.kicked {
+                Some(k) => Poll::Ready(k),
+                None => {
+                    st.park(cx.waker());
+                    Poll::Pending
+                }
+            }
+        })
+        .await
     }
 }
 
