@@ -222,6 +222,13 @@ impl Cluster {
         wait_port(&mut redis, redis_port, Duration::from_secs(10))?;
         let redis_url = format!("redis://127.0.0.1:{redis_port}");
         let rate = per_user_rate.to_string();
+        // The nodes split the machine's cores, as the baseline's
+        // single-threaded Node processes do: n multi-threaded runtimes on
+        // fewer cores spend their time waking each other's idle workers.
+        // FLOWGATE_WORKER_THREADS in the environment overrides it.
+        let cores = std::thread::available_parallelism().map_or(1, |c| c.get());
+        let threads = std::env::var("FLOWGATE_WORKER_THREADS")
+            .unwrap_or_else(|_| (cores / n.max(1)).max(1).to_string());
         let mut nodes = Vec::new();
         let mut addrs = Vec::new();
         for k in 1..=n {
@@ -238,6 +245,7 @@ impl Cluster {
                         .env("FLOWGATE_DRAIN_WINDOW_MS", "200")
                         .env("FLOWGATE_SHUTDOWN_DEADLINE_MS", "3000")
                         .env("FLOWGATE_MAX_CONNECTIONS", "200000")
+                        .env("FLOWGATE_WORKER_THREADS", &threads)
                         .env("RUST_LOG", "warn");
                     c
                 }

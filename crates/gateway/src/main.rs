@@ -67,7 +67,11 @@ fn main() -> ExitCode {
         },
         Command::Migrate => unreachable!("handled before the configuration is read"),
         Command::Serve => {
-            let rt = match runtime(tokio::runtime::Builder::new_multi_thread()) {
+            let mut builder = tokio::runtime::Builder::new_multi_thread();
+            if let Some(n) = config.worker_threads {
+                builder.worker_threads(n);
+            }
+            let rt = match runtime(builder) {
                 Ok(rt) => rt,
                 Err(code) => return code,
             };

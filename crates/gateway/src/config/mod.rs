@@ -86,6 +86,8 @@ pub struct Config {
     /// `FLOWGATE_DEMO` (off): serve the demo canvas and the ops view, which
     /// mint development tokens for anyone.
     pub demo: bool,
+    /// `FLOWGATE_WORKER_THREADS` (one per core): the runtime's workers.
+    pub worker_threads: Option<usize>,
     /// `FLOWGATE_EVENTS_FILE`: relay table; the contract's table when unset.
     pub events_file: Option<PathBuf>,
     /// `FLOWGATE_PING_INTERVAL_MS` (25 000).
@@ -273,6 +275,7 @@ impl Config {
             allowed_origins,
             events_file,
             demo,
+            worker_threads,
         } = server::Server::from_vars(vars)?;
         let redis::Redis {
             redis_url,
@@ -372,6 +375,7 @@ impl Config {
             allowed_origins,
             events_file,
             demo,
+            worker_threads,
             ping_interval,
             ping_timeout,
             connect_timeout,

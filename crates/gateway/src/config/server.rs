@@ -15,6 +15,7 @@ pub(super) struct Server {
     pub(super) allowed_origins: Vec<String>,
     pub(super) events_file: Option<PathBuf>,
     pub(super) demo: bool,
+    pub(super) worker_threads: Option<usize>,
 }
 
 impl Server {
@@ -45,7 +46,22 @@ impl Server {
             }
         }
 
+        // Unset: one runtime worker per core. Several nodes sharing a
+        // machine should split its cores between them: idle workers of
+        // every node otherwise wake for each event (measured: see
+        // docs/benchmarks.md).
+        let worker_threads = match get(vars, "FLOWGATE_WORKER_THREADS") {
+            None => None,
+            Some(_) => Some(super::within(
+                "FLOWGATE_WORKER_THREADS",
+                parse(vars, "FLOWGATE_WORKER_THREADS", 1usize)?,
+                1,
+                1024,
+            )?),
+        };
+
         Ok(Server {
+            worker_threads,
             listen: SocketAddr::new(host, port),
             node_id,
             service_token: match get(vars, "FLOWGATE_SERVICE_TOKEN") {
