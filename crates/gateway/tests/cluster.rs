@@ -424,6 +424,39 @@ async fn relay_and_presence_recover_after_a_redis_restart() {
     }
 }
 
+/// A Redis outage longer than the dead-node bound, with the data kept (a
+/// failover to a replica, a restart from a snapshot): every node's
+/// heartbeat is stale when Redis comes back, yet every node is alive. No
+/// node may reap another: nobody gets `user:left`.
+#[tokio::test]
+async fn nodes_back_from_a_long_outage_do_not_reap_each_other() {
+    let mut redis = RedisServer::start().unwrap();
+    let ns = nodes(&redis, 2).await;
+    let (mut a, _) = joined(&ns[0], "a", "phoenix").await;
+    let (mut b, _) = joined(&ns[1], "b", "phoenix").await;
+    a.expect_event("user:joined").await.unwrap();
+    redis.cli(&["SAVE"]).unwrap();
+    redis.stop();
+    // Longer than FLOWGATE_NODE_DEAD_AFTER_MS (1.5 s) and a beat.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    redis.restart().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    for n in &ns {
+        while http(n.addr, "GET", "/health", &[], None).await.unwrap().0 != 200 {
+            assert!(Instant::now() < deadline, "nodes did not come back");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    // Well past the moment a node would have reaped the other.
+    for c in [&mut a, &mut b] {
+        let left = tokio::time::timeout(Duration::from_secs(3), c.expect_event("user:left")).await;
+        assert!(left.is_err(), "a live peer was announced gone: {left:?}");
+    }
+    assert_eq!(presence(&ns[0], "phoenix").await.len(), 2);
+    assert_eq!(ns[0].metric("flowgate_presence_reaped_sessions_total"), 0.0);
+    assert_eq!(ns[1].metric("flowgate_presence_reaped_sessions_total"), 0.0);
+}
+
 #[tokio::test]
 async fn a_killed_node_leaves_no_ghosts() {
     let redis = RedisServer::start().unwrap();

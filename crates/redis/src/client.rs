@@ -266,6 +266,7 @@ impl RedisEngine {
             }
             let was = self.is_up();
             if self.ping_once().await && !was {
+                self.hold_reaping();
                 self.heartbeat().await;
                 self.refresh_presence().await;
             }

@@ -157,6 +157,11 @@ pub(crate) struct Inner {
     pub(crate) latency_us: AtomicU64,
     /// Redis time minus this node's clock (ms), measured by the pinger.
     pub(crate) clock_offset_ms: AtomicI64,
+    /// When this engine started: the origin of `reap_not_before_ms`.
+    pub(crate) started: std::time::Instant,
+    /// No dead-node scan before this (ms after `started`): set when Redis
+    /// comes back, see `reaper`.
+    pub(crate) reap_not_before_ms: AtomicU64,
 }
 
 /// The Redis engine of one node. Cheap to clone.
@@ -214,6 +219,8 @@ impl RedisEngine {
             up: AtomicBool::new(false),
             latency_us: AtomicU64::new(0),
             clock_offset_ms: AtomicI64::new(0),
+            started: std::time::Instant::now(),
+            reap_not_before_ms: AtomicU64::new(0),
             settings,
         });
         let engine = RedisEngine(inner);

@@ -68,7 +68,33 @@ impl RedisEngine {
         matches!(alive, Ok(1))
     }
 
+    /// After this node was cut from Redis, every other node's heartbeat
+    /// may look stale too — after a failover longer than `dead_after`, all
+    /// of them were cut — although they are alive and about to heartbeat
+    /// again. Reaping then would announce `user:left` for every live
+    /// session of the cluster; so the scan waits one `dead_after` and a
+    /// beat after Redis is back, by which time a live node has heartbeated.
+    pub(crate) fn hold_reaping(&self) {
+        let s = &self.0.settings;
+        let until = self.0.started.elapsed() + s.dead_after + s.heartbeat;
+        self.0.reap_not_before_ms.store(
+            until.as_millis() as u64,
+            std::sync::atomic::Ordering::Relaxed,
+        );
+    }
+
+    fn may_reap(&self) -> bool {
+        let now = self.0.started.elapsed().as_millis() as u64;
+        now >= self
+            .0
+            .reap_not_before_ms
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     async fn reap_dead(&self) {
+        if !self.may_reap() {
+            return;
+        }
         let dead: Result<Vec<String>, _> = self
             .0
             .scripts
