@@ -267,6 +267,7 @@ impl RedisEngine {
             let was = self.is_up();
             if self.ping_once().await && !was {
                 self.hold_reaping();
+                self.0.repair_node_set.store(true, Ordering::Relaxed);
                 self.heartbeat().await;
                 self.refresh_presence().await;
             }

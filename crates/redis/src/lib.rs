@@ -162,6 +162,9 @@ pub(crate) struct Inner {
     /// No dead-node scan before this (ms after `started`): set when Redis
     /// comes back, see `reaper`.
     pub(crate) reap_not_before_ms: AtomicU64,
+    /// Rebuild this node's session set at the next presence refresh (set
+    /// when Redis comes back: it may have lost it).
+    pub(crate) repair_node_set: AtomicBool,
 }
 
 /// The Redis engine of one node. Cheap to clone.
@@ -221,6 +224,7 @@ impl RedisEngine {
             clock_offset_ms: AtomicI64::new(0),
             started: std::time::Instant::now(),
             reap_not_before_ms: AtomicU64::new(0),
+            repair_node_set: AtomicBool::new(false),
             settings,
         });
         let engine = RedisEngine(inner);

@@ -209,7 +209,7 @@ impl Session {
         let cfg = &self.app.config;
         // Kept alive by the node while connected (see `recovery_keeper`);
         // a dead node's records run out one window after its last refresh.
-        let ttl = cfg.recovery_window + cfg.presence_refresh * 2;
+        let ttl = crate::recovery_keeper::record_ttl(cfg);
         if let Err(e) = self.app.engine.sessions.save(&s.pid, &record, ttl).await {
             warn!(error = %e, "session record not saved: this session cannot be recovered");
         }
