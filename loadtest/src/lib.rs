@@ -20,6 +20,7 @@
 //!   idle workers) on free loopback ports, stopped by PID.
 //! - [`compare`]: the side-by-side run, flowgate vs the baseline.
 
+pub mod capacity;
 pub mod client;
 pub mod compare;
 pub mod idle;

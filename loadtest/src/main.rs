@@ -2,7 +2,8 @@
 //! (`idle`, `rooms`, `broadcast`, `ramp`, `limit`) against running
 //! Socket.IO servers, `compare` (flowgate vs the Node baseline, starting
 //! and stopping both), `render` (charts and tables again from a
-//! `comparison.json`), and the hidden `idle-worker` the idle scenario runs
+//! `comparison.json`), `capacity` (the sizing model of docs/capacity.md),
+//! and the hidden `idle-worker` the idle scenario runs
 //! when one process cannot hold every socket.
 
 use std::net::{IpAddr, SocketAddr};
@@ -197,6 +198,9 @@ enum Cmd {
     },
     /// (internal) One shard of the idle scenario.
     #[command(hide = true)]
+    /// Nodes, Redis shards, Postgres writes and egress for a number of
+    /// users, from measured unit costs (defaults: docs/benchmarks.md, s9).
+    Capacity(CapacityArgs),
     IdleWorker {
         #[command(flatten)]
         target: Target,
@@ -211,6 +215,51 @@ enum Cmd {
         #[arg(long)]
         max_secs: u64,
     },
+}
+
+#[derive(Debug, Args)]
+struct CapacityArgs {
+    /// Concurrent users, one column each.
+    #[arg(long, value_delimiter = ',', default_value = "100000,1000000")]
+    users: Vec<f64>,
+    /// Gateway CPU per delivered frame, µs (s9: 21.9).
+    #[arg(long, default_value_t = 21.9)]
+    node_us_per_delivery: f64,
+    /// Redis CPU per published event, µs (s9: 40.2).
+    #[arg(long, default_value_t = 40.2)]
+    redis_us_per_event: f64,
+    /// Gateway memory per connection, KiB (s9: 13.7 idle).
+    #[arg(long, default_value_t = 13.7)]
+    kib_per_connection: f64,
+    #[arg(long, default_value_t = 4.0)]
+    cores_per_node: f64,
+    #[arg(long, default_value_t = 8.0)]
+    gib_per_node: f64,
+    /// Connections one node may hold (its `nofile` limit, raised).
+    #[arg(long, default_value_t = 50_000.0)]
+    connections_per_node: f64,
+    /// Share of a node planned for use.
+    #[arg(long, default_value_t = 0.6)]
+    utilisation: f64,
+    /// Share of its one command thread a Redis shard may spend.
+    #[arg(long, default_value_t = 0.6)]
+    redis_core_budget: f64,
+    #[arg(long, default_value_t = 180.0)]
+    bytes_per_frame: f64,
+    #[arg(long, default_value_t = 10.0)]
+    room_size: f64,
+    /// Non-volatile events per second per user.
+    #[arg(long, default_value_t = 2.0)]
+    events_per_user: f64,
+    /// Share of users moving a cursor at any time.
+    #[arg(long, default_value_t = 0.2)]
+    active_share: f64,
+    /// Cursor updates per second per active user.
+    #[arg(long, default_value_t = 10.0)]
+    cursor_rate: f64,
+    /// Share of non-volatile events persisted to Postgres.
+    #[arg(long, default_value_t = 0.25)]
+    persisted_share: f64,
 }
 
 #[derive(Debug, Args)]
@@ -548,6 +597,30 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             std::fs::create_dir_all(&dir)?;
             compare::write_outputs(&dir, &cmp)?;
             print!("{}", report::rows_text(&cmp.rows));
+            Ok(())
+        }
+        Cmd::Capacity(a) => {
+            use flowgate_loadtest::capacity::{table, Costs, Workload};
+            let costs = Costs {
+                node_us_per_delivery: a.node_us_per_delivery,
+                redis_us_per_event: a.redis_us_per_event,
+                kib_per_connection: a.kib_per_connection,
+                cores_per_node: a.cores_per_node,
+                gib_per_node: a.gib_per_node,
+                connections_per_node: a.connections_per_node,
+                utilisation: a.utilisation,
+                redis_core_budget: a.redis_core_budget,
+                bytes_per_frame: a.bytes_per_frame,
+            };
+            let work = Workload {
+                users: 0.0,
+                room_size: a.room_size,
+                events_per_user: a.events_per_user,
+                active_share: a.active_share,
+                cursor_rate: a.cursor_rate,
+                persisted_share: a.persisted_share,
+            };
+            print!("{}", table(&costs, &work, &a.users));
             Ok(())
         }
         Cmd::IdleWorker {
