@@ -117,7 +117,7 @@ pub fn table(c: &Costs, w: &Workload, users: &[f64]) -> String {
     out += " |\n|---|";
     out += &"---:|".repeat(users.len());
     out.push('\n');
-    let rows: [(&str, fn(&Plan) -> String); 9] = [
+    let rows: [Row; 9] = [
         ("published events/s", |p| thousands(p.published_per_sec)),
         ("deliveries/s", |p| thousands(p.deliveries_per_sec)),
         ("nodes for CPU", |p| p.nodes_by_cpu.to_string()),
@@ -143,6 +143,9 @@ pub fn table(c: &Costs, w: &Workload, users: &[f64]) -> String {
     }
     out
 }
+
+/// A table row: its name and how a plan gives its cell.
+type Row = (&'static str, fn(&Plan) -> String);
 
 fn thousands(x: f64) -> String {
     let n = x.round() as u64;
