@@ -1,6 +1,9 @@
 //! The durable event log: persisted room events go from the room bus into
 //! a queue in Redis (before the client's ack), from there into Postgres in
-//! batches ([`writer`]), and back out as history, paged by offset.
+//! batches ([`writer`]), and back out as history, paged by offset. The
+//! queue is sharded by flow (`FLOWGATE_EVENTLOG_SHARDS`, see the Redis
+//! engine's `event_queue`): a flow's events share one shard, so its
+//! watermark below is read from that shard alone.
 //!
 //! # History never skips an event that commits later
 //!
@@ -25,8 +28,10 @@
 //! watermark = min(oldest queued offset time of the flow, now − grace),
 //! read in Redis *before* Postgres is queried: anything below it that will
 //! ever be in the log was committed before the read began. The cost is
-//! that history trails the live room by the grace (2 s by default), and
-//! that a page may end short of `limit` before the watermark; its `next`
+//! that history trails the live room by the grace (2 s by default; up to
+//! 0.3 s more, the age of the cached view of the queue's shards that the
+//! watermark is lowered by), and that a page may end short of `limit`
+//! before the watermark; its `next`
 //! is then `null` and a client polls again from its last offset. An entry
 //! that can never be written is dead-lettered, which also releases the
 //! watermark it held.
@@ -34,9 +39,10 @@
 //! # A full queue refuses
 //!
 //! The queue is capped (`FLOWGATE_EVENTLOG_QUEUE_MAX` entries,
-//! `FLOWGATE_EVENTLOG_QUEUE_MAX_BYTES` bytes). At the cap, persisted
-//! events are refused with `UNAVAILABLE` (counted in
-//! `flowgate_eventlog_refused_total{reason="full"}`): an acknowledged
+//! `FLOWGATE_EVENTLOG_QUEUE_MAX_BYTES` bytes, each shard holding its even
+//! share, so the total holds with no counter across slots). At its
+//! shard's share, persisted events are refused with `UNAVAILABLE` (counted
+//! in `flowgate_eventlog_refused_total{reason="full"}`): an acknowledged
 //! event is never dropped, and a long Postgres outage cannot fill Redis.
 //! Once the database is back the writers drain the queue and events are
 //! accepted again.

@@ -525,9 +525,8 @@ async fn a_poisoned_queue_entry_does_not_stall_the_log() {
     // An entry Postgres refuses (however it got into the queue) is set
     // aside; the events around it are written.
     let bad = json!({"flowId": "poison", "offset": "1-1", "event": "pod:created", "data": {"v": "\u{0}"}}).to_string();
-    e.redis
-        .cli(&["XADD", "flowgate:eventlog", "*", "e", &bad])
-        .unwrap();
+    let shard = shard_stream("poison", 16);
+    e.redis.cli(&["XADD", &shard, "*", "e", &bad]).unwrap();
     for i in 0..3 {
         let ack = c
             .emit_ack(10 + i, "pod:create", json!({"pod": {"i": i}}))
@@ -542,14 +541,27 @@ async fn a_poisoned_queue_entry_does_not_stall_the_log() {
         assert!(Instant::now() < deadline, "the bad entry was not set aside");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert_eq!(e.redis.cli(&["XLEN", "flowgate:eventlog"]).unwrap(), "0");
-    // Kept aside with the database's reason, not silently dropped.
+    assert_eq!(e.redis.cli(&["XLEN", &shard]).unwrap(), "0");
+    // Kept aside with the database's reason, in the shard's dead letters,
+    // not silently dropped.
     let dead = e
         .redis
-        .cli(&["XRANGE", "{flowgate:eventlog}:dead", "-", "+"])
+        .cli(&["XRANGE", &format!("{shard}:dead"), "-", "+"])
         .unwrap();
     assert!(dead.contains("rows refused"), "{dead}");
     assert!(dead.contains("\"offset\":\"1-1\""), "{dead}");
+}
+
+/// The queue stream of a flow's shard among `count`: FNV-1a of the flow id,
+/// written out here so that a change of the engine's hash (which would
+/// move queued flows) fails a test.
+fn shard_stream(flow: &str, count: u64) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in flow.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    format!("{{flowgate:eventlog:{}}}", h % count)
 }
 
 /// A node's rooms, for an engine started by a test: it holds none.
@@ -575,12 +587,12 @@ impl Deliver for NoRooms {
 /// The durable queue of a Redis engine started by the test itself, with no
 /// node (and so no writer) competing for its entries: the test plays the
 /// writers.
-async fn test_queue(e: &Env, grace_ms: u64, max_bytes: u64) -> Arc<dyn EventQueue> {
+async fn test_queue(e: &Env, grace_ms: u64, max_bytes: u64, shards: u32) -> Arc<dyn EventQueue> {
     let engine = RedisEngine::start(
         RedisSettings {
             url: e.redis.url(),
             tls: Default::default(),
-            node_id: format!("writers-{grace_ms}-{max_bytes}"),
+            node_id: format!("writers-{grace_ms}-{max_bytes}-{shards}"),
             rate_per_sec: 100,
             burst: 100,
             lease: 1,
@@ -593,6 +605,7 @@ async fn test_queue(e: &Env, grace_ms: u64, max_bytes: u64) -> Arc<dyn EventQueu
             log_len: 1000,
             log_ttl: Duration::from_secs(3600),
             bus_json: false,
+            queue_shards: shards,
             queue_max_len: 1000,
             queue_max_bytes: max_bytes,
             enqueue_grace: Duration::from_millis(grace_ms),
@@ -643,7 +656,7 @@ async fn history_paging_never_skips_an_event_that_commits_later() {
     let e = env().await;
     let s = store(&e, 2);
     let grace = 300;
-    let q = test_queue(&e, grace, 1 << 20).await;
+    let q = test_queue(&e, grace, 1 << 20, 16).await;
     // Two events of one flow, a before b, each taken by another writer.
     let t = now_ms();
     let (a, b) = (
@@ -711,7 +724,8 @@ async fn history_paging_never_skips_an_event_that_commits_later() {
 #[tokio::test]
 async fn the_queue_byte_cap_refuses_and_frees_on_ack() {
     let e = env().await;
-    let q = test_queue(&e, 5_000, 3_000).await;
+    // 12 000 bytes over four shards: 3 000 for the flow's shard.
+    let q = test_queue(&e, 5_000, 12_000, 4).await;
     let big = |n: u64| QueuedEvent {
         data: raw_json(&json!({"pad": "x".repeat(2_000)})),
         ..queued("cap", &format!("{}-{n}", now_ms()), n)
@@ -732,7 +746,9 @@ async fn a_full_queue_refuses_during_a_postgres_outage_and_drains_after() {
         "a",
         &[
             ("FLOWGATE_ACCESS_POLICY", "open"),
-            ("FLOWGATE_EVENTLOG_QUEUE_MAX", "5"),
+            // 25 over five shards: the flow's shard holds 5.
+            ("FLOWGATE_EVENTLOG_QUEUE_MAX", "25"),
+            ("FLOWGATE_EVENTLOG_SHARDS", "5"),
             ("FLOWGATE_RATE_LIMIT_PER_SEC", "1000"),
             ("FLOWGATE_RATE_LIMIT_BURST", "1000"),
         ],
@@ -755,13 +771,14 @@ async fn a_full_queue_refuses_during_a_postgres_outage_and_drains_after() {
     assert_eq!(
         acked,
         vec![1, 2, 3, 4, 5],
-        "accepted up to the cap, then refused"
+        "accepted up to the shard's share of the cap, then refused"
     );
     assert_eq!(
         n.metric("flowgate_eventlog_refused_total{reason=\"full\"}"),
         3.0
     );
-    assert_eq!(e.redis.cli(&["XLEN", "flowgate:eventlog"]).unwrap(), "5");
+    let shard = shard_stream("capped", 5);
+    assert_eq!(e.redis.cli(&["XLEN", &shard]).unwrap(), "5");
 
     tokio::task::block_in_place(|| e.pg.start_postgres().unwrap());
     let log = wait_for_log(&n, "capped", 5).await;
@@ -771,7 +788,7 @@ async fn a_full_queue_refuses_during_a_postgres_outage_and_drains_after() {
         .collect();
     assert_eq!(got, acked, "every acked event, no refused one");
     let deadline = Instant::now() + Duration::from_secs(10);
-    while e.redis.cli(&["XLEN", "flowgate:eventlog"]).unwrap() != "0" {
+    while e.redis.cli(&["XLEN", &shard]).unwrap() != "0" {
         assert!(Instant::now() < deadline, "the queue did not drain");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -792,6 +809,8 @@ async fn a_full_queue_refuses_during_a_postgres_outage_and_drains_after() {
 async fn unreadable_queue_entries_are_dead_lettered_and_acked() {
     let e = env().await;
     let n = node(&e, "a", &[("FLOWGATE_ACCESS_POLICY", "open")]).await;
+    // In the legacy stream of the releases before the queue was sharded
+    // (the new writer drains it, and sets its bad entries aside there).
     e.redis
         .cli(&[
             "XADD",
@@ -1075,4 +1094,201 @@ async fn a_refreshed_token_that_no_longer_allows_the_flow_leaves_it() {
         .await
         .unwrap();
     assert_eq!(ack["code"], "FORBIDDEN");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_of_many_flows_spread_over_shards_and_reach_the_log_once_in_order() {
+    let e = env().await;
+    let s = store(&e, 2);
+    // Queued with no writer running, so the shards can be looked at.
+    let q = test_queue(&e, 60_000, 1 << 24, 16).await;
+    let flows: Vec<String> = (0..40).map(|i| format!("many{i}")).collect();
+    let t = now_ms();
+    for seq in 0..10 {
+        for flow in &flows {
+            q.push(&queued(flow, &format!("{t}-{seq}"), seq))
+                .await
+                .unwrap();
+        }
+    }
+    // Each flow sits whole in exactly one shard, and the flows use many.
+    let mut used = std::collections::BTreeSet::new();
+    for flow in &flows {
+        let mut holding = Vec::new();
+        for k in 0..16 {
+            let pending = format!("{{flowgate:eventlog:{k}}}:pending:{flow}");
+            let n = e.redis.cli(&["ZCARD", &pending]).unwrap();
+            if n != "0" {
+                holding.push((k, n));
+            }
+        }
+        assert_eq!(holding.len(), 1, "{flow} in one shard: {holding:?}");
+        assert_eq!(holding[0].1, "10", "{flow}");
+        assert_eq!(
+            format!("{{flowgate:eventlog:{}}}", holding[0].0),
+            shard_stream(flow, 16)
+        );
+        used.insert(holding[0].0);
+    }
+    assert!(used.len() >= 10, "40 flows in only {} shards", used.len());
+    let queued_total: u64 = (0..16)
+        .map(|k| {
+            let stream = format!("{{flowgate:eventlog:{k}}}");
+            e.redis
+                .cli(&["XLEN", &stream])
+                .unwrap()
+                .parse::<u64>()
+                .unwrap()
+        })
+        .sum();
+    assert_eq!(queued_total, 400);
+    assert!(e.redis.cli(&["EXISTS", "flowgate:eventlog"]).unwrap() == "0");
+    assert_eq!(q.backlog().await.unwrap(), 400);
+
+    // Two nodes' writers drain every shard between them.
+    let a = node(&e, "a", &[]).await;
+    let _b = node(&e, "b", &[]).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for flow in &flows {
+        loop {
+            let rows = s.events(flow, None, i64::MAX, 100).await.unwrap();
+            if rows.len() >= 10 {
+                let ns: Vec<u64> = rows.iter().map(|r| r.data["n"].as_u64().unwrap()).collect();
+                assert_eq!(ns, (0..10).collect::<Vec<_>>(), "{flow}: once, in order");
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{flow}: {} of 10 in the log",
+                rows.len()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    assert_eq!(
+        e.pg.psql("SELECT count(*) FROM room_events", "flowgate")
+            .unwrap(),
+        "400",
+        "nothing twice"
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while q.backlog().await.unwrap() != 0 {
+        assert!(Instant::now() < deadline, "the shards did not drain");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(a.metric("flowgate_eventlog_queue_errors_total"), 0.0);
+}
+
+/// What a release before the sharded queue did to queue an event: one
+/// stream, its byte counter and the flow's pending index.
+fn push_legacy(e: &Env, flow: &str, offset: &str, n: u64) -> String {
+    let json = serde_json::to_string(&queued(flow, offset, n)).unwrap();
+    let id = e
+        .redis
+        .cli(&[
+            "XADD",
+            "flowgate:eventlog",
+            "*",
+            "e",
+            &json,
+            "f",
+            flow,
+            "o",
+            offset,
+        ])
+        .unwrap();
+    let ms = offset.split('-').next().unwrap();
+    let pending = format!("{{flowgate:eventlog}}:pending:{flow}");
+    e.redis.cli(&["ZADD", &pending, ms, &id]).unwrap();
+    e.redis
+        .cli(&[
+            "INCRBY",
+            "{flowgate:eventlog}:bytes",
+            &json.len().to_string(),
+        ])
+        .unwrap();
+    id
+}
+
+#[tokio::test]
+async fn a_rolling_upgrade_drains_the_legacy_queue_stream() {
+    let e = env().await;
+    // An older node queued three events in the single stream; it took the
+    // first and died before writing it (pending to it, long idle).
+    let t = now_ms() - 10_000;
+    let first = push_legacy(&e, "upgraded", &format!("{t}-0"), 0);
+    e.redis
+        .cli(&["XGROUP", "CREATE", "flowgate:eventlog", "writers", "0"])
+        .unwrap();
+    e.redis
+        .cli(&[
+            "XREADGROUP",
+            "GROUP",
+            "writers",
+            "old-node",
+            "COUNT",
+            "1",
+            "STREAMS",
+            "flowgate:eventlog",
+            ">",
+        ])
+        .unwrap();
+    e.redis
+        .cli(&[
+            "XCLAIM",
+            "flowgate:eventlog",
+            "writers",
+            "old-node",
+            "0",
+            &first,
+            "IDLE",
+            "3600000",
+        ])
+        .unwrap();
+    push_legacy(&e, "upgraded", &format!("{t}-1"), 1);
+    push_legacy(&e, "upgraded", &format!("{t}-2"), 2);
+
+    // The new code's watermark holds the flow back at its oldest entry in
+    // the legacy stream, and its backlog counts them.
+    let q = test_queue(&e, 2_000, 1 << 20, 16).await;
+    assert_eq!(q.watermark("upgraded").await.unwrap().ms, t);
+    assert_eq!(q.backlog().await.unwrap(), 3);
+
+    // A new node's writer drains it, the abandoned entry included, and
+    // queues nothing there itself.
+    let n = node(&e, "new", &[("FLOWGATE_ACCESS_POLICY", "open")]).await;
+    let (mut c, _) = join(&n, "w", "upgraded").await;
+    let ack = c
+        .emit_ack(1, "pod:create", json!({"pod": {"n": 3}}))
+        .await
+        .unwrap();
+    assert_eq!(ack, json!({"ok": true}));
+    let log = wait_for_log(&n, "upgraded", 4).await;
+    let ns: Vec<u64> = log
+        .iter()
+        .map(|e| {
+            e["data"]["n"]
+                .as_u64()
+                .or_else(|| e["data"]["pod"]["n"].as_u64())
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(ns, vec![0, 1, 2, 3], "each once, in order");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while e.redis.cli(&["XLEN", "flowgate:eventlog"]).unwrap() != "0" {
+        assert!(Instant::now() < deadline, "the legacy stream did not drain");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let pending = e
+        .redis
+        .cli(&["XPENDING", "flowgate:eventlog", "writers"])
+        .unwrap();
+    assert!(pending.starts_with('0'), "{pending}");
+    for key in [
+        "{flowgate:eventlog}:bytes",
+        "{flowgate:eventlog}:pending:upgraded",
+    ] {
+        assert_eq!(e.redis.cli(&["EXISTS", key]).unwrap(), "0", "{key}");
+    }
+    assert_eq!(n.metric("flowgate_eventlog_dead_letters_total"), 0.0);
 }

@@ -1,13 +1,15 @@
 //! Redis high availability with real processes: the cross-node behaviour
 //! (relay, presence, order, the server API) on a six-node Redis Cluster
-//! with rooms on every shard; the master of a busy room's slot killed and
-//! replaced by its replica while events flow; the same failover behind
-//! Sentinel. No node is restarted: relay, presence and `/health` come back
-//! by themselves, and every acknowledged event reaches every member once,
-//! in order.
+//! with rooms on every shard; persisted events queued on every master (the
+//! event-log queue's shards) and all written to a real Postgres; the
+//! master of a busy room's slot killed and replaced by its replica while
+//! events flow; the same failover behind Sentinel. No node is restarted:
+//! relay, presence and `/health` come back by themselves, and every
+//! acknowledged event reaches every member once, in order.
 
 use std::time::{Duration, Instant};
 
+use flowgate_test_support::procs::PgStack;
 use flowgate_test_support::redis_cluster::RedisCluster;
 use flowgate_test_support::sentinel::SentinelSetup;
 use flowgate_test_support::{http, token, RawClient, TestNode, SERVICE_TOKEN};
@@ -173,6 +175,112 @@ async fn rooms_on_every_shard_relay_across_nodes() {
     }
     for n in &ns {
         assert_eq!(health(n).await, 200);
+    }
+}
+
+/// The event-log queue stream of a flow's shard among the default 16
+/// (FNV-1a of the flow id, as the engine computes it).
+fn queue_shard(flow: &str) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in flow.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    format!("{{flowgate:eventlog:{}}}", h % 16)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn persisted_events_queue_on_every_master_and_all_reach_postgres() {
+    let cluster = RedisCluster::start().unwrap();
+    let mut pg = tokio::task::spawn_blocking(PgStack::start)
+        .await
+        .unwrap()
+        .expect("postgres + pgbouncer");
+    flowgate_store::migrate(&pg.direct_url()).await.unwrap();
+    // One flow whose queue shard each master serves: the queue is no
+    // longer one stream on one master.
+    let mut by_master = std::collections::BTreeMap::new();
+    for i in 0..200 {
+        let flow = format!("logged{i}");
+        let shard = queue_shard(&flow);
+        by_master
+            .entry(cluster.master_of(&shard).unwrap())
+            .or_insert((flow, shard));
+    }
+    assert_eq!(by_master.len(), 3, "the shards spread over three masters");
+    let (url, db) = (cluster.url(), pg.bouncer_url());
+    let mut ns = Vec::new();
+    for id in ["q0", "q1"] {
+        let mut vars: Vec<(&str, &str)> = vec![
+            ("REDIS_URL", &url),
+            ("DATABASE_URL", &db),
+            ("FLOWGATE_NODE_ID", id),
+            ("FLOWGATE_ACCESS_POLICY", "open"),
+        ];
+        vars.extend_from_slice(TIMINGS);
+        ns.push(TestNode::start(&vars).await.expect("node starts"));
+    }
+    // With Postgres down the writers cannot drain: the events stay queued
+    // where they landed.
+    pg.stop_postgres();
+    for (i, (flow, _)) in by_master.values().enumerate() {
+        let mut c = joined(&ns[i % 2], "w", flow).await;
+        for n in 0..5u64 {
+            let ack = c
+                .emit_ack(n + 1, "pod:create", json!({"pod": {"n": n}}))
+                .await
+                .unwrap();
+            assert_eq!(ack, json!({"ok": true}), "{flow}");
+        }
+    }
+    for (master, (flow, shard)) in &by_master {
+        let server = cluster.nodes.iter().find(|n| n.port == *master).unwrap();
+        assert_eq!(
+            server.cli(&["XLEN", shard]).unwrap(),
+            "5",
+            "{flow}'s events on its shard's master {master}"
+        );
+    }
+
+    tokio::task::block_in_place(|| pg.start_postgres().unwrap());
+    let auth = format!("Bearer {SERVICE_TOKEN}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for (flow, _) in by_master.values() {
+        loop {
+            let path = format!("/v1/flows/{flow}/events?limit=100");
+            let (s, body) = http(ns[1].addr, "GET", &path, &[("Authorization", &auth)], None)
+                .await
+                .unwrap();
+            let page: Value = serde_json::from_str(&body).unwrap_or_default();
+            let got: Vec<u64> = page["events"]
+                .as_array()
+                .map(|es| {
+                    es.iter()
+                        .filter_map(|e| e["data"]["pod"]["n"].as_u64())
+                        .collect()
+                })
+                .unwrap_or_default();
+            if got.len() >= 5 {
+                assert_eq!(got, vec![0, 1, 2, 3, 4], "{flow}: once, in order");
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{flow}: {s} {body}: not all in the log"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    for (master, (_, shard)) in &by_master {
+        let server = cluster.nodes.iter().find(|n| n.port == *master).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while server.cli(&["XLEN", shard]).unwrap() != "0" {
+            assert!(Instant::now() < deadline, "{shard} did not drain");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    for n in &ns {
+        assert_eq!(n.metric("flowgate_eventlog_dead_letters_total"), 0.0);
     }
 }
 

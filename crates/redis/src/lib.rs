@@ -117,10 +117,13 @@ pub struct RedisSettings {
     /// Publish room messages in the first releases' JSON
     /// (`flowgate_engine::wire`, version 0) instead of the binary format.
     pub bus_json: bool,
-    /// The event-log queue's cap in entries: persisted events are refused
-    /// beyond it.
+    /// Streams the event-log queue is sharded over, by flow (each shard
+    /// under its own hash tag, so on a cluster they spread over masters).
+    pub queue_shards: u32,
+    /// The event-log queue's cap in entries, over all shards (each holds
+    /// its share): persisted events are refused beyond it.
     pub queue_max_len: u64,
-    /// The event-log queue's cap in bytes of events.
+    /// The event-log queue's cap in bytes of events, split the same way.
     pub queue_max_bytes: u64,
     /// How long after its publication an event may still enter the
     /// event-log queue; history holds back the latest this long.
@@ -149,7 +152,7 @@ pub(crate) struct Inner {
     /// Tokens this node took from users' shared budgets and may still spend.
     pub(crate) leases: limiter::Leases,
     pub(crate) scripts: Scripts,
-    pub(crate) queue_scripts: event_queue::QueueScripts,
+    pub(crate) queue: event_queue::QueueState,
     pub(crate) metrics: Metrics,
     /// Kept current by the pinger; engine calls fail fast while false.
     pub(crate) up: AtomicBool,
@@ -217,7 +220,7 @@ impl RedisEngine {
             local: RateLimiter::keyed(quota),
             leases: limiter::Leases::default(),
             scripts: Scripts::new(),
-            queue_scripts: event_queue::QueueScripts::new(),
+            queue: event_queue::QueueState::new(),
             metrics: Metrics::new(registry).map_err(err)?,
             up: AtomicBool::new(false),
             latency_us: AtomicU64::new(0),

@@ -1,14 +1,16 @@
-//! The Lua of the durable queue. Every key a script touches carries the
-//! queue's hash tag (`flowgate:eventlog` is its own tag: a key without
-//! braces hashes on its whole name), so each script runs atomically on
-//! one shard of a Redis Cluster too.
+//! The Lua of the durable queue. Each script works on one stream of the
+//! queue — a shard, `{flowgate:eventlog:k}`, or the legacy
+//! `flowgate:eventlog` — and every key it is given carries that stream's
+//! hash tag (the legacy stream is its own tag: a key without braces hashes
+//! on its whole name), so each script runs atomically on one slot of a
+//! Redis Cluster. Caps passed in are the stream's share of the queue's.
 
-/// Queues an event unless the queue is at its cap or the event's offset is
-/// older than the grace, and indexes the entry under its flow by offset
-/// time (the flow's watermark reads that index).
-/// KEYS: queue, byte counter, the flow's pending index.
-/// ARGV: event JSON, flow id, offset, offset ms, max entries, max bytes,
-/// grace (ms). Returns the entry id, `full` or `stale`.
+/// Queues an event unless the shard is at its share of the cap or the
+/// event's offset is older than the grace, and indexes the entry under its
+/// flow by offset time (the flow's watermark reads that index).
+/// KEYS: the shard's stream, byte counter, the flow's pending index.
+/// ARGV: event JSON, flow id, offset, offset ms, the shard's max entries
+/// and max bytes, grace (ms). Returns the entry id, `full` or `stale`.
 pub(crate) const PUSH: &str = r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
