@@ -13,6 +13,13 @@
 #   scripts/cluster.sh status   show what runs (PIDs, ports, health)
 #   scripts/cluster.sh down     stop exactly the recorded PIDs, remove the state dir
 #   scripts/cluster.sh env      print the cluster's ports and URLs as shell assignments
+#   scripts/cluster.sh scale N  run N nodes (1..16) while clients stay connected:
+#                               new nodes start, become healthy and are put
+#                               into HAProxy through its runtime API; removed
+#                               ones (the highest-numbered) stop getting new
+#                               connections, then drain (SIGTERM): their
+#                               clients reconnect through HAProxy to the
+#                               others and recover what they missed
 #
 # Environment (all optional):
 #   FLOWGATE_CLUSTER_DIR       state dir (default: <repo>/.tmp/cluster); the
@@ -46,7 +53,10 @@ repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 state="${FLOWGATE_CLUSTER_DIR:-$repo/.tmp/cluster}"
 wait_secs="${FLOWGATE_CLUSTER_WAIT_SECS:-30}"
 stop_wait_secs=15
-nodes=(node1 node2 node3)
+# A drained node exits after its notice, its drain window and the flush of
+# its event log (FLOWGATE_SHUTDOWN_DEADLINE_MS, 12 s below, at most).
+scale_stop_wait_secs=30
+max_nodes=16 # node4..node16 are deploy/haproxy.cfg's spare slots
 PATH="$PATH:/usr/sbin:/usr/local/sbin"
 PG_BIN=/usr/lib/postgresql/15/bin
 PG_USER=postgres
@@ -368,6 +378,65 @@ SQL
     log "pgbouncer pid $pid  127.0.0.1:$bouncer_port  (transaction pooling; SELECT 1 through it: ok)"
 }
 
+# --- nodes and the load balancer's runtime API -----------------------------------
+
+# Starts node NAME on PORT with the environment `up` saved (node.env).
+start_node() { # NAME PORT
+    local name="$1" port="$2" bin
+    bin="$(<"$state/node.bin")"
+    (
+        close_fds
+        mapfile -d '' node_env <"$state/node.env"
+        exec setsid env -i "${node_env[@]}" PORT="$port" FLOWGATE_NODE_ID="$name" "$bin" serve
+    ) >"$state/logs/$name.log" 2>&1 </dev/null &
+    record_pid "$name" $!
+}
+
+wait_node_healthy() { # NAME PORT
+    local pid
+    pid="$(live_pid "$1")"
+    [[ -n "$pid" ]] || pid="$(cut -d' ' -f1 "$state/pids/$1.pid")"
+    wait_healthy "$1" "http://127.0.0.1:$2/health" "$pid" || return 1
+    log "$1     pid $pid  http://127.0.0.1:$2  (health 200)"
+}
+
+# One command on HAProxy's runtime API (LB_ADMIN_SOCKET); fails when
+# HAProxy answers with an error.
+lb_cmd() { # COMMAND
+    local out
+    out="$(python3 - "$state/haproxy.sock" "$1" <<'EOF'
+import socket, sys
+s = socket.socket(socket.AF_UNIX)
+s.settimeout(5)
+s.connect(sys.argv[1])
+s.sendall(sys.argv[2].encode() + b"\n")
+out = b""
+while True:
+    chunk = s.recv(65536)
+    if not chunk:
+        break
+    out += chunk
+print(out.decode().strip())
+EOF
+)" || {
+        err "haproxy runtime API: '$1' failed (no socket at $state/haproxy.sock?)"
+        return 1
+    }
+    if grep -qiE 'no such|unknown|require|invalid|error|not found' <<<"$out"; then
+        err "haproxy runtime API: '$1': $out"
+        return 1
+    fi
+    [[ -z "$out" ]] || log "haproxy: $out"
+}
+
+# Rewrites KEY in cluster.env (removes it when no VALUE is given).
+env_set() { # KEY [VALUE]
+    local f="$state/cluster.env"
+    grep -v "^$1=" "$f" >"$f.new" || true
+    if (($# > 1)); then printf '%s=%q\n' "$1" "$2" >>"$f.new"; fi
+    mv "$f.new" "$f"
+}
+
 # --- up ------------------------------------------------------------------------------
 
 up_done=0
@@ -512,49 +581,49 @@ cmd_up() {
         log "FLOWGATE_CLUSTER_NO_REDIS=1: nodes start WITHOUT REDIS_URL (separate in-memory engines, not a real cluster)"
     fi
 
-    local n port
-    for n in 0 1 2; do
-        name="${nodes[$n]}"
-        port="${node_ports[$n]}"
-        (
-            if [[ "${FLOWGATE_CLUSTER_NO_REDIS:-0}" == 1 ]]; then
-                unset REDIS_URL
-            else
-                export REDIS_URL="$redis_url"
-            fi
-            export HOST=127.0.0.1 PORT="$port" FLOWGATE_NODE_ID="$name"
-            export JWT_ACCESS_TOKEN_SECRET="$jwt_secret"
-            export FLOWGATE_SERVICE_TOKEN="$service_token"
-            if ((!no_db)); then
-                # shellcheck disable=SC2030 # this subshell becomes the node
-                export DATABASE_URL="$database_url" # through PgBouncer
-                unset DATABASE_DIRECT_URL           # migrations only, done above
-            fi
-            # FLOWGATE_ACCESS_POLICY: inherited when set (e.g. open);
-            # unset, a node with DATABASE_URL uses members.
-            export FLOWGATE_LOG_FORMAT=json
-            # Drain: 5 s notice (HAProxy marks a node down after ~4 s),
-            # then exit well within the 15 s that `down` waits.
-            export FLOWGATE_DRAIN_NOTICE_MS="${FLOWGATE_DRAIN_NOTICE_MS:-5000}"
-            export FLOWGATE_DRAIN_WINDOW_MS="${FLOWGATE_DRAIN_WINDOW_MS:-4000}"
-            export FLOWGATE_SHUTDOWN_DEADLINE_MS="${FLOWGATE_SHUTDOWN_DEADLINE_MS:-12000}"
-            close_fds
-            exec setsid "$bin" serve
-        ) >"$state/logs/$name.log" 2>&1 </dev/null &
-        record_pid "$name" $!
-    done
+    # Every node's environment but its port and id, kept for `scale`: a
+    # node added later gets the same settings as the first three, whatever
+    # the environment of the shell that runs `scale`.
+    (
+        if [[ "${FLOWGATE_CLUSTER_NO_REDIS:-0}" == 1 ]]; then
+            unset REDIS_URL
+        else
+            export REDIS_URL="$redis_url"
+        fi
+        export HOST=127.0.0.1
+        export JWT_ACCESS_TOKEN_SECRET="$jwt_secret"
+        export FLOWGATE_SERVICE_TOKEN="$service_token"
+        if ((!no_db)); then
+            # shellcheck disable=SC2030 # this subshell only writes the file
+            export DATABASE_URL="$database_url" # through PgBouncer
+            unset DATABASE_DIRECT_URL           # migrations only, done above
+        fi
+        # FLOWGATE_ACCESS_POLICY: inherited when set (e.g. open);
+        # unset, a node with DATABASE_URL uses members.
+        export FLOWGATE_LOG_FORMAT=json
+        # Drain: 5 s notice (HAProxy marks a node down after ~4 s),
+        # then exit well within the 15 s that `down` waits.
+        export FLOWGATE_DRAIN_NOTICE_MS="${FLOWGATE_DRAIN_NOTICE_MS:-5000}"
+        export FLOWGATE_DRAIN_WINDOW_MS="${FLOWGATE_DRAIN_WINDOW_MS:-4000}"
+        export FLOWGATE_SHUTDOWN_DEADLINE_MS="${FLOWGATE_SHUTDOWN_DEADLINE_MS:-12000}"
+        unset PORT FLOWGATE_NODE_ID FLOWGATE_CLUSTER_DIR
+        umask 077 # it holds the secrets
+        env -0 >"$state/node.env"
+    )
+    echo "$bin" >"$state/node.bin"
 
-    for n in 0 1 2; do
-        name="${nodes[$n]}"
-        pid="$(live_pid "$name")"
-        [[ -n "$pid" ]] || pid="$(cut -d' ' -f1 "$state/pids/$name.pid")"
-        wait_healthy "$name" "http://127.0.0.1:${node_ports[$n]}/health" "$pid" || exit 1
-        log "$name     pid $pid  http://127.0.0.1:${node_ports[$n]}  (health 200)"
+    local n
+    for n in 1 2 3; do
+        start_node "node$n" "${node_ports[$((n - 1))]}"
+    done
+    for n in 1 2 3; do
+        wait_node_healthy "node$n" "${node_ports[$((n - 1))]}" || exit 1
     done
 
     # HAProxy
     local hx_env=(LB_ADDR=127.0.0.1 LB_PORT="$lb_port"
         STATS_ADDR=127.0.0.1 STATS_PORT="$stats_port"
+        LB_ADMIN_SOCKET="$state/haproxy.sock"
         NODE1_ADDR=127.0.0.1 NODE1_PORT="${node_ports[0]}"
         NODE2_ADDR=127.0.0.1 NODE2_PORT="${node_ports[1]}"
         NODE3_ADDR=127.0.0.1 NODE3_PORT="${node_ports[2]}")
@@ -578,6 +647,7 @@ cmd_up() {
             LB_URL "http://127.0.0.1:$lb_port" \
             LB_PORT "$lb_port" \
             STATS_PORT "$stats_port" \
+            LB_ADMIN_SOCKET "$state/haproxy.sock" \
             REDIS_PORT "$redis_port" \
             REDIS_URL "$redis_url" \
             CLUSTER_ACCESS_POLICY "$access_policy" \
@@ -619,6 +689,7 @@ $(if ((no_db)); then
   JWT secret     $jwt_secret    service token: $service_token
   ports as shell variables: $0 env   (or: source $state/cluster.env)
 status: $0 status
+scale:  $0 scale N    (1..$max_nodes nodes, while clients stay connected)
 stop:   $0 down
 EOF
 }
@@ -695,6 +766,79 @@ cmd_env() {
     sed 's/^/export /' "$state/cluster.env" # values are already shell-quoted (%q)
 }
 
+# --- scale -------------------------------------------------------------------------
+
+cmd_scale() { # N
+    local want="${1:-}" i name pid port
+    if [[ ! "$want" =~ ^[0-9]+$ ]] || ((want < 1 || want > max_nodes)); then
+        err "scale N: N must be a number of nodes from 1 to $max_nodes (got '${want}')"
+        exit 2
+    fi
+    [[ -f "$state/cluster.env" && -f "$state/node.env" ]] || {
+        err "no cluster is up in $state (start one with: $0 up)"
+        exit 3
+    }
+    [[ -S "$state/haproxy.sock" ]] || {
+        err "HAProxy has no runtime API socket in $state (a cluster started by an older $0: down, then up)"
+        exit 1
+    }
+    local live=() free=()
+    for ((i = 1; i <= max_nodes; i++)); do
+        if [[ -n "$(live_pid "node$i")" ]]; then live+=("$i"); else free+=("$i"); fi
+    done
+    local have=${#live[@]}
+    log "scale: $have node(s) running, $want wanted"
+
+    if ((want > have)); then
+        raise_nofile
+        local add=("${free[@]:0:want-have}") ports
+        mapfile -t ports < <(free_ports "${#add[@]}")
+        for i in "${!add[@]}"; do
+            name="node${add[$i]}"
+            rm -f "$state/pids/$name.pid" # a dead node's stale record
+            start_node "$name" "${ports[$i]}"
+        done
+        for i in "${!add[@]}"; do
+            name="node${add[$i]}" port="${ports[$i]}"
+            if ! wait_node_healthy "$name" "$port"; then
+                stop_names "$name"
+                rm -f "$state/pids/$name.pid"
+                exit 1
+            fi
+            # Healthy first, then in the balancer: no client is sent to a
+            # node that cannot take it yet.
+            lb_cmd "set server flowgate_nodes/$name addr 127.0.0.1 port $port" || exit 1
+            lb_cmd "set server flowgate_nodes/$name state ready" || exit 1
+            env_set "${name^^}_PORT" "$port"
+        done
+    elif ((want < have)); then
+        # The highest-numbered nodes go. HAProxy stops sending them new
+        # connections first (drain: established ones stay), then each node
+        # drains itself (SIGTERM): /health 503, sockets closed spread over
+        # its drain window, event log flushed. Their clients reconnect
+        # through HAProxy to the remaining nodes and recover what they missed.
+        local drop=("${live[@]:want}") names=()
+        for i in "${drop[@]}"; do
+            name="node$i"
+            names+=("$name")
+            lb_cmd "set server flowgate_nodes/$name state drain" || exit 1
+        done
+        local stop_wait_secs=$scale_stop_wait_secs # read by stop_names
+        stop_names "${names[@]}"
+        for name in "${names[@]}"; do
+            lb_cmd "set server flowgate_nodes/$name state maint" || exit 1
+            rm -f "$state/pids/$name.pid"
+            env_set "${name^^}_PORT"
+            log "$name removed (log kept: $state/logs/$name.log)"
+        done
+    fi
+    for ((i = 1; i <= max_nodes; i++)); do
+        pid="$(live_pid "node$i")"
+        [[ -n "$pid" ]] && log "node$i     pid $pid  running"
+    done
+    return 0
+}
+
 # --- main ----------------------------------------------------------------------------
 
 lock() {
@@ -713,8 +857,9 @@ case "${1:-}" in
     down) lock; cmd_down ;;
     status) cmd_status ;;
     env) cmd_env ;;
+    scale) lock; cmd_scale "${2:-}" ;;
     *)
-        echo "usage: $0 up|down|status|env" >&2
+        echo "usage: $0 up|down|status|env|scale N" >&2
         exit 2
         ;;
 esac

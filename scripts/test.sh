@@ -6,7 +6,7 @@
 # tests and the real-browser demo test with Node's test runner.
 # Exits non-zero if anything failed.
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 1
 root=$PWD
 
 bash scripts/deps.sh || { echo "scripts/deps.sh failed"; exit 1; }
