@@ -3,7 +3,9 @@
 //! with rooms on every shard; persisted events queued on every master (the
 //! event-log queue's shards) and all written to a real Postgres; the
 //! master of a busy room's slot killed and replaced by its replica while
-//! events flow; the same failover behind Sentinel. No node is restarted:
+//! events flow; the same failover behind Sentinel; a TLS-only cluster
+//! (client links, replication and cluster bus) reached with
+//! `rediss-cluster://`. No node is restarted:
 //! relay, presence and `/health` come back by themselves, and every
 //! acknowledged event reaches every member once, in order.
 
@@ -12,6 +14,7 @@ use std::time::{Duration, Instant};
 use flowgate_test_support::procs::PgStack;
 use flowgate_test_support::redis_cluster::RedisCluster;
 use flowgate_test_support::sentinel::SentinelSetup;
+use flowgate_test_support::tls::TestCerts;
 use flowgate_test_support::{http, token, RawClient, TestNode, SERVICE_TOKEN};
 use serde_json::{json, Value};
 
@@ -29,11 +32,16 @@ const TIMINGS: &[(&str, &str)] = &[
 ];
 
 async fn nodes(url: &str, n: usize) -> Vec<TestNode> {
+    nodes_with(url, n, &[]).await
+}
+
+async fn nodes_with(url: &str, n: usize, extra: &[(&str, &str)]) -> Vec<TestNode> {
     let mut out = Vec::new();
     for i in 0..n {
         let id = format!("ha{i}");
         let mut vars: Vec<(&str, &str)> = vec![("REDIS_URL", url), ("FLOWGATE_NODE_ID", &id)];
         vars.extend_from_slice(TIMINGS);
+        vars.extend_from_slice(extra);
         out.push(TestNode::start(&vars).await.expect("node starts"));
     }
     out
@@ -176,6 +184,54 @@ async fn rooms_on_every_shard_relay_across_nodes() {
     for n in &ns {
         assert_eq!(health(n).await, 200);
     }
+}
+
+#[tokio::test]
+async fn a_tls_cluster_relays_on_every_shard_and_an_untrusted_one_refuses_to_start() {
+    let certs = TestCerts::generate().unwrap();
+    let cluster = RedisCluster::start_tls(&certs).unwrap();
+    let url = cluster.url();
+    assert!(url.starts_with("rediss-cluster://"), "{url}");
+    // The cluster has no plaintext port: a node that works at all, on
+    // every shard (each a separate TLS connection), has encrypted.
+    let ca = certs.ca().display().to_string();
+    let ns = nodes_with(&url, 2, &[("FLOWGATE_REDIS_CA_FILE", &ca)]).await;
+    for flow in flows_on_every_shard(&cluster) {
+        let mut a = joined(&ns[0], "alice", &flow).await;
+        let mut b = joined(&ns[1], "bob", &flow).await;
+        assert_eq!(
+            a.expect_event("user:joined").await.unwrap()["userId"],
+            "bob"
+        );
+        for x in 0..5 {
+            let ack = b
+                .emit_ack(
+                    x,
+                    "pod:move",
+                    json!({"podId": "p", "position": {"x": x, "y": 0}}),
+                )
+                .await
+                .unwrap();
+            assert_eq!(ack, json!({"ok": true}), "{flow}");
+        }
+        assert_eq!(moves_until(&mut a, 4).await, (0..5).collect::<Vec<_>>());
+        assert_eq!(presence(&ns[1], &flow).await.unwrap(), ["alice", "bob"]);
+    }
+    for n in &ns {
+        assert_eq!(health(n).await, 200);
+    }
+    // A CA that did not sign the cluster's certificates: no silent
+    // downgrade, no degraded start, a start-up error.
+    let other = TestCerts::generate().unwrap();
+    let wrong_ca = other.ca().display().to_string();
+    let e = TestNode::start(&[("REDIS_URL", &url), ("FLOWGATE_REDIS_CA_FILE", &wrong_ca)])
+        .await
+        .unwrap_err();
+    let text = format!("{e:#}");
+    assert!(
+        text.contains("TLS handshake") && text.contains("certificate"),
+        "{text}"
+    );
 }
 
 /// The event-log queue stream of a flow's shard among the default 16
