@@ -11,8 +11,10 @@
 # ~/.cache/flowgate-tools): a Python venv with cfn-lint and
 # kubernetes-validate, and promtool unpacked from Debian's `prometheus`
 # package (unpacked, not installed: installing it would start a Prometheus
-# server). Starts the gateway ($FLOWGATE_BIN, default target/debug/flowgate)
-# on a free loopback port and stops it by its PID.
+# server). Starts the local cluster of scripts/cluster.sh (Redis, Postgres
+# behind PgBouncer, nodes of $FLOWGATE_BIN, default target/debug/flowgate,
+# HAProxy) on free loopback ports in a temp dir, reads one node's /metrics,
+# and stops it (cluster.sh down: by the PIDs it recorded).
 #
 # Exits non-zero if any check failed; prints what failed.
 set -uo pipefail
@@ -455,15 +457,14 @@ EOF
 check "Grafana dashboard: JSON, variables, every panel on \${datasource}, every target has an expr" grafana_structure
 
 # ------------------------------------------------------------------ metrics
-# Metrics that exist only with the Redis engine or Postgres configured and
-# so cannot appear on a node started here without them; for these (and
-# for labelled families no request has touched yet) the registration in
+# Every metric is looked for on a live node of a real local cluster; for
+# labelled families no request has touched yet, the registration in
 # crates/*/src is the fallback evidence.
 METRICS_TMP=$(mktemp -d)
-node_pid=""
+cluster_dir=""
 cleanup() {
-    if [ -n "$node_pid" ] && kill -0 "$node_pid" 2>/dev/null; then
-        kill -KILL "$node_pid" 2>/dev/null
+    if [ -n "$cluster_dir" ]; then
+        FLOWGATE_CLUSTER_DIR="$cluster_dir" bash scripts/cluster.sh down >/dev/null 2>&1
     fi
     rm -rf "$METRICS_TMP"
 }
@@ -573,48 +574,36 @@ except Exception as e:  # the comparison below decides; this only adds series
 EOF
 }
 
+# A node of the local cluster (scripts/cluster.sh: Redis, Postgres behind
+# PgBouncer, three nodes, HAProxy), so that the metrics of the Redis engine,
+# the pool and the event-log writer are on its /metrics too.
 live_metrics() {
-    local out=$1 port
+    local out=$1 dir="$METRICS_TMP/cluster" bin
     if [ ! -x "$FLOWGATE_BIN" ]; then
         echo "  $FLOWGATE_BIN not found: build it (cargo build -p flowgate-gateway) or set FLOWGATE_BIN"
         return 1
     fi
-    for _ in 1 2 3; do
-        port=$(free_port)
-        env -u REDIS_URL -u DATABASE_URL -u DATABASE_DIRECT_URL \
-            JWT_ACCESS_TOKEN_SECRET=x HOST=127.0.0.1 PORT="$port" \
-            FLOWGATE_DRAIN_NOTICE_MS=0 FLOWGATE_DRAIN_WINDOW_MS=0 \
-            "$FLOWGATE_BIN" >"$METRICS_TMP/node.log" 2>&1 &
-        node_pid=$!
-        for _ in $(seq 1 100); do
-            curl -fsS -o /dev/null "http://127.0.0.1:$port/health" 2>/dev/null && break
-            kill -0 "$node_pid" 2>/dev/null || break
-            sleep 0.1
-        done
-        if curl -fsS -o /dev/null "http://127.0.0.1:$port/health" 2>/dev/null; then
-            break
-        fi
-        kill -KILL "$node_pid" 2>/dev/null
-        wait "$node_pid" 2>/dev/null
-        node_pid=""
-    done
-    if [ -z "$node_pid" ]; then
-        echo "  the node did not start; its log:"
-        sed 's/^/    /' "$METRICS_TMP/node.log" | tail -20
+    bin="$(cd "$(dirname "$FLOWGATE_BIN")" && pwd)/$(basename "$FLOWGATE_BIN")"
+    # The postgres system user must traverse the state dir (mktemp: 0700).
+    chmod 755 "$METRICS_TMP"
+    if ! env -u REDIS_URL -u DATABASE_URL -u DATABASE_DIRECT_URL \
+        FLOWGATE_CLUSTER_DIR="$dir" FLOWGATE_CLUSTER_SKIP_DEPS=1 FLOWGATE_BIN="$bin" \
+        FLOWGATE_ACCESS_POLICY=open JWT_ACCESS_TOKEN_SECRET=x \
+        FLOWGATE_DRAIN_NOTICE_MS=0 FLOWGATE_DRAIN_WINDOW_MS=0 \
+        bash scripts/cluster.sh up >"$METRICS_TMP/cluster.log" 2>&1; then
+        echo "  scripts/cluster.sh up failed:"
+        sed 's/^/    /' "$METRICS_TMP/cluster.log" | tail -20
         return 1
     fi
-    echo "  node pid $node_pid on 127.0.0.1:$port"
+    cluster_dir="$dir"
+    local port
+    port="$(sed -n 's/^NODE1_PORT=//p' "$dir/cluster.env")"
+    echo "  node1 of scripts/cluster.sh on 127.0.0.1:$port (Redis, PgBouncer, Postgres)"
     exercise_node "$port"
     curl -fsS "http://127.0.0.1:$port/metrics" >"$out"
     local rc=$?
-    kill -TERM "$node_pid" 2>/dev/null
-    for _ in $(seq 1 100); do
-        kill -0 "$node_pid" 2>/dev/null || break
-        sleep 0.1
-    done
-    kill -KILL "$node_pid" 2>/dev/null
-    wait "$node_pid" 2>/dev/null
-    node_pid=""
+    FLOWGATE_CLUSTER_DIR="$dir" bash scripts/cluster.sh down >>"$METRICS_TMP/cluster.log" 2>&1
+    cluster_dir=""
     return $rc
 }
 
@@ -711,7 +700,7 @@ for n in missing:
 sys.exit(1 if missing or not live_ok else 0)
 EOF
 }
-check "every metric used by alerts and panels exists (live /metrics of $FLOWGATE_BIN, else registered in crates/)" metric_names
+check "every metric used by alerts and panels exists (live /metrics of a cluster node, else registered in crates/)" metric_names
 
 echo
 if [ "${#failed[@]}" -ne 0 ]; then

@@ -135,7 +135,7 @@ impl Metrics {
             )
             .expect("valid metric"),
         );
-        Metrics {
+        let metrics = Metrics {
             known_events: std::sync::Arc::new(known),
             connections,
             connections_opened: counter_vec(
@@ -208,7 +208,27 @@ impl Metrics {
                     .expect("valid metric"),
             ),
             registry,
+        };
+        // Every outcome and operation is exported from the start, at 0: an
+        // alert on `rate(...{outcome="failed"}[5m])` or a panel then has a
+        // series to evaluate before the first failure.
+        for outcome in ["recovered", "unknown", "log_gone", "failed"] {
+            metrics.recoveries.with_label_values(&[outcome]);
         }
+        for operation in [
+            "limiter",
+            "locks",
+            "presence",
+            "publish",
+            "queue",
+            "replay",
+            "sessions",
+            "subscribe",
+            "unsubscribe",
+        ] {
+            metrics.engine_errors.with_label_values(&[operation]);
+        }
+        metrics
     }
 
     /// The registry, for collectors registered by other crates (the Redis
