@@ -210,16 +210,31 @@ fn rate_for(scenario: &str) -> u64 {
     }
 }
 
+/// The processes a scenario measures.
+#[derive(Debug, Clone, Default)]
+pub struct Watched {
+    /// The nodes (CPU, RSS).
+    pub pids: Vec<u32>,
+    /// Redis (CPU, RSS).
+    pub extra_pids: Vec<u32>,
+    /// Redis' port on 127.0.0.1, for `INFO commandstats`.
+    pub redis_port: Option<u16>,
+}
+
 /// Runs one scenario against running targets and wraps the outcome.
 pub async fn run_scenario(
     cfg: &CompareConfig,
     scenario: &str,
     system: &str,
     common: Common,
-    pids: Vec<u32>,
-    extra_pids: Vec<u32>,
+    watched: Watched,
     notes: &mut Vec<String>,
 ) -> anyhow::Result<RunReport> {
+    let Watched {
+        pids,
+        extra_pids,
+        redis_port,
+    } = watched;
     let s = &cfg.sizes;
     let started_at = report::now_rfc3339();
     let targets = common.targets.iter().map(|t| t.to_string()).collect();
@@ -279,6 +294,7 @@ pub async fn run_scenario(
             };
             rc.pids = pids;
             rc.extra_pids = extra_pids;
+            rc.redis_port = redis_port;
             Outcome::Relay(relay::run(&rc).await?)
         }
         "limit" => Outcome::Limit(
@@ -338,8 +354,11 @@ async fn one(
         scenario,
         label,
         common,
-        cluster.node_pids(),
-        vec![cluster.redis.pid()],
+        Watched {
+            pids: cluster.node_pids(),
+            extra_pids: vec![cluster.redis.pid()],
+            redis_port: Some(cluster.redis_port),
+        },
         notes,
     )
     .await;
@@ -409,6 +428,18 @@ pub fn write_outputs(dir: &Path, cmp: &Comparison) -> anyhow::Result<()> {
                 md.push_str(&report::ramp_markdown(&r.system, x));
             }
         }
+    }
+    for scenario in ["rooms", "broadcast"] {
+        let steps: Vec<(&str, &crate::relay::StepReport)> = cmp
+            .runs
+            .iter()
+            .filter(|r| r.scenario == scenario)
+            .filter_map(|r| match &r.outcome {
+                Outcome::Relay(x) => x.steps.first().map(|st| (r.system.as_str(), st)),
+                _ => None,
+            })
+            .collect();
+        md.push_str(&report::redis_commands_markdown(scenario, &steps));
     }
     for n in &cmp.notes {
         md.push_str(&format!("\nnote: {n}\n"));

@@ -26,6 +26,7 @@ pub mod compare;
 pub mod idle;
 pub mod limit;
 pub mod procs;
+pub mod redis_stats;
 pub mod relay;
 pub mod report;
 pub mod stats;

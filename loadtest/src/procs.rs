@@ -188,6 +188,8 @@ pub struct Cluster {
     pub nodes: Vec<Proc>,
     /// Redis.
     pub redis: Proc,
+    /// Redis' port on 127.0.0.1.
+    pub redis_port: u16,
 }
 
 impl Cluster {
@@ -281,6 +283,7 @@ impl Cluster {
             addrs,
             nodes,
             redis,
+            redis_port,
         })
     }
 

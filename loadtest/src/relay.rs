@@ -22,6 +22,7 @@ use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::client::{self, moved_stamp, now_micros, pod_move, Minter, Ws, ERROR_PREFIX};
+use crate::redis_stats::{self, CommandUse};
 use crate::stats::{CpuMark, CpuUse, Latencies, LatencySummary};
 use crate::Common;
 
@@ -52,6 +53,8 @@ pub struct RelayConfig {
     pub pids: Vec<u32>,
     /// Other processes (Redis) whose CPU use is reported per step.
     pub extra_pids: Vec<u32>,
+    /// Redis on 127.0.0.1, whose `INFO commandstats` each step reports.
+    pub redis_port: Option<u16>,
 }
 
 impl RelayConfig {
@@ -76,6 +79,7 @@ impl RelayConfig {
             stop_when_unsustained: false,
             pids: Vec::new(),
             extra_pids: Vec::new(),
+            redis_port: None,
         }
     }
 
@@ -147,6 +151,40 @@ pub struct StepReport {
     pub reason: Option<String>,
     /// CPU used while the step sent.
     pub cpu: CpuUse,
+    /// The nodes' CPU time per delivered frame (µs).
+    #[serde(default)]
+    pub node_us_per_delivery: Option<f64>,
+    /// Redis' CPU time per event sent (µs), its fan-out to the nodes
+    /// included.
+    #[serde(default)]
+    pub redis_us_per_event: Option<f64>,
+    /// The load generator's own CPU time per delivered frame (µs).
+    #[serde(default)]
+    pub client_us_per_delivery: Option<f64>,
+    /// Redis commands run per event sent (commands run by scripts count
+    /// too, as `INFO commandstats` counts them).
+    #[serde(default)]
+    pub redis_calls_per_event: Option<f64>,
+    /// What Redis ran while the step sent, costliest first.
+    #[serde(default)]
+    pub redis_commands: Vec<CommandUse>,
+}
+
+impl StepReport {
+    /// Fills the per-delivery and per-event figures from `cpu` and the
+    /// Redis commands.
+    fn per_unit(&mut self, secs: f64) {
+        let per = |pct: f64, n: f64| (n > 0.0).then(|| pct / 100.0 * secs * 1e6 / n);
+        let delivered = self.deliveries_per_sec * secs;
+        let sent = self.sent as f64;
+        self.node_us_per_delivery = per(self.cpu.targets_pct, delivered);
+        self.redis_us_per_event = per(self.cpu.extra_pct, sent);
+        self.client_us_per_delivery = per(self.cpu.client_pct, delivered);
+        if !self.redis_commands.is_empty() && sent > 0.0 {
+            let calls: u64 = self.redis_commands.iter().map(|c| c.calls).sum();
+            self.redis_calls_per_event = Some(calls as f64 / sent);
+        }
+    }
 }
 
 /// What came out.
@@ -299,12 +337,18 @@ pub async fn run(cfg: &RelayConfig) -> anyhow::Result<RelayReport> {
         });
         tokio::time::sleep_until(start).await;
         let mark = CpuMark::now(&cfg.pids, &cfg.extra_pids);
+        let redis_before = cfg.redis_port.and_then(|p| redis_stats::snapshot(p).ok());
         tokio::time::sleep_until(end).await;
         let cpu = mark.since(&cfg.pids, &cfg.extra_pids);
+        let redis_after = cfg.redis_port.and_then(|p| redis_stats::snapshot(p).ok());
         tokio::time::sleep_until(end + cfg.drain).await;
         let _ = phase_tx.send(Phase::Wait);
         let mut step = judge(cfg, &shared, k, rate);
         step.cpu = cpu;
+        if let (Some(b), Some(a)) = (&redis_before, &redis_after) {
+            step.redis_commands = redis_stats::between(b, a);
+        }
+        step.per_unit(cfg.step.as_secs_f64());
         let stop = cfg.stop_when_unsustained && !step.sustained;
         report.steps.push(step);
         if stop {
@@ -354,6 +398,7 @@ fn judge(cfg: &RelayConfig, shared: &Shared, k: usize, rate: f64) -> StepReport 
         sustained: false,
         reason: None,
         cpu: CpuUse::default(),
+        ..StepReport::default()
     };
     step.reason = if received == 0 {
         Some("nothing delivered".into())
