@@ -354,8 +354,10 @@ pub fn redis_commands_markdown(scenario: &str, runs: &[(&str, &StepReport)]) -> 
     for (system, _) in runs {
         md.push_str(&format!(" {system} calls | {system} µs |"));
     }
-    md.push_str("
-|---|");
+    md.push_str(
+        "
+|---|",
+    );
     for _ in runs {
         md.push_str("---:|---:|");
     }

@@ -563,3 +563,108 @@ async fn expired_sessions_are_hidden_and_swept() {
         "1"
     );
 }
+
+fn commandstat(redis: &RedisServer, command: &str) -> u64 {
+    let stats = redis.cli(&["info", "commandstats"]).unwrap();
+    stats
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("cmdstat_{command}:calls=")))
+        .and_then(|rest| rest.split(',').next())
+        .map_or(0, |n| n.parse().unwrap())
+}
+
+/// Events published at the same time from many sessions of one node go to
+/// Redis in batches (fewer script calls than events), and batching changes
+/// nothing a client sees: each event has its own log entry, every member
+/// gets every acknowledged event once, and each sender's events arrive in
+/// the order it sent them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_events_go_in_batches_each_with_its_own_offset_in_order() {
+    const SENDERS: usize = 8;
+    const EVENTS: i64 = 30;
+    let redis = RedisServer::start().unwrap();
+    let ns = nodes_with(
+        &redis,
+        1,
+        &[
+            ("FLOWGATE_RATE_LIMIT_PER_SEC", "10000"),
+            ("FLOWGATE_RATE_LIMIT_BURST", "10000"),
+        ],
+    )
+    .await;
+    let mut receivers = Vec::new();
+    let mut senders = Vec::new();
+    for flow in ["batch-a", "batch-b"] {
+        receivers.push((flow, joined(&ns[0], &format!("{flow}-r"), flow).await.0));
+        for k in 0..SENDERS {
+            senders.push((
+                flow,
+                k,
+                joined(&ns[0], &format!("{flow}-s{k}"), flow).await.0,
+            ));
+        }
+    }
+    for (_, r) in &mut receivers {
+        r.pump(Duration::from_millis(300)).await.unwrap();
+    }
+    let (xadd0, evalsha0) = (commandstat(&redis, "xadd"), commandstat(&redis, "evalsha"));
+    let tasks: Vec<_> = senders
+        .into_iter()
+        .map(|(flow, k, mut c)| {
+            tokio::spawn(async move {
+                for i in 0..EVENTS {
+                    let ack = c
+                        .emit_ack(
+                            i as u64 + 1,
+                            "pod:move",
+                            json!({"podId": format!("s{k}"), "position": {"x": i, "y": 0}}),
+                        )
+                        .await
+                        .unwrap();
+                    assert_eq!(ack, json!({"ok": true}), "{flow} s{k} event {i}");
+                }
+                c
+            })
+        })
+        .collect();
+    let mut keep = Vec::new();
+    for t in tasks {
+        keep.push(t.await.unwrap());
+    }
+    let xadds = commandstat(&redis, "xadd") - xadd0;
+    let scripts = commandstat(&redis, "evalsha") - evalsha0;
+    let events = 2 * SENDERS as u64 * EVENTS as u64;
+    assert_eq!(xadds, events, "one log entry per event");
+    // Every script call counts: publishes, limiter leases, refreshes.
+    assert!(
+        scripts < events,
+        "{scripts} script calls for {events} events: not batched"
+    );
+    for (flow, r) in &mut receivers {
+        let mut seen: HashMap<String, Vec<i64>> = HashMap::new();
+        while let Ok(Ok(v)) =
+            tokio::time::timeout(Duration::from_millis(800), r.expect_event("pod:moved")).await
+        {
+            seen.entry(v["podId"].as_str().unwrap().to_owned())
+                .or_default()
+                .push(v["position"]["x"].as_i64().unwrap());
+        }
+        assert_eq!(seen.len(), SENDERS, "{flow}: every sender heard");
+        for (sender, xs) in &seen {
+            assert_eq!(
+                xs,
+                &(0..EVENTS).collect::<Vec<_>>(),
+                "{flow} {sender}: once, in order"
+            );
+        }
+        let len: u64 = redis
+            .cli(&["xlen", &format!("{{flow:{flow}}}:log")])
+            .unwrap()
+            .parse()
+            .unwrap();
+        // Its moves and the user:joined of its receiver and senders.
+        let logged = SENDERS as u64 * EVENTS as u64 + SENDERS as u64 + 1;
+        assert_eq!(len, logged, "{flow}: an entry of its own for each event");
+    }
+    eprintln!("{events} events in {scripts} script calls");
+}

@@ -1,5 +1,5 @@
 //! The room bus: publishing a room event (stream append + `SPUBLISH` in one
-//! script, so offsets and delivery order agree), reading the room log back
+//! script, so offsets and delivery order agree; batched in `batches`), reading the room log back
 //! for recovery and gap fill, and the node's sharded subscriptions to room
 //! channels.
 
@@ -52,12 +52,12 @@ impl RoomBus for RedisEngine {
         self.ensure_up()?;
         // The frame is built here, once for the whole cluster (see
         // `flowgate_engine::wire`).
-        let (message, format) = if self.0.settings.bus_json {
-            (Value::from(wire::encode_legacy(&msg).map_err(err)?), "0")
+        let message = if self.0.settings.bus_json {
+            Value::from(wire::encode_legacy(&msg).map_err(err)?)
         } else {
-            (Value::Bytes(wire::encode(&msg).map_err(err)?), "1")
+            Value::Bytes(wire::encode(&msg).map_err(err)?)
         };
-        let deadline = Value::from(self.deadline_ms());
+        let deadline = self.deadline_ms();
         if msg.volatile {
             // Never replayed, so not worth a stream entry.
             let message = match message {
@@ -71,31 +71,27 @@ impl RoomBus for RedisEngine {
                 .evalsha_with_reload(
                     &self.0.client,
                     vec![channel(room)],
-                    vec![message, Value::from(""), Value::from(""), deadline],
+                    vec![
+                        message,
+                        Value::from(""),
+                        Value::from(""),
+                        Value::from(deadline),
+                    ],
                 )
                 .await
                 .map_err(err)?;
             return Ok(None);
         }
-        let s = &self.0.settings;
-        let id: String = self
-            .0
-            .scripts
-            .publish
-            .evalsha_with_reload(
-                &self.0.client,
-                vec![stream_key(room), channel(room)],
-                vec![
-                    message,
-                    Value::from(s.log_len as i64),
-                    Value::from(s.log_ttl.as_millis() as i64),
-                    deadline,
-                    Value::from(format),
-                ],
-            )
+        // Batched with the room's (or, on one server, the node's) other
+        // events while a call is in flight: see `batches`.
+        let len = match &message {
+            Value::Bytes(b) => b.len(),
+            Value::String(s) => s.len(),
+            _ => 0,
+        };
+        self.publish_logged(room, message, len, deadline)
             .await
-            .map_err(err)?;
-        offset(&id).map(Some)
+            .map(Some)
     }
 
     async fn head(&self, room: &str) -> Result<Offset, EngineError> {

@@ -26,6 +26,7 @@
 //!
 //! One file per job: `client` (connections, liveness, health), `keys`
 //! (every key and channel name), `metrics`, `bus` (publish/subscribe),
+//! `batches` (group commit of a room's, or a server's, events),
 //! `subscriber` (the message pump and re-subscription), `presence`,
 //! `reaper` (dead nodes and the maintenance loop), `limiter`,
 //! `event_queue`, `access_cache`, `locks` (pod locks), `scripts` and
@@ -33,6 +34,7 @@
 //! nodes forward polling requests).
 
 mod access_cache;
+mod batches;
 mod bus;
 mod client;
 mod event_queue;
@@ -152,6 +154,10 @@ pub(crate) struct Inner {
     /// Tokens this node took from users' shared budgets and may still spend.
     pub(crate) leases: limiter::Leases,
     pub(crate) scripts: Scripts,
+    /// Room events waiting for their group's publish call in flight.
+    pub(crate) batches: batches::Batches,
+    /// A Redis Cluster: a script may touch one slot only.
+    pub(crate) clustered: bool,
     pub(crate) queue: event_queue::QueueState,
     pub(crate) metrics: Metrics,
     /// Kept current by the pinger; engine calls fail fast while false.
@@ -220,6 +226,8 @@ impl RedisEngine {
             local: RateLimiter::keyed(quota),
             leases: limiter::Leases::default(),
             scripts: Scripts::new(),
+            batches: batches::Batches::default(),
+            clustered: config.server.is_clustered(),
             queue: event_queue::QueueState::new(),
             metrics: Metrics::new(registry).map_err(err)?,
             up: AtomicBool::new(false),

@@ -56,30 +56,52 @@ if tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) > tonumber(ARGV[4])
 end
 "#;
 
-/// Appends a room event to the room's stream and publishes it on the
-/// room's shard channel in one atomic step, so offsets and delivery order
-/// agree; nothing happens past the deadline. KEYS: stream, channel. ARGV:
-/// message, MAXLEN, TTL (ms), deadline (Redis ms), format (`1`: the binary
-/// format, to which the channel's copy gets `,"<offset>"]` appended — the
-/// end of the frame the publisher built; `0`: `<offset> <json>`). Returns
-/// the offset (the stream id).
+/// Appends room events to their rooms' streams and publishes each on its
+/// room's shard channel, in order, in one atomic step, so offsets and
+/// delivery order agree; nothing happens past the deadline (all or
+/// nothing). KEYS: stream and channel of each event, in turn (one room's,
+/// or on one server any rooms'). ARGV: deadline (Redis ms), MAXLEN, TTL
+/// (ms), format (`1`: the binary format, to which the channel's copy gets
+/// `,"<offset>"]` appended — the end of the frame the publisher built;
+/// `0`: `<offset> <json>`), then the message of each event. Returns the
+/// offsets (stream ids), in order; if an append fails (Redis out of
+/// memory), the offsets of the events before it and then `!<error>`: those
+/// were published, that one and the rest were not. See `batches.rs`.
 pub(crate) fn publish() -> String {
-    format!("{DEADLINE_CHECK}{PUBLISH}")
+    PUBLISH.to_owned()
 }
 
 const PUBLISH: &str = r#"
-local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*', 'm', ARGV[1])
--- The idle expiry is renewed once half of it has run, not on every event:
--- PTTL is a read, PEXPIRE a write that every replica and the AOF repeat.
-if redis.call('PTTL', KEYS[1]) < tonumber(ARGV[3]) / 2 then
-  redis.call('PEXPIRE', KEYS[1], ARGV[3])
+local t = redis.call('TIME')
+if tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) > tonumber(ARGV[1]) then
+  return redis.error_reply('EXPIRED command arrived after its deadline')
 end
-if ARGV[5] == '1' then
-  redis.call('SPUBLISH', KEYS[2], ARGV[1] .. ',"' .. id .. '"]')
-else
-  redis.call('SPUBLISH', KEYS[2], id .. ' ' .. ARGV[1])
+local maxlen, ttl, binary = ARGV[2], tonumber(ARGV[3]), ARGV[4] == '1'
+local ids, renewed = {}, {}
+for i = 1, #KEYS / 2 do
+  local stream, chan, msg = KEYS[2 * i - 1], KEYS[2 * i], ARGV[4 + i]
+  local id = redis.pcall('XADD', stream, 'MAXLEN', '~', maxlen, '*', 'm', msg)
+  if type(id) == 'table' then
+    ids[i] = '!' .. tostring(id.err)
+    return ids
+  end
+  -- The idle expiry is renewed once half of it has run, not on every
+  -- event: PTTL is a read, PEXPIRE a write that every replica and the AOF
+  -- repeat. Once per stream and call.
+  if not renewed[stream] then
+    renewed[stream] = true
+    if redis.call('PTTL', stream) < ttl / 2 then
+      redis.call('PEXPIRE', stream, ttl)
+    end
+  end
+  if binary then
+    redis.call('SPUBLISH', chan, msg .. ',"' .. id .. '"]')
+  else
+    redis.call('SPUBLISH', chan, id .. ' ' .. msg)
+  end
+  ids[i] = id
 end
-return id
+return ids
 "#;
 
 /// Redis time in milliseconds, as `now`.
