@@ -46,7 +46,7 @@ impl Limits {
                 1,
                 1000,
             )?,
-            rate_lease_for: millis(vars, "FLOWGATE_RATE_LIMIT_LEASE_MS", 2_000)?,
+            rate_lease_for: millis(vars, "FLOWGATE_RATE_LIMIT_LEASE_MS", 5_000)?,
             outbound_queue: within(
                 "FLOWGATE_OUTBOUND_QUEUE",
                 parse(vars, "FLOWGATE_OUTBOUND_QUEUE", 1024)?,
