@@ -842,16 +842,12 @@ async fn unreadable_queue_entries_are_dead_lettered_and_acked() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     // Acknowledged and gone from the queue, nothing left pending...
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while e.redis.cli(&["XLEN", "flowgate:eventlog"]).unwrap() != "0" {
-        assert!(Instant::now() < deadline, "unreadable entries left queued");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let pending = e
-        .redis
-        .cli(&["XPENDING", "flowgate:eventlog", "writers"])
-        .unwrap();
-    assert!(pending.starts_with('0'), "{pending}");
+    legacy_stream_drained(
+        &e.redis,
+        Duration::from_secs(5),
+        "unreadable entries left queued",
+    )
+    .await;
     // ...and kept aside with the reason.
     assert_eq!(
         e.redis.cli(&["XLEN", "{flowgate:eventlog}:dead"]).unwrap(),
@@ -1274,16 +1270,12 @@ async fn a_rolling_upgrade_drains_the_legacy_queue_stream() {
         })
         .collect();
     assert_eq!(ns, vec![0, 1, 2, 3], "each once, in order");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while e.redis.cli(&["XLEN", "flowgate:eventlog"]).unwrap() != "0" {
-        assert!(Instant::now() < deadline, "the legacy stream did not drain");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let pending = e
-        .redis
-        .cli(&["XPENDING", "flowgate:eventlog", "writers"])
-        .unwrap();
-    assert!(pending.starts_with('0'), "{pending}");
+    legacy_stream_drained(
+        &e.redis,
+        Duration::from_secs(10),
+        "the legacy stream did not drain",
+    )
+    .await;
     for key in [
         "{flowgate:eventlog}:bytes",
         "{flowgate:eventlog}:pending:upgraded",
@@ -1291,4 +1283,18 @@ async fn a_rolling_upgrade_drains_the_legacy_queue_stream() {
         assert_eq!(e.redis.cli(&["EXISTS", key]).unwrap(), "0", "{key}");
     }
     assert_eq!(n.metric("flowgate_eventlog_dead_letters_total"), 0.0);
+}
+
+/// Waits until the single (legacy) queue stream `flowgate:eventlog` is
+/// empty, then checks that its writers' group has nothing pending.
+async fn legacy_stream_drained(redis: &RedisServer, wait: Duration, what: &str) {
+    let deadline = Instant::now() + wait;
+    while redis.cli(&["XLEN", "flowgate:eventlog"]).unwrap() != "0" {
+        assert!(Instant::now() < deadline, "{what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let pending = redis
+        .cli(&["XPENDING", "flowgate:eventlog", "writers"])
+        .unwrap();
+    assert!(pending.starts_with('0'), "{pending}");
 }

@@ -20,16 +20,9 @@ const FAST: &[(&str, &str)] = &[
 ];
 
 async fn nodes(redis: &RedisServer, n: usize, extra: &[(&str, &str)]) -> Vec<TestNode> {
-    let url = redis.url();
-    let mut out = Vec::new();
-    for i in 0..n {
-        let id = format!("node{i}");
-        let mut vars: Vec<(&str, &str)> = vec![("REDIS_URL", &url), ("FLOWGATE_NODE_ID", &id)];
-        vars.extend_from_slice(FAST);
-        vars.extend_from_slice(extra);
-        out.push(TestNode::start(&vars).await.expect("node starts"));
-    }
-    out
+    TestNode::start_redis_nodes(&redis.url(), "node", n, &[FAST, extra].concat())
+        .await
+        .expect("nodes start")
 }
 
 /// Connects to `url` and joins `flow`; returns the client, its `{sid,

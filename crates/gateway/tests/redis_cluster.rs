@@ -36,15 +36,9 @@ async fn nodes(url: &str, n: usize) -> Vec<TestNode> {
 }
 
 async fn nodes_with(url: &str, n: usize, extra: &[(&str, &str)]) -> Vec<TestNode> {
-    let mut out = Vec::new();
-    for i in 0..n {
-        let id = format!("ha{i}");
-        let mut vars: Vec<(&str, &str)> = vec![("REDIS_URL", url), ("FLOWGATE_NODE_ID", &id)];
-        vars.extend_from_slice(TIMINGS);
-        vars.extend_from_slice(extra);
-        out.push(TestNode::start(&vars).await.expect("node starts"));
-    }
-    out
+    TestNode::start_redis_nodes(url, "ha", n, &[TIMINGS, extra].concat())
+        .await
+        .expect("nodes start")
 }
 
 async fn joined(n: &TestNode, user: &str, flow: &str) -> RawClient {

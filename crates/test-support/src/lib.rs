@@ -74,6 +74,25 @@ impl TestNode {
         Self::start_on(vars, None).await
     }
 
+    /// Starts `n` nodes on one Redis (`REDIS_URL` = `redis_url`), named
+    /// `<prefix>0`, `<prefix>1`, …, each with `vars`.
+    pub async fn start_redis_nodes(
+        redis_url: &str,
+        prefix: &str,
+        n: usize,
+        vars: &[(&str, &str)],
+    ) -> anyhow::Result<Vec<Self>> {
+        let mut out = Vec::with_capacity(n);
+        for i in 0..n {
+            let id = format!("{prefix}{i}");
+            let mut all: Vec<(&str, &str)> =
+                vec![("REDIS_URL", redis_url), ("FLOWGATE_NODE_ID", &id)];
+            all.extend_from_slice(vars);
+            out.push(Self::start(&all).await?);
+        }
+        Ok(out)
+    }
+
     /// Starts a node sharing an in-memory engine with other nodes.
     pub async fn start_on(
         vars: &[(&str, &str)],
