@@ -225,8 +225,8 @@ struct CapacityArgs {
     /// Gateway CPU per delivered frame, µs (s9: 21.9).
     #[arg(long, default_value_t = 21.9)]
     node_us_per_delivery: f64,
-    /// Redis CPU per published event, µs (s9: 40.2).
-    #[arg(long, default_value_t = 40.2)]
+    /// Redis CPU per published event, µs (c3, batched publishes: 29.9).
+    #[arg(long, default_value_t = 29.9)]
     redis_us_per_event: f64,
     /// Gateway memory per connection, KiB (s9: 13.7 idle).
     #[arg(long, default_value_t = 13.7)]
