@@ -51,11 +51,23 @@
 //!   refused by the database) is copied with its reason to its shard's
 //!   `{flowgate:eventlog:k}:dead` (capped) and removed, so it neither stays
 //!   pending forever nor holds its flow's watermark back.
+//!
+//! # Files
+//!
+//! This file: the queue's state, `push`, `take`, `ack`, dead letters and
+//! watermarks (the `EventQueue` trait). `view`: the shard counts in use
+//! and the legacy stream's length. `reader`: a writer's rotation over the
+//! streams and the parsing of raw entries. `lua`: the scripts.
 
 mod lua;
+mod reader;
+mod view;
+
+use reader::{decode, Cursor, Reader};
+use view::View;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -65,10 +77,7 @@ use fred::types::scripts::Script;
 use futures_util::future::try_join_all;
 use parking_lot::Mutex;
 
-use crate::keys::{
-    queue_shard_of, QueueShard, QUEUE_CLAIM_IDLE_MS, QUEUE_DEAD_LEN, QUEUE_GROUP,
-    QUEUE_SHARD_COUNTS_KEY,
-};
+use crate::keys::{queue_shard_of, QueueShard, QUEUE_DEAD_LEN, QUEUE_GROUP};
 use crate::{err, RedisEngine};
 
 /// How long the shard counts and the legacy stream's length are reused.
@@ -81,7 +90,7 @@ const VIEW_MARGIN_MS: u64 = 50;
 /// A shard found empty is not read again for this long.
 const IDLE_POLL: Duration = Duration::from_millis(200);
 /// How often a writer looks for entries of dead writers, per shard (they
-/// are taken over once idle for [`QUEUE_CLAIM_IDLE_MS`]).
+/// are taken over once idle for [`QUEUE_CLAIM_IDLE_MS`](crate::keys::QUEUE_CLAIM_IDLE_MS)).
 const CLAIM_EVERY: Duration = Duration::from_secs(5);
 
 /// The queue's scripts, loaded once, and what a node remembers of it.
@@ -89,7 +98,7 @@ pub(crate) struct QueueState {
     push: Script,
     remove: Script,
     watermark: Script,
-    /// This node's shard count is in [`QUEUE_SHARD_COUNTS_KEY`].
+    /// This node's shard count is in [`QUEUE_SHARD_COUNTS_KEY`](crate::keys::QUEUE_SHARD_COUNTS_KEY).
     registered: AtomicBool,
     view: Mutex<Option<View>>,
     /// Per consumer (a node has one; tests play several).
@@ -109,282 +118,7 @@ impl QueueState {
     }
 }
 
-/// What the queue looks like beyond this node's own shard count, as read
-/// at `at`.
-#[derive(Debug, Clone)]
-struct View {
-    /// Every shard count queued under, this node's included.
-    counts: BTreeSet<u32>,
-    /// Entries in the legacy stream (0: absent or drained).
-    legacy_len: u64,
-    at: Instant,
-}
-
-impl View {
-    /// The streams writers read: every shard of the largest count, and the
-    /// legacy stream while it holds entries.
-    fn streams(&self) -> Vec<QueueShard> {
-        let n = self.counts.iter().copied().max().unwrap_or(1);
-        let legacy = (self.legacy_len > 0).then_some(QueueShard::Legacy);
-        legacy
-            .into_iter()
-            .chain((0..n).map(QueueShard::Shard))
-            .collect()
-    }
-}
-
-/// Where one consumer is in its rotation over the streams.
-#[derive(Debug, Default)]
-struct Reader {
-    /// The index (in [`View::streams`]) to read first next time.
-    next: usize,
-    cursors: HashMap<QueueShard, Cursor>,
-}
-
-#[derive(Debug, Clone, Copy)]
-struct Cursor {
-    /// The consumer may hold unacknowledged entries of this stream: read
-    /// them first (at start, and after entries were handed out).
-    own: bool,
-    claim_at: Instant,
-    idle_until: Instant,
-}
-
-impl Cursor {
-    fn new(now: Instant) -> Self {
-        Cursor {
-            own: true,
-            claim_at: now,
-            idle_until: now,
-        }
-    }
-}
-
-/// One raw entry: its id and fields (`None` for an entry deleted while
-/// pending, which Redis reports with no fields).
-type RawEntry = (String, Option<HashMap<String, String>>);
-
-fn decode(id: String, fields: Option<HashMap<String, String>>) -> QueueEntry {
-    let Some(fields) = fields else {
-        return QueueEntry {
-            id,
-            flow_id: None,
-            event: Err("entry deleted while pending".into()),
-        };
-    };
-    let event = match fields.get("e") {
-        None => Err("entry has no event field".to_owned()),
-        Some(json) => {
-            serde_json::from_str::<QueuedEvent>(json).map_err(|e| format!("undecodable event: {e}"))
-        }
-    };
-    let flow_id = fields
-        .get("f")
-        .cloned()
-        .or_else(|| event.as_ref().ok().map(|e| e.flow_id.clone()));
-    QueueEntry { id, flow_id, event }
-}
-
-/// `[[id, [field, value, …] | nil], …]`, as XREADGROUP and XAUTOCLAIM
-/// give the entries of one stream. Parsed by hand: fred's typed helpers
-/// cannot read a nil entry, nor the three-element XAUTOCLAIM reply of
-/// Redis 7.
-fn raw_entries(v: Value) -> Vec<RawEntry> {
-    let Value::Array(entries) = v else {
-        return Vec::new();
-    };
-    let mut out = Vec::with_capacity(entries.len());
-    for entry in entries {
-        let Value::Array(pair) = entry else { continue };
-        let mut it = pair.into_iter();
-        let Some(id) = it.next().and_then(|id| id.as_string()) else {
-            continue;
-        };
-        let fields = match it.next() {
-            Some(Value::Array(fields)) => {
-                let mut map = HashMap::new();
-                let mut f = fields.into_iter();
-                while let (Some(k), Some(v)) = (f.next(), f.next()) {
-                    if let (Some(k), Some(v)) = (k.as_string(), v.as_string()) {
-                        map.insert(k, v);
-                    }
-                }
-                Some(map)
-            }
-            _ => None,
-        };
-        out.push((id, fields));
-    }
-    out
-}
-
 impl RedisEngine {
-    /// This node's shard count.
-    fn queue_shards(&self) -> u32 {
-        self.0.settings.queue_shards.max(1)
-    }
-
-    /// Puts this node's shard count in the registry before it first queues
-    /// under it, so that writers and watermarks of every node find its
-    /// shards.
-    async fn register_shards(&self) -> Result<(), Error> {
-        let state = &self.0.queue;
-        if !state.registered.load(Ordering::Relaxed) {
-            let _: i64 = self
-                .0
-                .client
-                .sadd(QUEUE_SHARD_COUNTS_KEY, self.queue_shards())
-                .await?;
-            state.registered.store(true, Ordering::Relaxed);
-        }
-        Ok(())
-    }
-
-    /// The shard counts in use and the legacy stream's length, read at
-    /// most every [`VIEW_TTL`]. Cached because a watermark needs them for
-    /// every history page: reading them each time would send every
-    /// history request of every flow to the one slot of the registry (and
-    /// of the legacy stream). A watermark computed from a view `age` old
-    /// is lowered by that age (plus a margin): a count registered, or a
-    /// legacy entry queued, after the view was read holds an event whose
-    /// offset is at most the grace older than that moment, so it is still
-    /// at or above the lowered watermark.
-    async fn view(&self) -> Result<View, Error> {
-        if let Some(v) = self.0.queue.view.lock().as_ref() {
-            if v.at.elapsed() < VIEW_TTL {
-                return Ok(v.clone());
-            }
-        }
-        let at = Instant::now();
-        let (counts, legacy_len): (Vec<String>, u64) = tokio::try_join!(
-            self.0.client.smembers(QUEUE_SHARD_COUNTS_KEY),
-            self.0.client.xlen(QueueShard::Legacy.stream()),
-        )?;
-        let mut counts: BTreeSet<u32> = counts.iter().filter_map(|c| c.parse().ok()).collect();
-        let own = self.queue_shards();
-        if counts.insert(own) {
-            // Registered before, and the set was lost since (or never yet).
-            self.0.queue.registered.store(false, Ordering::Relaxed);
-            self.register_shards().await?;
-        }
-        let v = View {
-            counts,
-            legacy_len,
-            at,
-        };
-        *self.0.queue.view.lock() = Some(v.clone());
-        Ok(v)
-    }
-
-    async fn read_group(
-        &self,
-        stream: &str,
-        consumer: &str,
-        max: usize,
-        id: &str,
-    ) -> Result<Vec<RawEntry>, Error> {
-        let v: Value = self
-            .0
-            .client
-            .xreadgroup(
-                QUEUE_GROUP,
-                consumer,
-                Some(max as u64),
-                None,
-                false,
-                stream,
-                id,
-            )
-            .await?;
-        // `[[key, entries]]`; nothing new is a nil reply.
-        let Value::Array(streams) = v else {
-            return Ok(Vec::new());
-        };
-        Ok(streams
-            .into_iter()
-            .filter_map(|s| match s {
-                Value::Array(kv) => kv.into_iter().nth(1),
-                _ => None,
-            })
-            .flat_map(raw_entries)
-            .collect())
-    }
-
-    /// One stream's entries for `consumer`: its own read before but never
-    /// acknowledged (a write that failed, or a restart) when it may have
-    /// some, then those of writers that died when it is time to look, then
-    /// new ones.
-    async fn take_stream(
-        &self,
-        stream: &str,
-        consumer: &str,
-        max: usize,
-        cursor: Cursor,
-    ) -> Result<Vec<RawEntry>, Error> {
-        if cursor.own {
-            let own = self.read_group(stream, consumer, max, "0").await?;
-            if !own.is_empty() {
-                return Ok(own);
-            }
-        }
-        if cursor.claim_at <= Instant::now() {
-            let claimed: Value = self
-                .0
-                .client
-                .xautoclaim(
-                    stream,
-                    QUEUE_GROUP,
-                    consumer,
-                    QUEUE_CLAIM_IDLE_MS,
-                    "0-0",
-                    Some(max as u64),
-                    false,
-                )
-                .await?;
-            let claimed = match claimed {
-                Value::Array(parts) => parts.into_iter().nth(1).map(raw_entries),
-                _ => None,
-            }
-            .unwrap_or_default();
-            if !claimed.is_empty() {
-                return Ok(claimed);
-            }
-        }
-        self.read_group(stream, consumer, max, ">").await
-    }
-
-    /// [`Self::take_stream`], creating the group on first use (or after
-    /// Redis lost it in a restart).
-    async fn take_shard(
-        &self,
-        shard: QueueShard,
-        consumer: &str,
-        max: usize,
-        cursor: Cursor,
-    ) -> Result<Vec<RawEntry>, Error> {
-        let stream = shard.stream();
-        match self.take_stream(&stream, consumer, max, cursor).await {
-            Err(e) if e.details().contains("NOGROUP") => {
-                // The legacy stream is never created here: it is read only
-                // while it holds entries, and one created would outlive them.
-                let mkstream = shard != QueueShard::Legacy;
-                let _: Result<String, _> = self
-                    .0
-                    .client
-                    .xgroup_create(&stream, QUEUE_GROUP, "0", mkstream)
-                    .await;
-                match self.take_stream(&stream, consumer, max, cursor).await {
-                    Err(e) if shard == QueueShard::Legacy && e.details().contains("NOGROUP") => {
-                        // Drained and deleted meanwhile.
-                        Ok(Vec::new())
-                    }
-                    r => r,
-                }
-            }
-            r => r,
-        }
-    }
-
     /// Removes entries, each with its dead-letter reason (empty: written):
     /// one script per shard, each on its shard's slot.
     async fn remove(&self, entries: &[(&QueueEntry, &str)]) -> Result<(), EngineError> {
@@ -492,7 +226,7 @@ impl EventQueue for RedisEngine {
     /// Reads the streams in rotation, without blocking, and returns the
     /// first non-empty batch; the next call starts at the stream after it,
     /// so a busy shard cannot starve the others. A stream found empty is
-    /// skipped for [`IDLE_POLL`], so an idle writer costs about one read
+    /// skipped for `IDLE_POLL`, so an idle writer costs about one read
     /// per shard per `IDLE_POLL`. Not a blocking read (`XREADGROUP BLOCK`):
     /// the client multiplexes every command of the node on one connection
     /// per Redis server, and a read blocked there would hold up the room
@@ -604,55 +338,5 @@ impl EventQueue for RedisEngine {
             ms: ms.max(0) as u64,
             seq: 0,
         })
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn entry(fields: &[(&str, &str)]) -> QueueEntry {
-        decode(
-            "1-0".into(),
-            Some(
-                fields
-                    .iter()
-                    .map(|(k, v)| (k.to_string(), v.to_string()))
-                    .collect(),
-            ),
-        )
-    }
-
-    #[test]
-    fn unreadable_entries_are_reported_not_dropped() {
-        let e = entry(&[("e", "{not json"), ("f", "f1")]);
-        assert_eq!(e.flow_id.as_deref(), Some("f1"));
-        assert!(e.event.unwrap_err().starts_with("undecodable event"));
-        let e = entry(&[("x", "y")]);
-        assert_eq!(e.flow_id, None);
-        assert!(e.event.is_err());
-        assert!(decode("2-0".into(), None).event.is_err());
-        let ok = entry(&[(
-            "e",
-            r#"{"flowId":"f2","offset":"1-1","event":"a","data":{}}"#,
-        )]);
-        // Entries queued before the flow field existed name it in the event.
-        assert_eq!(ok.flow_id.as_deref(), Some("f2"));
-        assert_eq!(ok.event.unwrap().offset, "1-1");
-    }
-
-    #[test]
-    fn nil_entries_are_kept() {
-        let v = Value::Array(vec![
-            Value::Array(vec![Value::from("1-0"), Value::Null]),
-            Value::Array(vec![
-                Value::from("2-0"),
-                Value::Array(vec![Value::from("f"), Value::from("x")]),
-            ]),
-        ]);
-        let raw = raw_entries(v);
-        assert_eq!(raw.len(), 2);
-        assert!(raw[0].1.is_none());
-        assert_eq!(raw[1].1.as_ref().unwrap()["f"], "x");
     }
 }
