@@ -570,7 +570,8 @@ fn commandstat(redis: &RedisServer, command: &str) -> u64 {
 /// Redis in batches (fewer script calls than events), and batching changes
 /// nothing a client sees: each event has its own log entry, every member
 /// gets every acknowledged event once, and each sender's events arrive in
-/// the order it sent them.
+/// the order it sent them, volatile cursors (in the same batches, never
+/// logged) included.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_events_go_in_batches_each_with_its_own_offset_in_order() {
     const SENDERS: usize = 8;
@@ -615,6 +616,17 @@ async fn concurrent_events_go_in_batches_each_with_its_own_offset_in_order() {
                         .await
                         .unwrap();
                     assert_eq!(ack, json!({"ok": true}), "{flow} s{k} event {i}");
+                    if i % 5 == 0 {
+                        let ack = c
+                            .emit_ack(
+                                1000 + i as u64,
+                                "cursor:move",
+                                json!({"position": {"x": i, "y": k}}),
+                            )
+                            .await
+                            .unwrap();
+                        assert_eq!(ack, json!({"ok": true}), "{flow} s{k} cursor {i}");
+                    }
                 }
                 c
             })
@@ -635,12 +647,18 @@ async fn concurrent_events_go_in_batches_each_with_its_own_offset_in_order() {
     );
     for (flow, r) in &mut receivers {
         let mut seen: HashMap<String, Vec<i64>> = HashMap::new();
-        while let Ok(Ok(v)) =
-            tokio::time::timeout(Duration::from_millis(800), r.expect_event("pod:moved")).await
+        let mut cursors: HashMap<String, Vec<i64>> = HashMap::new();
+        while let Ok(Ok((name, v))) =
+            tokio::time::timeout(Duration::from_millis(800), r.recv_event()).await
         {
-            seen.entry(v["podId"].as_str().unwrap().to_owned())
-                .or_default()
-                .push(v["position"]["x"].as_i64().unwrap());
+            let x = v["position"]["x"].as_i64().unwrap_or(-1);
+            match name.as_str() {
+                "pod:moved" => seen.entry(v["podId"].as_str().unwrap().to_owned()),
+                "cursor:updated" => cursors.entry(v["userId"].as_str().unwrap().to_owned()),
+                _ => continue,
+            }
+            .or_default()
+            .push(x);
         }
         assert_eq!(seen.len(), SENDERS, "{flow}: every sender heard");
         for (sender, xs) in &seen {
@@ -649,6 +667,11 @@ async fn concurrent_events_go_in_batches_each_with_its_own_offset_in_order() {
                 &(0..EVENTS).collect::<Vec<_>>(),
                 "{flow} {sender}: once, in order"
             );
+        }
+        assert_eq!(cursors.len(), SENDERS, "{flow}: every sender's cursor");
+        let sent: Vec<i64> = (0..EVENTS).step_by(5).collect();
+        for (sender, xs) in &cursors {
+            assert_eq!(xs, &sent, "{flow} {sender}: cursors once, in order");
         }
         let len: u64 = redis
             .cli(&["xlen", &format!("{{flow:{flow}}}:log")])

@@ -20,6 +20,7 @@ use fred::prelude::*;
 use parking_lot::Mutex;
 use tokio::sync::oneshot;
 
+use crate::bus::offset;
 use crate::keys::{channel, stream_key};
 use crate::{err, RedisEngine};
 
@@ -35,10 +36,14 @@ const MAX_QUEUED_BYTES: usize = 8 << 20;
 struct Pending {
     room: String,
     message: Value,
+    volatile: bool,
     len: usize,
     deadline: i64,
-    done: oneshot::Sender<Result<Offset, EngineError>>,
+    done: oneshot::Sender<Result<Option<Offset>, EngineError>>,
 }
+
+/// One event of a call: room, message, volatile.
+type Event<'a> = (&'a str, Value, bool);
 
 #[derive(Default)]
 struct Group {
@@ -62,15 +67,21 @@ impl RedisEngine {
         }
     }
 
-    /// Publishes one logged event, batched with others of its group when a
-    /// call is in flight; resolves to its offset once its batch ran.
-    pub(crate) async fn publish_logged(
+    /// Publishes one event, batched with others of its group when a call
+    /// is in flight; resolves once its batch ran, to its offset (none for a
+    /// volatile event: it is published, not logged).
+    pub(crate) async fn publish_batched(
         &self,
         room: &str,
         message: Value,
-        len: usize,
+        volatile: bool,
         deadline: i64,
-    ) -> Result<Offset, EngineError> {
+    ) -> Result<Option<Offset>, EngineError> {
+        let len = match &message {
+            Value::Bytes(b) => b.len(),
+            Value::String(s) => s.len(),
+            _ => 0,
+        };
         let group = self.group_of(room);
         let mut message = Some(message);
         let waiting = {
@@ -85,6 +96,7 @@ impl RedisEngine {
                     g.queue.push(Pending {
                         room: room.to_owned(),
                         message: message.take().unwrap_or(Value::Null),
+                        volatile,
                         len,
                         deadline,
                         done,
@@ -114,7 +126,7 @@ impl RedisEngine {
             group: Some(group),
         };
         let message = message.unwrap_or(Value::Null);
-        self.run_batch(vec![(room, message)], deadline)
+        self.run_batch(vec![(room, message, volatile)], deadline)
             .await?
             .pop()
             .unwrap_or_else(|| Err(EngineError("no offset in the publish reply".into())))
@@ -147,13 +159,11 @@ impl RedisEngine {
             // The earliest deadline of the batch: the script refuses all of
             // it past that (all or nothing, as one call).
             let deadline = batch.iter().map(|p| p.deadline).min().unwrap_or(0);
-            let events: Vec<(&str, Value)> = batch
+            let events: Vec<Event<'_>> = batch
                 .iter_mut()
                 .map(|p| {
-                    (
-                        p.room.as_str(),
-                        std::mem::replace(&mut p.message, Value::Null),
-                    )
+                    let message = std::mem::replace(&mut p.message, Value::Null);
+                    (p.room.as_str(), message, p.volatile)
                 })
                 .collect();
             let result = self.run_batch(events, deadline).await;
@@ -176,24 +186,26 @@ impl RedisEngine {
         }
     }
 
-    /// One script call: every event appended to its room's stream and
-    /// published on its room's channel, in order; each one's offset, or
-    /// why it was not published (the first that failed, and all after it).
+    /// One script call: every event published on its room's channel, in
+    /// order, the logged ones appended to their room's stream first; each
+    /// one's offset (none if volatile), or why it was not published (the
+    /// first that failed, and all after it).
     async fn run_batch(
         &self,
-        events: Vec<(&str, Value)>,
+        events: Vec<Event<'_>>,
         deadline: i64,
-    ) -> Result<Vec<Result<Offset, EngineError>>, EngineError> {
+    ) -> Result<Vec<Result<Option<Offset>, EngineError>>, EngineError> {
         let s = &self.0.settings;
         let mut keys = Vec::with_capacity(events.len() * 2);
-        let mut args = Vec::with_capacity(events.len() + 4);
+        let mut args = Vec::with_capacity(events.len() * 2 + 4);
         args.push(Value::from(deadline));
         args.push(Value::from(s.log_len as i64));
         args.push(Value::from(s.log_ttl.as_millis() as i64));
         args.push(Value::from(if s.bus_json { "0" } else { "1" }));
-        for (room, message) in events {
+        for (room, message, volatile) in events {
             keys.push(stream_key(room));
             keys.push(channel(room));
+            args.push(Value::from(if volatile { "v" } else { "l" }));
             args.push(message);
         }
         let ids: Vec<String> = self
@@ -209,10 +221,11 @@ impl RedisEngine {
                 out.push(Err(EngineError(why.to_owned())));
                 break;
             }
-            out.push(
-                id.parse()
-                    .map_err(|_| EngineError(format!("bad stream id {id:?}"))),
-            );
+            out.push(if id.is_empty() {
+                Ok(None)
+            } else {
+                offset(&id).map(Some)
+            });
         }
         Ok(out)
     }

@@ -11,7 +11,7 @@ use tracing::warn;
 use crate::keys::{channel, stream_key};
 use crate::{err, RedisEngine};
 
-fn offset(id: &str) -> Result<Offset, EngineError> {
+pub(crate) fn offset(id: &str) -> Result<Offset, EngineError> {
     id.parse()
         .map_err(|_| EngineError(format!("bad stream id {id:?}")))
 }
@@ -57,41 +57,16 @@ impl RoomBus for RedisEngine {
         } else {
             Value::Bytes(wire::encode(&msg).map_err(err)?)
         };
-        let deadline = self.deadline_ms();
-        if msg.volatile {
-            // Never replayed, so not worth a stream entry.
-            let message = match message {
-                Value::String(json) => Value::from(format!("- {json}")),
-                binary => binary,
-            };
-            let _: i64 = self
-                .0
-                .scripts
-                .publish_volatile
-                .evalsha_with_reload(
-                    &self.0.client,
-                    vec![channel(room)],
-                    vec![
-                        message,
-                        Value::from(""),
-                        Value::from(""),
-                        Value::from(deadline),
-                    ],
-                )
-                .await
-                .map_err(err)?;
-            return Ok(None);
-        }
+        // A volatile event is never replayed, so not worth a stream entry:
+        // it is only published (the JSON format marks it with `- `).
+        let message = match message {
+            Value::String(json) if msg.volatile => Value::from(format!("- {json}")),
+            other => other,
+        };
         // Batched with the room's (or, on one server, the node's) other
         // events while a call is in flight: see `batches`.
-        let len = match &message {
-            Value::Bytes(b) => b.len(),
-            Value::String(s) => s.len(),
-            _ => 0,
-        };
-        self.publish_logged(room, message, len, deadline)
+        self.publish_batched(room, message, msg.volatile, self.deadline_ms())
             .await
-            .map(Some)
     }
 
     async fn head(&self, room: &str) -> Result<Offset, EngineError> {

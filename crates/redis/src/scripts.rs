@@ -11,7 +11,6 @@ use crate::lock_scripts::LockScripts;
 /// The engine's scripts, built once at start.
 pub(crate) struct Scripts {
     pub(crate) publish: Script,
-    pub(crate) publish_volatile: Script,
     pub(crate) join: Script,
     pub(crate) members: Script,
     pub(crate) leave: Script,
@@ -30,7 +29,6 @@ impl Scripts {
     pub(crate) fn new() -> Self {
         Scripts {
             publish: Script::from_lua(publish()),
-            publish_volatile: Script::from_lua(publish_volatile()),
             join: Script::from_lua(presence_join()),
             members: Script::from_lua(presence_members()),
             leave: Script::from_lua(PRESENCE_LEAVE),
@@ -47,15 +45,6 @@ impl Scripts {
     }
 }
 
-/// Refuses a command that reaches Redis after ARGV[DEADLINE] (Redis ms):
-/// its sender already answered the client "not delivered".
-const DEADLINE_CHECK: &str = r#"
-local t = redis.call('TIME')
-if tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) > tonumber(ARGV[4]) then
-  return redis.error_reply('EXPIRED command arrived after its deadline')
-end
-"#;
-
 /// Appends room events to their rooms' streams and publishes each on its
 /// room's shard channel, in order, in one atomic step, so offsets and
 /// delivery order agree; nothing happens past the deadline (all or
@@ -63,8 +52,9 @@ end
 /// or on one server any rooms'). ARGV: deadline (Redis ms), MAXLEN, TTL
 /// (ms), format (`1`: the binary format, to which the channel's copy gets
 /// `,"<offset>"]` appended — the end of the frame the publisher built;
-/// `0`: `<offset> <json>`), then the message of each event. Returns the
-/// offsets (stream ids), in order; if an append fails (Redis out of
+/// `0`: `<offset> <json>`), then for each event its kind (`l`: logged;
+/// `v`: volatile, only published, as is) and its message. Returns the
+/// offsets (stream ids; empty for a volatile event), in order; if an append fails (Redis out of
 /// memory), the offsets of the events before it and then `!<error>`: those
 /// were published, that one and the rest were not. See `batches.rs`.
 pub(crate) fn publish() -> String {
@@ -79,27 +69,33 @@ end
 local maxlen, ttl, binary = ARGV[2], tonumber(ARGV[3]), ARGV[4] == '1'
 local ids, renewed = {}, {}
 for i = 1, #KEYS / 2 do
-  local stream, chan, msg = KEYS[2 * i - 1], KEYS[2 * i], ARGV[4 + i]
-  local id = redis.pcall('XADD', stream, 'MAXLEN', '~', maxlen, '*', 'm', msg)
-  if type(id) == 'table' then
-    ids[i] = '!' .. tostring(id.err)
-    return ids
-  end
-  -- The idle expiry is renewed once half of it has run, not on every
-  -- event: PTTL is a read, PEXPIRE a write that every replica and the AOF
-  -- repeat. Once per stream and call.
-  if not renewed[stream] then
-    renewed[stream] = true
-    if redis.call('PTTL', stream) < ttl / 2 then
-      redis.call('PEXPIRE', stream, ttl)
-    end
-  end
-  if binary then
-    redis.call('SPUBLISH', chan, msg .. ',"' .. id .. '"]')
+  local stream, chan = KEYS[2 * i - 1], KEYS[2 * i]
+  local kind, msg = ARGV[3 + 2 * i], ARGV[4 + 2 * i]
+  if kind == 'v' then
+    redis.call('SPUBLISH', chan, msg)
+    ids[i] = ''
   else
-    redis.call('SPUBLISH', chan, id .. ' ' .. msg)
+    local id = redis.pcall('XADD', stream, 'MAXLEN', '~', maxlen, '*', 'm', msg)
+    if type(id) == 'table' then
+      ids[i] = '!' .. tostring(id.err)
+      return ids
+    end
+    -- The idle expiry is renewed once half of it has run, not on every
+    -- event: PTTL is a read, PEXPIRE a write that every replica and the
+    -- AOF repeat. Once per stream and call.
+    if not renewed[stream] then
+      renewed[stream] = true
+      if redis.call('PTTL', stream) < ttl / 2 then
+        redis.call('PEXPIRE', stream, ttl)
+      end
+    end
+    if binary then
+      redis.call('SPUBLISH', chan, msg .. ',"' .. id .. '"]')
+    else
+      redis.call('SPUBLISH', chan, id .. ' ' .. msg)
+    end
+    ids[i] = id
   end
-  ids[i] = id
 end
 return ids
 "#;
@@ -278,14 +274,3 @@ local beat = redis.call('ZSCORE', KEYS[1], ARGV[1])
 if beat and now - tonumber(beat) < tonumber(ARGV[2]) then return 1 end
 return 0
 "#;
-
-/// A volatile event: published, never logged, and not past the deadline.
-/// KEYS: channel. ARGV: message text, -, -, deadline (Redis ms).
-pub(crate) fn publish_volatile() -> String {
-    format!(
-        "{DEADLINE_CHECK}{}",
-        r#"
-return redis.call('SPUBLISH', KEYS[1], ARGV[1])
-"#
-    )
-}
