@@ -1,6 +1,6 @@
-//! Group commit of room events: while a publish script is in flight, the
-//! next events of the same group wait and then go together, in one script
-//! call, in the order they came. On one Redis server (or behind Sentinel)
+//! Group commit of room events, logged and volatile: while a publish
+//! script is in flight, the next events of the same group wait and then go
+//! together, in one script call, in the order they came. On one Redis server (or behind Sentinel)
 //! every room is one group; on a Redis Cluster a script may only touch one
 //! slot, so each room is its own group.
 //!
