@@ -250,8 +250,14 @@ impl Drop for HandOver<'_> {
             return;
         };
         if let Some(batch) = self.engine.take_batch(&group) {
-            let engine = self.engine.clone();
-            tokio::spawn(engine.drain(group, batch));
+            // A future dropped outside any runtime (a runtime that is gone)
+            // cannot hand over: its waiters get an error, not a panic.
+            match tokio::runtime::Handle::try_current() {
+                Ok(rt) => {
+                    rt.spawn(self.engine.clone().drain(group, batch));
+                }
+                Err(_) => fail(batch, EngineError("the node is stopping".into())),
+            }
         }
     }
 }
