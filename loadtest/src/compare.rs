@@ -439,7 +439,9 @@ pub fn write_outputs(dir: &Path, cmp: &Comparison) -> anyhow::Result<()> {
                 _ => None,
             })
             .collect();
-        md.push_str(&report::redis_commands_markdown(scenario, &steps));
+        md.push_str(&crate::redis_stats::redis_commands_markdown(
+            scenario, &steps,
+        ));
     }
     for n in &cmp.notes {
         md.push_str(&format!("\nnote: {n}\n"));

@@ -2,6 +2,8 @@
 //! report can say which commands Redis ran per published event and what
 //! they cost it (Redis' own `usec`, which excludes network I/O).
 //!
+//! The table of a comparison ([`redis_commands_markdown`]) is here too.
+//!
 //! One `INFO` over a plain TCP connection in RESP: the load generator has
 //! no Redis client otherwise, and this is all it needs.
 
@@ -12,6 +14,8 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use serde::{Deserialize, Serialize};
+
+use crate::relay::StepReport;
 
 /// Calls and CPU time of one command, cumulative since Redis started.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
@@ -93,6 +97,57 @@ pub fn between(before: &Snapshot, after: &Snapshot) -> Vec<CommandUse> {
         .collect();
     out.sort_by(|x, y| y.usec.cmp(&x.usec).then(x.command.cmp(&y.command)));
     out
+}
+
+/// Per published event, what Redis ran for each system in the first step
+/// of a relay scenario (`INFO commandstats`): calls and Redis' own µs per
+/// event, by command. A script's µs include the commands it ran, which are
+/// also listed on their own lines.
+pub fn redis_commands_markdown(scenario: &str, runs: &[(&str, &StepReport)]) -> String {
+    let mut names: Vec<String> = Vec::new();
+    for (_, st) in runs {
+        for c in &st.redis_commands {
+            if !names.contains(&c.command) {
+                names.push(c.command.clone());
+            }
+        }
+    }
+    if names.is_empty() {
+        return String::new();
+    }
+    let mut md = format!(
+        "
+{scenario}: Redis commands per published event (`INFO commandstats` while the step sent; a script's µs include the commands it ran)
+
+| command |"
+    );
+    for (system, _) in runs {
+        md.push_str(&format!(" {system} calls | {system} µs |"));
+    }
+    md.push_str(
+        "
+|---|",
+    );
+    for _ in runs {
+        md.push_str("---:|---:|");
+    }
+    md.push('\n');
+    for name in names {
+        md.push_str(&format!("| {name} |"));
+        for (_, st) in runs {
+            let sent = st.sent.max(1) as f64;
+            match st.redis_commands.iter().find(|c| c.command == name) {
+                Some(c) => md.push_str(&format!(
+                    " {:.2} | {:.2} |",
+                    c.calls as f64 / sent,
+                    c.usec as f64 / sent
+                )),
+                None => md.push_str(" – | – |"),
+            }
+        }
+        md.push('\n');
+    }
+    md
 }
 
 #[cfg(test)]

@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::idle::IdleReport;
 use crate::limit::LimitReport;
-use crate::relay::{RelayReport, StepReport};
+use crate::relay::RelayReport;
 
 /// The result of one scenario, whatever it was.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -327,57 +327,6 @@ fn relay_rows(scenario: &str, f: &RelayReport, b: &RelayReport, rows: &mut Vec<R
         bs.client_us_per_delivery,
         Better::Info,
     );
-}
-
-/// Per published event, what Redis ran for each system in the first step
-/// of a relay scenario (`INFO commandstats`): calls and Redis' own µs per
-/// event, by command. A script's µs include the commands it ran, which are
-/// also listed on their own lines.
-pub fn redis_commands_markdown(scenario: &str, runs: &[(&str, &StepReport)]) -> String {
-    let mut names: Vec<String> = Vec::new();
-    for (_, st) in runs {
-        for c in &st.redis_commands {
-            if !names.contains(&c.command) {
-                names.push(c.command.clone());
-            }
-        }
-    }
-    if names.is_empty() {
-        return String::new();
-    }
-    let mut md = format!(
-        "
-{scenario}: Redis commands per published event (`INFO commandstats` while the step sent; a script's µs include the commands it ran)
-
-| command |"
-    );
-    for (system, _) in runs {
-        md.push_str(&format!(" {system} calls | {system} µs |"));
-    }
-    md.push_str(
-        "
-|---|",
-    );
-    for _ in runs {
-        md.push_str("---:|---:|");
-    }
-    md.push('\n');
-    for name in names {
-        md.push_str(&format!("| {name} |"));
-        for (_, st) in runs {
-            let sent = st.sent.max(1) as f64;
-            match st.redis_commands.iter().find(|c| c.command == name) {
-                Some(c) => md.push_str(&format!(
-                    " {:.2} | {:.2} |",
-                    c.calls as f64 / sent,
-                    c.usec as f64 / sent
-                )),
-                None => md.push_str(" – | – |"),
-            }
-        }
-        md.push('\n');
-    }
-    md
 }
 
 /// The comparison lines of one scenario.
