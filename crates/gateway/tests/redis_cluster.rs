@@ -78,6 +78,21 @@ async fn health(n: &TestNode) -> u16 {
         .unwrap_or(0)
 }
 
+/// Sends `pod:move` x = 0..n, each acknowledged `{ok: true}`.
+async fn moves_acked(c: &mut RawClient, n: i64, flow: &str) {
+    for x in 0..n {
+        let ack = c
+            .emit_ack(
+                x as u64,
+                "pod:move",
+                json!({"podId": "p", "position": {"x": x, "y": 0}}),
+            )
+            .await
+            .unwrap();
+        assert_eq!(ack, json!({"ok": true}), "{flow} move {x}");
+    }
+}
+
 /// Every `pod:moved` x a client receives until it sees `last`.
 async fn moves_until(c: &mut RawClient, last: i64) -> Vec<i64> {
     let mut got = Vec::new();
@@ -130,17 +145,7 @@ async fn rooms_on_every_shard_relay_across_nodes() {
         }
         // Order across nodes: the room's stream and its shard channel
         // live on one master, written by one script.
-        for x in 0..20 {
-            let ack = c
-                .emit_ack(
-                    x,
-                    "pod:move",
-                    json!({"podId": "p", "position": {"x": x, "y": 0}}),
-                )
-                .await
-                .unwrap();
-            assert_eq!(ack, json!({"ok": true}), "{flow}");
-        }
+        moves_acked(&mut c, 20, &flow).await;
         for r in [&mut a, &mut b] {
             assert_eq!(
                 moves_until(r, 19).await,
@@ -197,17 +202,7 @@ async fn a_tls_cluster_relays_on_every_shard_and_an_untrusted_one_refuses_to_sta
             a.expect_event("user:joined").await.unwrap()["userId"],
             "bob"
         );
-        for x in 0..5 {
-            let ack = b
-                .emit_ack(
-                    x,
-                    "pod:move",
-                    json!({"podId": "p", "position": {"x": x, "y": 0}}),
-                )
-                .await
-                .unwrap();
-            assert_eq!(ack, json!({"ok": true}), "{flow}");
-        }
+        moves_acked(&mut b, 5, &flow).await;
         assert_eq!(moves_until(&mut a, 4).await, (0..5).collect::<Vec<_>>());
         assert_eq!(presence(&ns[1], &flow).await.unwrap(), ["alice", "bob"]);
     }
