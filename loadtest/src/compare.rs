@@ -31,6 +31,9 @@ pub struct Sizes {
     pub idle_settle_secs: u64,
     /// `idle`: seconds held after the reading.
     pub idle_hold_secs: u64,
+    /// `idle`: the activity phase's `pod:update` size (0: none).
+    #[serde(default)]
+    pub idle_activity_bytes: usize,
     /// `rooms`: rooms.
     pub rooms: usize,
     /// `rooms`: members per room.
@@ -69,6 +72,7 @@ impl Sizes {
             idle_room_size: 10,
             idle_settle_secs: 5,
             idle_hold_secs: 5,
+            idle_activity_bytes: 16 * 1024,
             rooms: 100,
             room_members: 10,
             room_rate: 2.0,
@@ -93,6 +97,7 @@ impl Sizes {
             idle_connections: 100_000,
             idle_settle_secs: 10,
             idle_hold_secs: 10,
+            idle_activity_bytes: 16 * 1024,
             rooms: 250,
             room_members: 10,
             room_rate: 2.25,
@@ -263,6 +268,7 @@ pub async fn run_scenario(
                     extra_pids,
                     workers,
                     worker_exe: None,
+                    activity_bytes: s.idle_activity_bytes,
                 })
                 .await?,
             )

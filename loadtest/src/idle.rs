@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context};
 use futures_util::{SinkExt, StreamExt};
 use serde::{Deserialize, Serialize};
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::sync::{mpsc, Semaphore};
 use tokio::task::JoinHandle;
 use tokio_tungstenite::tungstenite::Message;
@@ -48,6 +48,11 @@ pub struct IdleConfig {
     pub workers: usize,
     /// The binary to run workers with (default: this executable).
     pub worker_exe: Option<PathBuf>,
+    /// After the idle reading: the first member of every room sends a
+    /// `pod:update` of this many bytes (the others receive it), and RSS is
+    /// read again once settled — memory after activity, not only idle.
+    /// 0: no activity phase.
+    pub activity_bytes: usize,
 }
 
 /// RSS of one process before connecting and once settled.
@@ -90,6 +95,13 @@ pub struct IdleReport {
     pub client_rss_per_conn_kib: f64,
     /// Worker processes used.
     pub workers: usize,
+    /// The `pod:update` size of the activity phase (0: none).
+    #[serde(default)]
+    pub activity_bytes: usize,
+    /// The targets' RSS growth per connection once settled after the
+    /// activity phase, against the reading before connecting, KiB.
+    #[serde(default)]
+    pub target_rss_per_conn_after_activity_kib: Option<f64>,
 }
 
 /// Setup outcome of one shard, as a worker reports it.
@@ -112,7 +124,17 @@ pub struct Fleet {
     pub stats: ShardStats,
     alive: Arc<AtomicUsize>,
     stop: CancellationToken,
+    activity: CancellationToken,
     tasks: Vec<JoinHandle<()>>,
+}
+
+/// The `pod:update` a room's first member sends in the activity phase.
+fn activity_message(i: usize, bytes: usize) -> String {
+    let mut m =
+        format!("42/flows,[\"pod:update\",{{\"podId\":\"idle-{i}\",\"updates\":{{\"note\":\"");
+    m.extend(std::iter::repeat_n('x', bytes));
+    m.push_str("\"}}]");
+    m
 }
 
 /// User id of connection `i`.
@@ -132,19 +154,23 @@ impl Fleet {
         let sem = Arc::new(Semaphore::new(common.connect_concurrency.max(1)));
         let alive = Arc::new(AtomicUsize::new(0));
         let stop = CancellationToken::new();
+        let activity = CancellationToken::new();
         let (tx, mut rx) = mpsc::unbounded_channel::<Result<(), String>>();
         let started = Instant::now();
         let mut tasks = Vec::new();
         let room_size = cfg.room_size.max(1);
         for i in (shard..cfg.connections).step_by(shards.max(1)) {
-            let (common, minter, sem, alive, stop, tx) = (
+            let (common, minter, sem, alive, stop, activity, tx) = (
                 common.clone(),
                 minter.clone(),
                 sem.clone(),
                 alive.clone(),
                 stop.clone(),
+                activity.clone(),
                 tx.clone(),
             );
+            let burst = (cfg.activity_bytes > 0 && i % room_size == 0)
+                .then(|| activity_message(i, cfg.activity_bytes));
             tasks.push(tokio::spawn(async move {
                 let permit = sem.acquire_owned().await;
                 let user = user_of(&common, i);
@@ -159,7 +185,7 @@ impl Fleet {
                         alive.fetch_add(1, Ordering::Relaxed);
                         let _ = tx.send(Ok(()));
                         drop(tx);
-                        hold(ws, &stop).await;
+                        hold(ws, &stop, &activity, burst).await;
                         alive.fetch_sub(1, Ordering::Relaxed);
                     }
                 }
@@ -181,8 +207,15 @@ impl Fleet {
             stats,
             alive,
             stop,
+            activity,
             tasks,
         }
+    }
+
+    /// Starts the activity phase: each room's first member sends its
+    /// `pod:update`.
+    pub fn act(&self) {
+        self.activity.cancel();
     }
 
     /// Connections still open.
@@ -200,10 +233,21 @@ impl Fleet {
 }
 
 /// Reads and discards frames, answering pings, until `stop` or the end of
-/// the connection.
-async fn hold(mut ws: Ws, stop: &CancellationToken) {
+/// the connection; sends `burst` once `activity` starts.
+async fn hold(
+    mut ws: Ws,
+    stop: &CancellationToken,
+    activity: &CancellationToken,
+    mut burst: Option<String>,
+) {
     loop {
         tokio::select! {
+            _ = activity.cancelled(), if burst.is_some() => {
+                let m = burst.take().unwrap_or_default();
+                if ws.send(Message::text(m)).await.is_err() {
+                    return;
+                }
+            }
             _ = stop.cancelled() => {
                 let _ = tokio::time::timeout(Duration::from_secs(2), ws.close(None)).await;
                 return;
@@ -261,11 +305,17 @@ pub async fn run(cfg: &IdleConfig) -> anyhow::Result<IdleReport> {
     let after = rss_all(&cfg.pids);
     let after_extra = rss_all(&cfg.extra_pids);
     let client_after = self_rss_kib();
+    let mut after_activity = None;
+    if cfg.activity_bytes > 0 {
+        fleet.act();
+        tokio::time::sleep(cfg.settle).await;
+        after_activity = Some(rss_all(&cfg.pids));
+    }
     tokio::time::sleep(cfg.hold).await;
     let alive = fleet.alive();
     let stats = fleet.stats.clone();
     fleet.close().await;
-    Ok(finish(
+    let mut r = finish(
         cfg,
         &stats,
         alive,
@@ -273,7 +323,10 @@ pub async fn run(cfg: &IdleConfig) -> anyhow::Result<IdleReport> {
         (&before_extra, &after_extra),
         client_after.saturating_sub(client_before),
         1,
-    ))
+    );
+    r.target_rss_per_conn_after_activity_kib =
+        after_activity.and_then(|a| per_conn(&before, &a, stats.connected));
+    Ok(r)
 }
 
 fn finish(
@@ -308,6 +361,8 @@ fn finish(
             0.0
         },
         workers,
+        activity_bytes: cfg.activity_bytes,
+        target_rss_per_conn_after_activity_kib: None,
     }
 }
 
@@ -323,6 +378,7 @@ pub fn worker_args(cfg: &IdleConfig, shard: usize, shards: usize) -> Vec<String>
     push("--shards", shards.to_string());
     push("--connections", cfg.connections.to_string());
     push("--room-size", cfg.room_size.to_string());
+    push("--activity-bytes", cfg.activity_bytes.to_string());
     push("--secret", c.secret.clone());
     push("--run-id", c.run_id.clone());
     push(
@@ -357,20 +413,20 @@ pub fn worker_args(cfg: &IdleConfig, shard: usize, shards: usize) -> Vec<String>
 }
 
 /// The body of an `idle-worker` process: connects its shard, prints
-/// `READY <ShardStats JSON>`, holds until stdin closes (or `max` passes),
-/// prints `DONE <alive>` and returns.
+/// `READY <ShardStats JSON>`, starts the activity phase on an `ACT` line,
+/// holds until stdin closes (or `max` passes), prints `DONE <alive>` and
+/// returns.
 pub async fn worker_main(cfg: &IdleConfig, shard: usize, shards: usize, max: Duration) {
     let fleet = Fleet::connect(cfg, shard, shards).await;
     println!(
         "READY {}",
         serde_json::to_string(&fleet.stats).unwrap_or_default()
     );
-    let mut stdin = tokio::io::stdin();
-    let mut sink = [0u8; 64];
+    let mut stdin = BufReader::new(tokio::io::stdin()).lines();
     let _ = tokio::time::timeout(max, async {
-        while let Ok(n) = stdin.read(&mut sink).await {
-            if n == 0 {
-                break;
+        while let Ok(Some(l)) = stdin.next_line().await {
+            if l.trim() == "ACT" {
+                fleet.act();
             }
         }
     })
@@ -449,6 +505,17 @@ async fn run_with_workers(cfg: &IdleConfig) -> anyhow::Result<IdleReport> {
         .iter()
         .filter_map(|w| w.child.id().and_then(rss_kib))
         .sum();
+    let mut after_activity = None;
+    if cfg.activity_bytes > 0 {
+        for w in &mut workers {
+            if let Some(stdin) = w.child.stdin.as_mut() {
+                stdin.write_all(b"ACT\n").await?;
+                stdin.flush().await?;
+            }
+        }
+        tokio::time::sleep(cfg.settle).await;
+        after_activity = Some(rss_all(&cfg.pids));
+    }
     tokio::time::sleep(cfg.hold).await;
     let mut alive = 0;
     for w in &mut workers {
@@ -463,7 +530,7 @@ async fn run_with_workers(cfg: &IdleConfig) -> anyhow::Result<IdleReport> {
     for w in &mut workers {
         let _ = tokio::time::timeout(Duration::from_secs(30), w.child.wait()).await;
     }
-    Ok(finish(
+    let mut r = finish(
         cfg,
         &stats,
         alive,
@@ -471,5 +538,8 @@ async fn run_with_workers(cfg: &IdleConfig) -> anyhow::Result<IdleReport> {
         (&before_extra, &after_extra),
         client_after.saturating_sub(client_before),
         shards,
-    ))
+    );
+    r.target_rss_per_conn_after_activity_kib =
+        after_activity.and_then(|a| per_conn(&before, &a, stats.connected));
+    Ok(r)
 }

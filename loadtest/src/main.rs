@@ -111,6 +111,10 @@ enum Cmd {
         /// Worker processes (0: as many as the open-files limit needs).
         #[arg(long, default_value_t = 0)]
         workers: usize,
+        /// After the idle reading, each room's first member sends a
+        /// `pod:update` of this many bytes and RSS is read again (0: no).
+        #[arg(long, default_value_t = 0)]
+        activity_bytes: usize,
     },
     /// R rooms × M members, every member sends pod:move at a rate.
     Rooms {
@@ -212,6 +216,8 @@ enum Cmd {
         connections: usize,
         #[arg(long)]
         room_size: usize,
+        #[arg(long, default_value_t = 0)]
+        activity_bytes: usize,
         #[arg(long)]
         max_secs: u64,
     },
@@ -314,6 +320,8 @@ struct CompareArgs {
     #[arg(long)]
     idle_hold_secs: Option<u64>,
     #[arg(long)]
+    idle_activity_bytes: Option<usize>,
+    #[arg(long)]
     rooms: Option<usize>,
     #[arg(long)]
     room_members: Option<usize>,
@@ -359,6 +367,7 @@ impl CompareArgs {
             idle_room_size,
             idle_settle_secs,
             idle_hold_secs,
+            idle_activity_bytes,
             rooms,
             room_members,
             room_rate,
@@ -442,6 +451,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             pids,
             extra_pids,
             workers,
+            activity_bytes,
         } => {
             let common = target.common();
             let per_proc = (nofile as usize).saturating_sub(300).max(100);
@@ -460,6 +470,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 extra_pids,
                 workers,
                 worker_exe: None,
+                activity_bytes,
             })
             .await?;
             finish(wrap(&output, "idle", &common, Outcome::Idle(r)), &output)
@@ -629,6 +640,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             shards,
             connections,
             room_size,
+            activity_bytes,
             max_secs,
         } => {
             let cfg = IdleConfig {
@@ -641,6 +653,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 extra_pids: Vec::new(),
                 workers: 1,
                 worker_exe: None,
+                activity_bytes,
             };
             idle::worker_main(&cfg, shard, shards, Duration::from_secs(max_secs)).await;
             Ok(())

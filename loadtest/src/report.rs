@@ -96,6 +96,14 @@ pub fn table(r: &RunReport) -> String {
                 "extra RSS/conn     {} KiB",
                 opt(i.extra_rss_per_conn_kib, 2)
             );
+            if i.activity_bytes > 0 {
+                let _ = writeln!(
+                    s,
+                    "targets RSS/conn after a {} B pod:update per room: {} KiB",
+                    i.activity_bytes,
+                    opt(i.target_rss_per_conn_after_activity_kib, 2)
+                );
+            }
             let _ = writeln!(s, "client RSS/conn    {:.2} KiB", i.client_rss_per_conn_kib);
             if let Some(e) = &i.first_error {
                 let _ = writeln!(s, "first error        {e}");
@@ -366,6 +374,14 @@ pub fn rows(flowgate: &RunReport, baseline: &RunReport) -> Vec<Row> {
                 b.target_rss_per_conn_kib,
                 Better::Lower,
             );
+            if f.activity_bytes > 0 {
+                push(
+                    "gateway RSS per connection after activity KiB",
+                    f.target_rss_per_conn_after_activity_kib,
+                    b.target_rss_per_conn_after_activity_kib,
+                    Better::Lower,
+                );
+            }
             push(
                 "Redis RSS per connection KiB",
                 f.extra_rss_per_conn_kib,

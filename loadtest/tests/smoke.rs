@@ -39,10 +39,12 @@ async fn every_scenario_returns_real_numbers() {
         extra_pids: Vec::new(),
         workers: 1,
         worker_exe: None,
+        activity_bytes: 20_000,
     })
     .await
     .unwrap();
     assert_eq!(r.connected, 60, "{r:?}");
+    assert!(r.target_rss_per_conn_after_activity_kib.is_some());
     assert_eq!(r.failed, 0);
     assert_eq!(r.alive_at_end, 60);
     assert!(r.connects_per_sec > 0.0);
