@@ -8,8 +8,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::ws::Utf8Bytes;
 use dashmap::DashMap;
+use tokio_tungstenite::tungstenite::Utf8Bytes;
 
 use crate::engine::{
     now_us, Control, Deliver, EngineError, LocalSession, Offset, RoomBus, RoomMessage, SessionInfo,

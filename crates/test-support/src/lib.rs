@@ -234,6 +234,15 @@ impl RawClient {
         Ok(())
     }
 
+    /// Writes `bytes` to the socket as they are, under the WebSocket codec:
+    /// for frames split or padded in ways tungstenite never sends.
+    pub async fn send_wire(&mut self, bytes: &[u8]) -> anyhow::Result<()> {
+        let io = self.ws.get_mut();
+        io.write_all(bytes).await?;
+        io.flush().await?;
+        Ok(())
+    }
+
     /// The next text frame that is not an Engine.IO ping (answered with a
     /// pong, as a real client would).
     pub async fn recv_text(&mut self) -> anyhow::Result<String> {

@@ -12,8 +12,8 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use axum::extract::ws::Utf8Bytes;
 use flowgate_protocol::{EnginePacket, OpenPacket};
+use tokio_tungstenite::tungstenite::Utf8Bytes;
 use tracing::{debug, warn, Instrument};
 
 use super::heartbeat::{Beat, Heartbeat};
@@ -148,7 +148,7 @@ async fn run<T: Transport>(mut transport: T, app: Arc<App>, hs: Handshake, sid: 
         let _ = tokio::time::timeout(grace, async {
             write_local(&mut transport, &mut session, grace).await?;
             while let Some(f) = rx.try_recv() {
-                feed(&mut transport, &mut session, f).await?;
+                feed(&mut transport, &mut session, f, grace).await?;
             }
             transport.flush().await
         })
@@ -221,17 +221,25 @@ async fn on_text(session: &mut Session, heartbeat: &mut Heartbeat, frame: &str) 
     }
 }
 
-/// Writes one frame of the queue (or acts on it), without flushing.
-async fn feed<T: Transport>(t: &mut T, session: &mut Session, f: OutFrame) -> Result<(), End> {
+/// Writes one frame of the queue (or acts on it), without flushing. A
+/// write waits for the socket only when the frame does not fit what the
+/// transport buffers (a large message goes in fragments), and then no
+/// longer than a flush may.
+async fn feed<T: Transport>(
+    t: &mut T,
+    session: &mut Session,
+    f: OutFrame,
+    grace: Duration,
+) -> Result<(), End> {
     match f {
-        OutFrame::Text(text) => t.feed_text(text).await,
+        OutFrame::Text(text) => bounded(t.feed_text(text), grace, &session.out).await,
         OutFrame::Room(room) => {
             if !session.admit(&room) {
                 return Ok(());
             }
-            t.feed_text(room.text.clone()).await?;
+            bounded(t.feed_text(room.text.clone()), grace, &session.out).await?;
             for a in &room.attachments {
-                t.feed_binary(a.clone()).await?;
+                bounded(t.feed_binary(a.clone()), grace, &session.out).await?;
             }
             Ok(())
         }
@@ -244,12 +252,21 @@ async fn feed<T: Transport>(t: &mut T, session: &mut Session, f: OutFrame) -> Re
 
 /// Flushes, for at most the slow-consumer grace, and no longer than it
 /// takes for the connection to be kicked (a full queue kicks at once).
+async fn flush<T: Transport>(t: &mut T, grace: Duration, out: &Outbound) -> Result<(), End> {
+    bounded(t.flush(), grace, out).await
+}
+
+/// Runs a write for at most the slow-consumer grace, and no longer than it
+/// takes for the connection to be kicked.
 ///
-/// The flush is polled once first: almost always the socket takes the
+/// The write is polled once first: almost always the socket takes the
 /// bytes at once, and the timer and the kick watch (a timer-wheel entry and
 /// a lock each) are only set up for a client that is not reading.
-async fn flush<T: Transport>(t: &mut T, grace: Duration, out: &Outbound) -> Result<(), End> {
-    let fut = t.flush();
+async fn bounded(
+    fut: impl Future<Output = Result<(), End>>,
+    grace: Duration,
+    out: &Outbound,
+) -> Result<(), End> {
     tokio::pin!(fut);
     let first = std::future::poll_fn(|cx| std::task::Poll::Ready(fut.as_mut().poll(cx))).await;
     if let std::task::Poll::Ready(r) = first {
@@ -279,7 +296,7 @@ async fn write_local<T: Transport>(
         return Ok(());
     }
     while let Some(f) = session.pop_local() {
-        feed(t, session, f).await?;
+        feed(t, session, f, grace).await?;
     }
     let out = session.out.clone();
     flush(t, grace, &out).await
@@ -294,16 +311,16 @@ async fn write_queued<T: Transport>(
     first: OutFrame,
     grace: Duration,
 ) -> Result<(), End> {
-    feed(t, session, first).await?;
+    feed(t, session, first, grace).await?;
     for _ in 1..WRITE_BATCH {
         match rx.try_recv() {
-            Some(f) => feed(t, session, f).await?,
+            Some(f) => feed(t, session, f, grace).await?,
             None => break,
         }
     }
     // An eviction may have queued an answer.
     while let Some(f) = session.pop_local() {
-        feed(t, session, f).await?;
+        feed(t, session, f, grace).await?;
     }
     let out = session.out.clone();
     flush(t, grace, &out).await

@@ -2,8 +2,8 @@
 
 use std::future::Future;
 
-use axum::extract::ws::Utf8Bytes;
 use bytes::Bytes;
+use tokio_tungstenite::tungstenite::Utf8Bytes;
 
 use super::End;
 

@@ -12,12 +12,13 @@ use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use axum::extract::{ConnectInfo, FromRequestParts, Query, Request, State, WebSocketUpgrade};
+use axum::extract::{ConnectInfo, Query, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use tracing::{info, warn};
 
 use super::forward::{forward, unknown_sid};
+use super::ws_upgrade::WsUpgrade;
 use super::{bearer, cors, eio_error, EioError, Slot};
 use crate::app::App;
 use crate::engineio::polling::{probe, PollError, PollingTransport, Shared};
@@ -163,8 +164,8 @@ async fn open(
         });
         return poll_response(shared.poll().await);
     }
-    let (mut parts, _) = req.into_parts();
-    let Ok(ws) = WebSocketUpgrade::from_request_parts(&mut parts, &()).await else {
+    let mut req = req;
+    let Some(ws) = WsUpgrade::from_request(&mut req, app.config.max_payload) else {
         refused(app, "bad request");
         return eio_error(StatusCode::BAD_REQUEST, 3, "Bad request");
     };
@@ -173,27 +174,20 @@ async fn open(
         Err(e) => return e.into_response(),
     };
     let app = app.clone();
-    sized(ws, app.config.max_payload).on_upgrade(move |socket| {
-        let tracker = app.drain.tracker().clone();
-        // Boxed: the task would otherwise hold room for the upgrade's state
-        // and the connection's side by side for the connection's whole
-        // life (measured: a 4.3 KiB task cell per connection).
-        tracker.track_future(Box::pin(async move {
-            let _slot = slot;
-            let sid = crate::ids::random_id(20);
-            engineio::serve(WsTransport(socket), app, hs, sid).await;
-        }))
-    })
-}
-
-/// tungstenite's default buffers are 128 KiB each per connection; most
-/// frames here are tens of bytes, so small buffers (which grow for a
-/// large frame) keep an idle connection cheap.
-fn sized(ws: WebSocketUpgrade, max: usize) -> WebSocketUpgrade {
-    ws.max_message_size(max)
-        .max_frame_size(max)
-        .read_buffer_size(2 * 1024)
-        .write_buffer_size(4 * 1024)
+    ws.respond(
+        move |socket| {
+            let tracker = app.drain.tracker().clone();
+            // Boxed: the task would otherwise hold room for the upgrade's
+            // state and the connection's side by side for the connection's
+            // whole life (measured: a 4.3 KiB task cell per connection).
+            tracker.track_future(Box::pin(async move {
+                let _slot = slot;
+                let sid = crate::ids::random_id(20);
+                engineio::serve(WsTransport::new(socket, 0), app, hs, sid).await;
+            }))
+        },
+        || {},
+    )
 }
 
 /// A GET or POST of a polling session this node owns.
@@ -274,9 +268,8 @@ fn poll_response(r: Result<String, PollError>) -> Response {
 
 /// A WebSocket with the `sid` of a polling session this node owns: the
 /// upgrade probe.
-async fn upgrade(app: &Arc<App>, shared: Arc<Shared>, req: Request) -> Response {
-    let (mut parts, _) = req.into_parts();
-    let Ok(ws) = WebSocketUpgrade::from_request_parts(&mut parts, &()).await else {
+async fn upgrade(app: &Arc<App>, shared: Arc<Shared>, mut req: Request) -> Response {
+    let Some(ws) = WsUpgrade::from_request(&mut req, app.config.max_payload) else {
         return eio_error(StatusCode::BAD_REQUEST, 3, "Bad request");
     };
     if !shared.begin_probe() {
@@ -284,10 +277,9 @@ async fn upgrade(app: &Arc<App>, shared: Arc<Shared>, req: Request) -> Response 
     }
     let tracker = app.drain.tracker().clone();
     let timeout = app.config.upgrade_timeout;
-    sized(ws, app.config.max_payload)
-        .on_failed_upgrade({
-            let shared = shared.clone();
-            move |_| shared.probe_failed()
-        })
-        .on_upgrade(move |socket| tracker.track_future(probe(socket, shared, timeout)))
+    let failed = shared.clone();
+    ws.respond(
+        move |socket| tracker.track_future(probe(WsTransport::new(socket, 0), shared, timeout)),
+        move || failed.probe_failed(),
+    )
 }

@@ -6,6 +6,7 @@ mod api;
 mod cors;
 mod engineio;
 mod forward;
+mod ws_upgrade;
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;

@@ -21,10 +21,10 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::ws::Utf8Bytes;
 use bytes::Bytes;
 use dashmap::DashMap;
 use prometheus::IntCounter;
+use tokio_tungstenite::tungstenite::Utf8Bytes;
 
 use super::ws::WsTransport;
 use super::{End, Incoming, Transport};
@@ -141,7 +141,7 @@ impl Transport for PollingTransport {
                 biased;
                 c = self.ends.control.recv() => match c {
                     Some(Control::Close(end)) => return Some(Err(end)),
-                    Some(Control::Upgraded(ws)) => self.switch(WsTransport(*ws)),
+                    Some(Control::Upgraded(ws)) => self.switch(*ws),
                     None => return None,
                 },
                 i = self.ends.inbound.recv() => return i.map(|i| Ok(i.item)),

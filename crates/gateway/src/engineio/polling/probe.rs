@@ -9,14 +9,15 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::ws::{Message, Utf8Bytes, WebSocket};
-use futures_util::SinkExt;
+use tokio_tungstenite::tungstenite::Utf8Bytes;
 use tracing::debug;
 
 use super::shared::{Control, Shared};
+use crate::engineio::ws::WsTransport;
+use crate::engineio::{Incoming, Transport};
 
 /// Runs the probe on `socket` for at most `timeout`.
-pub(crate) async fn probe(mut socket: WebSocket, shared: Arc<Shared>, timeout: Duration) {
+pub(crate) async fn probe(mut socket: WsTransport, shared: Arc<Shared>, timeout: Duration) {
     let deadline = tokio::time::Instant::now() + timeout;
     let mut probed = false;
     loop {
@@ -26,28 +27,31 @@ pub(crate) async fn probe(mut socket: WebSocket, shared: Arc<Shared>, timeout: D
             Err(_) => break debug!("upgrade timed out"),
         };
         match msg {
-            Message::Text(t) if t.as_str() == "2probe" && !probed => {
-                let pong = Message::Text(Utf8Bytes::from_static("3probe"));
-                if socket.send(pong).await.is_err() {
+            Incoming::Text(t) if t.as_str() == "2probe" && !probed => {
+                let pong = Utf8Bytes::from_static("3probe");
+                if socket.feed_text(pong).await.is_err() || socket.flush().await.is_err() {
                     break;
                 }
                 probed = true;
                 shared.release_poll();
             }
-            Message::Text(t) if t.as_str() == "5" && probed => {
+            Incoming::Text(t) if t.as_str() == "5" && probed => {
                 let up = Control::Upgraded(Box::new(socket));
                 if shared.control.send(up).await.is_err() {
                     debug!("session ended during the upgrade");
                 }
                 return;
             }
-            Message::Ping(_) | Message::Pong(_) => {}
-            other => {
-                debug!(frame = ?other, "unexpected frame on the probe socket");
+            Incoming::Text(t) => {
+                debug!(frame = t.as_str(), "unexpected text on the probe socket");
+                break;
+            }
+            Incoming::Binary(_) => {
+                debug!("unexpected binary frame on the probe socket");
                 break;
             }
         }
     }
     shared.probe_failed();
-    let _ = socket.close().await;
+    socket.close(None).await;
 }

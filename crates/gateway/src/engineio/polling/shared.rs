@@ -13,7 +13,9 @@
 use std::collections::VecDeque;
 use std::sync::Arc;
 
-use axum::extract::ws::{Utf8Bytes, WebSocket};
+use tokio_tungstenite::tungstenite::Utf8Bytes;
+
+use crate::engineio::ws::WsTransport;
 use bytes::Bytes;
 use flowgate_protocol::{decode_payload, encode_payload, OutPacket, PayloadPacket};
 use parking_lot::Mutex;
@@ -52,7 +54,7 @@ pub(crate) enum Control {
     Close(End),
     /// The probe WebSocket completed the upgrade: it carries the session
     /// from now on.
-    Upgraded(Box<WebSocket>),
+    Upgraded(Box<WsTransport>),
 }
 
 /// Why a polling request failed.

@@ -1,0 +1,116 @@
+//! The WebSocket handshake (RFC 6455 §4.2) on hyper's upgrade, handing the
+//! upgraded connection to tokio-tungstenite with this gateway's buffer
+//! sizes.
+//!
+//! Written here rather than taken from axum's `WebSocketUpgrade` because
+//! that type hides the tungstenite stream, and with it two things the
+//! WebSocket transport needs to keep a connection's memory bounded after a
+//! burst (`engineio::ws`): sending a large message as fragments (raw
+//! frames), and taking the socket back to rebuild the codec without the
+//! buffers a large frame grew. The handshake itself is a few header
+//! checks and tungstenite's `derive_accept_key`.
+
+use std::future::Future;
+
+use axum::extract::Request;
+use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
+use axum::response::{IntoResponse, Response};
+use hyper::upgrade::OnUpgrade;
+use hyper_util::rt::TokioIo;
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
+use tokio_tungstenite::WebSocketStream;
+
+use crate::engineio::ws::{Counted, WsStream};
+
+/// A valid WebSocket upgrade request, not yet answered.
+#[derive(Debug)]
+pub(crate) struct WsUpgrade {
+    accept: HeaderValue,
+    on_upgrade: OnUpgrade,
+    config: WebSocketConfig,
+}
+
+/// Whether a comma-separated header has `token` (case-insensitive).
+fn has_token(headers: &HeaderMap, name: header::HeaderName, token: &str) -> bool {
+    headers.get_all(name).iter().any(|v| {
+        v.to_str()
+            .is_ok_and(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
+    })
+}
+
+impl WsUpgrade {
+    /// Checks the request's handshake headers; `None` if it is not a
+    /// WebSocket upgrade this server can take (answered 400 by the caller).
+    pub(crate) fn from_request(req: &mut Request, max_payload: usize) -> Option<Self> {
+        let h = req.headers();
+        if req.method() != Method::GET
+            || !has_token(h, header::CONNECTION, "upgrade")
+            || !has_token(h, header::UPGRADE, "websocket")
+            || h.get(header::SEC_WEBSOCKET_VERSION)
+                .is_none_or(|v| v.as_bytes() != b"13")
+        {
+            return None;
+        }
+        let key = h.get(header::SEC_WEBSOCKET_KEY)?;
+        let accept = HeaderValue::from_str(&derive_accept_key(key.as_bytes())).ok()?;
+        let on_upgrade = req.extensions_mut().remove::<OnUpgrade>()?;
+        Some(WsUpgrade {
+            accept,
+            on_upgrade,
+            config: config(max_payload),
+        })
+    }
+
+    /// Answers 101 and runs `serve` on the WebSocket once hyper hands the
+    /// connection over, in a task of its own; `failed` if it never does.
+    pub(crate) fn respond<F, Fut>(
+        self,
+        serve: F,
+        failed: impl FnOnce() + Send + 'static,
+    ) -> Response
+    where
+        F: FnOnce(WsStream) -> Fut + Send + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        let WsUpgrade {
+            accept,
+            on_upgrade,
+            config,
+        } = self;
+        tokio::spawn(async move {
+            match on_upgrade.await {
+                Ok(upgraded) => {
+                    let io = Counted::new(TokioIo::new(upgraded));
+                    let ws = WebSocketStream::from_raw_socket(io, Role::Server, Some(config)).await;
+                    serve(ws).await;
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "WebSocket upgrade failed");
+                    failed();
+                }
+            }
+        });
+        (
+            StatusCode::SWITCHING_PROTOCOLS,
+            [
+                (header::CONNECTION, HeaderValue::from_static("upgrade")),
+                (header::UPGRADE, HeaderValue::from_static("websocket")),
+                (header::SEC_WEBSOCKET_ACCEPT, accept),
+            ],
+        )
+            .into_response()
+    }
+}
+
+/// tungstenite's default buffers are 128 KiB each per connection; most
+/// frames here are tens of bytes, so small buffers (a large frame grows
+/// them, and the transport rebuilds the codec after) keep a connection
+/// cheap. A message may be at most the max payload.
+pub(crate) fn config(max_payload: usize) -> WebSocketConfig {
+    WebSocketConfig::default()
+        .max_message_size(Some(max_payload))
+        .max_frame_size(Some(max_payload))
+        .read_buffer_size(2 * 1024)
+        .write_buffer_size(4 * 1024)
+}
