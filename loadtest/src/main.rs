@@ -200,11 +200,11 @@ enum Cmd {
         #[arg(long)]
         out_dir: Option<PathBuf>,
     },
-    /// (internal) One shard of the idle scenario.
-    #[command(hide = true)]
     /// Nodes, Redis shards, Postgres writes and egress for a number of
     /// users, from measured unit costs (defaults: docs/benchmarks.md, s9).
     Capacity(CapacityArgs),
+    /// (internal) One shard of the idle scenario.
+    #[command(hide = true)]
     IdleWorker {
         #[command(flatten)]
         target: Target,

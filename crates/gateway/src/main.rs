@@ -28,6 +28,14 @@ enum Command {
     CheckConfig,
 }
 
+/// jemalloc gives the pages a burst freed back to the system (within its
+/// 10 s decay), even between live allocations; glibc's malloc keeps them
+/// once a connection allocated after the burst sits above them, so a burst
+/// of large messages stayed in the RSS of every node for good
+/// (`flowgate-loadtest idle --activity-bytes`, `docs/benchmarks.md`).
+#[global_allocator]
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 /// Exit status for a configuration error (sysexits EX_CONFIG).
 const EX_CONFIG: u8 = 78;
 

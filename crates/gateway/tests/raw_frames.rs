@@ -527,3 +527,45 @@ async fn a_large_frame_then_part_of_the_next_keeps_the_part() {
     }
     still_serves(&mut c, 7).await;
 }
+
+#[tokio::test]
+async fn codecs_rebuilt_at_every_ping_lose_and_reorder_nothing() {
+    // Every ping trims the WebSocket codec; with a ping each 20 ms, a relay
+    // of 120 events with large ones among them spans dozens of rebuilds on
+    // both connections.
+    let n = node(&[
+        ("FLOWGATE_PING_INTERVAL_MS", "20"),
+        ("FLOWGATE_PING_TIMEOUT_MS", "5000"),
+        ("FLOWGATE_RATE_LIMIT_PER_SEC", "1000"),
+        ("FLOWGATE_RATE_LIMIT_BURST", "1000"),
+    ])
+    .await;
+    let mut a = bystander(&n).await;
+    let mut b = bystander(&n).await;
+    for i in 0..120u64 {
+        let text = if i % 7 == 0 {
+            "z".repeat(9_000)
+        } else {
+            String::new()
+        };
+        let ack = a
+            .emit_ack(
+                100 + i,
+                "pod:update",
+                json!({"podId": format!("p{i}"), "updates": {"text": text}}),
+            )
+            .await
+            .unwrap();
+        assert_eq!(ack, json!({"ok": true}), "event {i}");
+        if i % 10 == 0 {
+            a.pump(Duration::from_millis(30)).await.unwrap();
+        }
+    }
+    for i in 0..120u64 {
+        let got = b.expect_event("pod:updated").await.unwrap();
+        assert_eq!(got["podId"], format!("p{i}"));
+        let len = if i % 7 == 0 { 9_000 } else { 0 };
+        assert_eq!(got["updates"]["text"].as_str().map(str::len), Some(len));
+    }
+    still_serves(&mut b, 1).await;
+}

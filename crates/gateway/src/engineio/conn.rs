@@ -126,7 +126,10 @@ async fn run<T: Transport>(mut transport: T, app: Arc<App>, hs: Handshake, sid: 
                 }
                 match heartbeat.on_timer(now) {
                     Beat::TimedOut => break End::PingTimeout,
-                    Beat::Ping => session.push_local(OutFrame::Text(Utf8Bytes::from_static("2"))),
+                    Beat::Ping => {
+                        transport.trim();
+                        session.push_local(OutFrame::Text(Utf8Bytes::from_static("2")));
+                    }
                     Beat::Idle => {}
                 }
                 if let Err(end) = session.on_timer(now).await {
@@ -222,9 +225,9 @@ async fn on_text(session: &mut Session, heartbeat: &mut Heartbeat, frame: &str) 
 }
 
 /// Writes one frame of the queue (or acts on it), without flushing. A
-/// write waits for the socket only when the frame does not fit what the
-/// transport buffers (a large message goes in fragments), and then no
-/// longer than a flush may.
+/// write waits for the socket only when the transport already holds more
+/// than it queues unwritten (64 KiB on a WebSocket), and then no longer
+/// than a flush may.
 async fn feed<T: Transport>(
     t: &mut T,
     session: &mut Session,

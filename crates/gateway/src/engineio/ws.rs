@@ -1,17 +1,22 @@
 //! The WebSocket transport: one text frame per Engine.IO packet, binary
-//! frames for attachments — and memory per connection that a large
-//! message does not leave behind.
+//! frames for attachments — written from the shared frame bytes, and with
+//! memory per connection that a burst does not leave behind.
 //!
-//! tungstenite grows its read buffer to the largest frame received and its
-//! write buffer to the largest frame sent, and never shrinks either: one
-//! 64 KiB `pod:update` relayed to a room would leave 64 KiB in every
-//! member's connection for as long as it stays open. So:
+//! Reading (frames, masks, control frames, limits) is tungstenite's. Data
+//! frames going out are not: tungstenite copies every frame into a write
+//! buffer of its own, which grows to the largest batch ever written and
+//! never shrinks — one 64 KiB `pod:update` relayed to a room would leave
+//! 64 KiB in every member's connection, and every delivery would cost a
+//! copy. So [`WsTransport`] queues a 2–10 byte header and the payload
+//! `Bytes` (the one frame the room built, shared by every member) and
+//! writes them with vectored writes straight to the socket, after
+//! tungstenite has written what it queued itself (an automatic pong). A
+//! server's frames are not masked (RFC 6455 §5.1), so nothing is copied.
 //!
-//! - a message larger than [`FRAGMENT`] is sent as fragments (RFC 6455
-//!   §5.4) of that size, which bounds what the write buffer ever holds;
-//! - after a large message came in (or went out), once the connection is
-//!   flushed and tungstenite holds no byte of the next frame, the codec is
-//!   rebuilt on the same socket, dropping its grown buffers.
+//! tungstenite's read buffer grows to the largest frame received. After a
+//! large frame came in, and at each heartbeat ping, once the connection is
+//! flushed and tungstenite holds no byte of the next frame, the codec is
+//! rebuilt on the same socket, dropping the grown buffer.
 //!
 //! "Holds no byte of the next frame" is known by counting: [`Counted`]
 //! counts the bytes read from the socket, and the transport adds up the
@@ -27,9 +32,7 @@ use std::task::{Context, Poll};
 use bytes::Bytes;
 use futures_util::{FutureExt, SinkExt, StreamExt};
 use hyper_util::rt::TokioIo;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
-use tokio_tungstenite::tungstenite::protocol::frame::Frame;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role};
 use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
 use tokio_tungstenite::WebSocketStream;
@@ -40,9 +43,12 @@ use super::{End, Incoming, Transport};
 /// The WebSocket of an upgraded HTTP connection.
 pub type WsStream = WebSocketStream<Counted<TokioIo<hyper::upgrade::Upgraded>>>;
 
-/// Messages above this are sent in fragments of this size, and a message
-/// above it (either way) marks the codec's buffers as grown.
-pub const FRAGMENT: usize = 4 * 1024;
+/// A frame above this grows tungstenite's read buffer enough to rebuild
+/// the codec once it is read.
+pub const GROWN: usize = 4 * 1024;
+
+/// Bytes queued past which a feed writes them out before queueing more.
+const WRITE_AT: usize = 64 * 1024;
 
 /// A socket that counts the bytes read from it.
 #[derive(Debug)]
@@ -118,14 +124,146 @@ pub fn min_wire_len(payload: usize) -> u64 {
     (2 + ext + 4 + payload) as u64
 }
 
+/// One piece of an outgoing frame: its header, kept inline (no
+/// allocation per frame), or its payload.
+#[derive(Debug)]
+enum Part {
+    Header([u8; 10], u8),
+    Payload(Bytes),
+}
+
+impl Part {
+    /// The header of an unmasked, final data frame (RFC 6455 §5.2).
+    fn header(opcode: u8, len: usize) -> Part {
+        let mut h = [0u8; 10];
+        h[0] = 0x80 | opcode;
+        let n = match len {
+            0..=125 => {
+                h[1] = len as u8;
+                2
+            }
+            126..=65535 => {
+                h[1] = 126;
+                h[2..4].copy_from_slice(&(len as u16).to_be_bytes());
+                4
+            }
+            _ => {
+                h[1] = 127;
+                h[2..10].copy_from_slice(&(len as u64).to_be_bytes());
+                10
+            }
+        };
+        Part::Header(h, n)
+    }
+
+    fn bytes(&self) -> &[u8] {
+        match self {
+            Part::Header(h, n) => &h[..usize::from(*n)],
+            Part::Payload(b) => b,
+        }
+    }
+}
+
+/// Frames queued for the socket, and how far the first one is written.
+///
+/// Written by hand: tokio's `write_all_buf` would need one `Buf` over many
+/// `Bytes` with inline headers, which no well-kept crate offers as such.
+#[derive(Debug, Default)]
+struct Pending {
+    parts: std::collections::VecDeque<Part>,
+    /// Bytes of the first part already written.
+    at: usize,
+    /// Bytes still to write.
+    len: usize,
+}
+
+impl Pending {
+    fn push(&mut self, opcode: u8, payload: Bytes) {
+        self.len += payload.len();
+        self.parts.push_back(Part::header(opcode, payload.len()));
+        if let Some(Part::Header(_, n)) = self.parts.back() {
+            self.len += usize::from(*n);
+        }
+        if !payload.is_empty() {
+            self.parts.push_back(Part::Payload(payload));
+        }
+    }
+
+    /// Fills `out` with what is left to write, in order; how many.
+    fn slices<'a>(&'a self, out: &mut [io::IoSlice<'a>]) -> usize {
+        let mut k = 0;
+        for (i, p) in self.parts.iter().enumerate() {
+            if k == out.len() {
+                break;
+            }
+            let b = p.bytes();
+            out[k] = io::IoSlice::new(if i == 0 { &b[self.at..] } else { b });
+            k += 1;
+        }
+        k
+    }
+
+    /// Drops `n` written bytes from the front.
+    fn advance(&mut self, mut n: usize) {
+        self.len -= n;
+        while n > 0 {
+            let Some(front) = self.parts.front() else {
+                return;
+            };
+            let left = front.bytes().len() - self.at;
+            if n < left {
+                self.at += n;
+                return;
+            }
+            n -= left;
+            self.at = 0;
+            self.parts.pop_front();
+        }
+    }
+
+    /// Once empty: gives back the queue a large batch grew.
+    fn shrink(&mut self) {
+        if self.parts.capacity() > 16 {
+            self.parts = Default::default();
+        }
+    }
+}
+
+/// Writes `pending` to `io` with vectored writes. The slices live on the
+/// stack of each poll, not in the future, so a resident connection task
+/// does not carry them.
+async fn write_pending<W: AsyncWrite + Unpin>(io: &mut W, pending: &mut Pending) -> io::Result<()> {
+    std::future::poll_fn(|cx| {
+        while pending.len > 0 {
+            let mut slices = [io::IoSlice::new(&[]); 32];
+            let k = pending.slices(&mut slices);
+            match Pin::new(&mut *io).poll_write_vectored(cx, &slices[..k]) {
+                Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                Poll::Ready(Ok(n)) => pending.advance(n),
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+        Poll::Ready(Ok(()))
+    })
+    .await?;
+    io.flush().await
+}
+
 /// An upgraded WebSocket as a [`Transport`].
 #[derive(Debug)]
 pub struct WsTransport {
     /// Always `Some` between calls; taken only while the codec is rebuilt.
     ws: Option<WsStream>,
+    /// Data frames not yet written.
+    pending: Pending,
+    /// A frame was written in part and the write given up: nothing else
+    /// may go on the socket (not even a close frame).
+    torn: bool,
     /// Wire bytes of the messages tungstenite returned, at least.
     consumed: u64,
-    /// A message above [`FRAGMENT`] went through since the last rebuild.
+    /// A frame above [`GROWN`] came in since the last rebuild, or the
+    /// connection task asked for a trim: rebuild after the next flush.
     grown: bool,
 }
 
@@ -135,19 +273,18 @@ impl WsTransport {
     pub fn new(ws: WsStream, consumed: u64) -> Self {
         WsTransport {
             ws: Some(ws),
+            pending: Pending::default(),
+            torn: false,
             consumed,
             grown: false,
         }
     }
 
-    fn ws(&mut self) -> Result<&mut WsStream, End> {
-        self.ws.as_mut().ok_or(End::WriteFailed)
-    }
-
-    /// Rebuilds the codec if a large message grew its buffers and it holds
-    /// nothing: called after a successful flush (so nothing is waiting to
-    /// be written, not even an automatic pong), and only when every byte
-    /// read from the socket belongs to a message already returned.
+    /// Rebuilds the codec if a large frame grew its read buffer (or a trim
+    /// was asked for) and it holds nothing: called after a successful
+    /// flush (so nothing is waiting to be written, not even an automatic
+    /// pong), and only when every byte read from the socket belongs to a
+    /// message already returned.
     fn compact(&mut self) {
         let Some(ws) = self.ws.as_ref() else { return };
         if !self.grown || ws.get_ref().read_total() != self.consumed {
@@ -165,26 +302,28 @@ impl WsTransport {
         self.grown = false;
     }
 
-    /// Sends `data`, larger than [`FRAGMENT`], as one message in
-    /// fragments of that size (slices of `data`, not copies).
-    async fn feed_fragments(&mut self, data: Bytes, kind: Data) -> Result<(), End> {
-        let ws = self.ws()?;
-        let mut at = 0;
-        while at < data.len() {
-            let end = (at + FRAGMENT).min(data.len());
-            let op = if at == 0 { kind } else { Data::Continue };
-            let frame = Frame::message(data.slice(at..end), OpCode::Data(op), end == data.len());
-            ws.feed(Message::Frame(frame))
-                .await
-                .map_err(|_| End::WriteFailed)?;
-            at = end;
+    /// Writes what tungstenite queued itself, then the pending frames.
+    async fn write_out(&mut self) -> Result<(), End> {
+        let ws = self.ws.as_mut().ok_or(End::WriteFailed)?;
+        ws.flush().await.map_err(|_| End::WriteFailed)?;
+        if self.pending.len == 0 {
+            return Ok(());
         }
-        self.grown = true;
+        self.torn = true;
+        write_pending(ws.get_mut(), &mut self.pending)
+            .await
+            .map_err(|_| End::WriteFailed)?;
+        self.torn = false;
+        self.pending.shrink();
         Ok(())
     }
 
-    async fn feed_one(&mut self, msg: Message) -> Result<(), End> {
-        self.ws()?.feed(msg).await.map_err(|_| End::WriteFailed)
+    async fn queue(&mut self, opcode: u8, payload: Bytes) -> Result<(), End> {
+        if self.pending.len > WRITE_AT {
+            self.write_out().await?;
+        }
+        self.pending.push(opcode, payload);
+        Ok(())
     }
 }
 
@@ -199,7 +338,7 @@ impl Transport for WsTransport {
                     Message::Close(_) | Message::Frame(_) => 0,
                 };
                 self.consumed += min_wire_len(len);
-                self.grown |= len > FRAGMENT;
+                self.grown |= len > GROWN;
             }
             return Some(match msg {
                 Ok(Message::Text(t)) => Ok(Incoming::Text(t)),
@@ -221,26 +360,23 @@ impl Transport for WsTransport {
     }
 
     async fn feed_text(&mut self, text: Utf8Bytes) -> Result<(), End> {
-        if text.len() <= FRAGMENT {
-            return self.feed_one(Message::Text(text)).await;
-        }
-        self.feed_fragments(Bytes::from(text), Data::Text).await
+        self.queue(0x1, Bytes::from(text)).await
     }
 
     async fn feed_binary(&mut self, data: Bytes) -> Result<(), End> {
-        if data.len() <= FRAGMENT {
-            return self.feed_one(Message::Binary(data)).await;
-        }
-        self.feed_fragments(data, Data::Binary).await
+        self.queue(0x2, data).await
     }
 
     async fn flush(&mut self) -> Result<(), End> {
-        self.ws()?.flush().await.map_err(|_| End::WriteFailed)?;
+        self.write_out().await?;
         self.compact();
         Ok(())
     }
 
     async fn close(&mut self, code: Option<(u16, &'static str)>) {
+        if self.torn {
+            return;
+        }
         let Some(ws) = self.ws.as_mut() else { return };
         if let Some((code, reason)) = code {
             let _ = ws
@@ -253,7 +389,74 @@ impl Transport for WsTransport {
         let _ = ws.close(None).await;
     }
 
+    /// tungstenite's read buffer may have grown on a frame below
+    /// [`GROWN`]: rebuilt after the ping's flush.
+    fn trim(&mut self) {
+        self.grown = true;
+    }
+
     fn name(&self) -> &'static str {
         "websocket"
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn written(p: &mut Pending, chunk: usize) -> Vec<u8> {
+        let mut out = Vec::new();
+        while p.len > 0 {
+            let mut slices = [io::IoSlice::new(&[]); 3];
+            let k = p.slices(&mut slices);
+            // A socket that takes at most `chunk` bytes per write.
+            let mut n = 0;
+            for s in &slices[..k] {
+                let take = s.len().min(chunk - n);
+                out.extend_from_slice(&s[..take]);
+                n += take;
+                if n == chunk {
+                    break;
+                }
+            }
+            p.advance(n);
+        }
+        out
+    }
+
+    #[test]
+    fn frames_are_written_whole_and_in_order_however_the_socket_splits_them() {
+        for chunk in [1, 3, 7, 200, 70_000, 1 << 20] {
+            let mut p = Pending::default();
+            let sizes = [0usize, 5, 125, 126, 65_535, 65_536];
+            for (i, n) in sizes.iter().enumerate() {
+                p.push(
+                    if i % 2 == 0 { 1 } else { 2 },
+                    Bytes::from(vec![i as u8; *n]),
+                );
+            }
+            let wire = written(&mut p, chunk);
+            // Read back with tungstenite's own frame parser.
+            let mut cur = std::io::Cursor::new(wire.as_slice());
+            for (i, n) in sizes.iter().enumerate() {
+                use tokio_tungstenite::tungstenite::protocol::frame::FrameHeader;
+                let (h, len) = FrameHeader::parse(&mut cur).unwrap().unwrap();
+                assert!(h.is_final && h.mask.is_none());
+                assert_eq!(len, *n as u64, "chunk {chunk}, frame {i}");
+                let at = cur.position() as usize;
+                assert!(wire[at..at + n].iter().all(|b| *b == i as u8));
+                cur.set_position((at + n) as u64);
+            }
+            assert_eq!(cur.position() as usize, wire.len());
+            assert!(p.parts.is_empty() && p.at == 0);
+        }
+    }
+
+    #[test]
+    fn min_wire_len_is_the_shortest_client_header() {
+        assert_eq!(min_wire_len(0), 6);
+        assert_eq!(min_wire_len(125), 131);
+        assert_eq!(min_wire_len(126), 134);
+        assert_eq!(min_wire_len(65_536), 65_550);
     }
 }

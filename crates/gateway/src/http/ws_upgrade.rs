@@ -5,9 +5,10 @@
 //! Written here rather than taken from axum's `WebSocketUpgrade` because
 //! that type hides the tungstenite stream, and with it two things the
 //! WebSocket transport needs to keep a connection's memory bounded after a
-//! burst (`engineio::ws`): sending a large message as fragments (raw
-//! frames), and taking the socket back to rebuild the codec without the
-//! buffers a large frame grew. The handshake itself is a few header
+//! burst and every delivery free of copies (`engineio::ws`): writing data
+//! frames to the socket itself, from the room's shared frame bytes, and
+//! taking the socket back to rebuild the codec without the read buffer a
+//! large frame grew. The handshake itself is a few header
 //! checks and tungstenite's `derive_accept_key`.
 
 use std::future::Future;
@@ -104,13 +105,14 @@ impl WsUpgrade {
 }
 
 /// tungstenite's default buffers are 128 KiB each per connection; most
-/// frames here are tens of bytes, so small buffers (a large frame grows
-/// them, and the transport rebuilds the codec after) keep a connection
-/// cheap. A message may be at most the max payload.
+/// frames here are tens of bytes, so a small read buffer (a large frame
+/// grows it, and the transport rebuilds the codec after) keeps a
+/// connection cheap. tungstenite writes only control frames (pongs, the
+/// close), each at once. A message may be at most the max payload.
 pub(crate) fn config(max_payload: usize) -> WebSocketConfig {
     WebSocketConfig::default()
         .max_message_size(Some(max_payload))
         .max_frame_size(Some(max_payload))
         .read_buffer_size(2 * 1024)
-        .write_buffer_size(4 * 1024)
+        .write_buffer_size(0)
 }
