@@ -413,6 +413,12 @@ async fn a_client_that_stops_reading_is_disconnected_as_slow_consumer() {
         {}
     }
     assert_eq!(n.metric("flowgate_slow_consumer_disconnects_total"), 1.0);
+    // Reading again, it gets whole frames (the one the node was writing
+    // when it gave up is finished), then the close frame.
+    assert_eq!(
+        stuck.closed(Duration::from_secs(10)).await.unwrap(),
+        Closed::Code(1008)
+    );
     let mut joined = false;
     for _ in 0..100 {
         let (_, body) = http(

@@ -257,8 +257,8 @@ pub struct WsTransport {
     ws: Option<WsStream>,
     /// Data frames not yet written.
     pending: Pending,
-    /// A frame was written in part and the write given up: nothing else
-    /// may go on the socket (not even a close frame).
+    /// A write of the pending frames was given up part-way: they are
+    /// finished before tungstenite may write anything.
     torn: bool,
     /// Wire bytes of the messages tungstenite returned, at least.
     consumed: u64,
@@ -302,10 +302,14 @@ impl WsTransport {
         self.grown = false;
     }
 
-    /// Writes what tungstenite queued itself, then the pending frames.
+    /// Writes what tungstenite queued itself (an automatic pong), then the
+    /// pending frames. A write given up part-way through a frame is
+    /// finished first: tungstenite's frames go only between whole frames.
     async fn write_out(&mut self) -> Result<(), End> {
         let ws = self.ws.as_mut().ok_or(End::WriteFailed)?;
-        ws.flush().await.map_err(|_| End::WriteFailed)?;
+        if !self.torn {
+            ws.flush().await.map_err(|_| End::WriteFailed)?;
+        }
         if self.pending.len == 0 {
             return Ok(());
         }
@@ -374,7 +378,9 @@ impl Transport for WsTransport {
     }
 
     async fn close(&mut self, code: Option<(u16, &'static str)>) {
-        if self.torn {
+        // What was handed to the socket goes before the close frame, as a
+        // client that reads again expects it (the caller bounds the wait).
+        if self.write_out().await.is_err() {
             return;
         }
         let Some(ws) = self.ws.as_mut() else { return };
