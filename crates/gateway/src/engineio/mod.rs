@@ -14,6 +14,7 @@ pub mod polling;
 pub mod registry;
 mod transport;
 pub mod ws;
+mod ws_out;
 
 pub use conn::serve;
 pub use end::End;
