@@ -535,10 +535,10 @@ async fn a_large_frame_then_part_of_the_next_keeps_the_part() {
 }
 
 #[tokio::test]
-async fn codecs_rebuilt_at_every_ping_lose_and_reorder_nothing() {
-    // Every ping trims the WebSocket codec; with a ping each 20 ms, a relay
-    // of 120 events with large ones among them spans dozens of rebuilds on
-    // both connections.
+async fn codecs_rebuilt_after_large_frames_lose_and_reorder_nothing() {
+    // Every 9 KiB event rebuilds the sender's codec once it is answered; a
+    // relay of 120 events, with a ping each 20 ms in between, spans
+    // seventeen rebuilds while frames and pongs keep coming.
     let n = node(&[
         ("FLOWGATE_PING_INTERVAL_MS", "20"),
         ("FLOWGATE_PING_TIMEOUT_MS", "5000"),

@@ -126,10 +126,7 @@ async fn run<T: Transport>(mut transport: T, app: Arc<App>, hs: Handshake, sid: 
                 }
                 match heartbeat.on_timer(now) {
                     Beat::TimedOut => break End::PingTimeout,
-                    Beat::Ping => {
-                        transport.trim();
-                        session.push_local(OutFrame::Text(Utf8Bytes::from_static("2")));
-                    }
+                    Beat::Ping => session.push_local(OutFrame::Text(Utf8Bytes::from_static("2"))),
                     Beat::Idle => {}
                 }
                 if let Err(end) = session.on_timer(now).await {

@@ -29,11 +29,6 @@ pub trait Transport: Send {
     fn flush(&mut self) -> impl Future<Output = Result<(), End>> + Send;
     /// Closes the transport, with a close code where the transport has one.
     fn close(&mut self, code: Option<(u16, &'static str)>) -> impl Future<Output = ()> + Send;
-    /// Gives back what a burst left in the transport's buffers, once what
-    /// is buffered now is flushed; the connection task calls it with each
-    /// heartbeat ping, so a quiet connection holds only its smallest
-    /// buffers.
-    fn trim(&mut self) {}
     /// `websocket` or `polling`, for metrics and logs.
     fn name(&self) -> &'static str;
     /// The transports the client may upgrade to, for the open packet.

@@ -14,9 +14,9 @@
 //! server's frames are not masked (RFC 6455 §5.1), so nothing is copied.
 //!
 //! tungstenite's read buffer grows to the largest frame received. After a
-//! large frame came in, and at each heartbeat ping, once the connection is
-//! flushed and tungstenite holds no byte of the next frame, the codec is
-//! rebuilt on the same socket, dropping the grown buffer.
+//! frame larger than the buffer came in, once the connection is flushed and
+//! tungstenite holds no byte of the next frame, the codec is rebuilt on the
+//! same socket, dropping the grown buffer.
 //!
 //! "Holds no byte of the next frame" is known by counting: [`Counted`]
 //! counts the bytes read from the socket, and the transport adds up the
@@ -33,6 +33,8 @@ use bytes::Bytes;
 use futures_util::{FutureExt, SinkExt, StreamExt};
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio_tungstenite::tungstenite::protocol::frame::coding::Data;
+use tokio_tungstenite::tungstenite::protocol::frame::FrameHeader;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role};
 use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
 use tokio_tungstenite::WebSocketStream;
@@ -44,9 +46,9 @@ use super::{End, Incoming, Transport};
 /// The WebSocket of an upgraded HTTP connection.
 pub type WsStream = WebSocketStream<Counted<TokioIo<hyper::upgrade::Upgraded>>>;
 
-/// A frame above this grows tungstenite's read buffer enough to rebuild
-/// the codec once it is read.
-pub const GROWN: usize = 4 * 1024;
+/// tungstenite's read buffer (`http/ws_upgrade.rs` `config`): a frame
+/// larger may have grown it, and the codec is rebuilt once it is read.
+pub const READ_BUFFER: usize = 2 * 1024;
 
 /// Bytes queued past which a feed writes them out before queueing more.
 const WRITE_AT: usize = 64 * 1024;
@@ -115,14 +117,13 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<S> {
 }
 
 /// The fewest bytes a client frame with this payload takes on the wire:
-/// 2 header bytes, the extended length, the 4-byte mask.
+/// the shortest header with its 4-byte mask, and the payload.
 pub fn min_wire_len(payload: usize) -> u64 {
-    let ext = match payload {
-        0..=125 => 0,
-        126..=65535 => 2,
-        _ => 8,
+    let masked = FrameHeader {
+        mask: Some([0; 4]),
+        ..FrameHeader::default()
     };
-    (2 + ext + 4 + payload) as u64
+    (masked.len(payload as u64) + payload) as u64
 }
 
 /// An upgraded WebSocket as a [`Transport`].
@@ -137,8 +138,8 @@ pub struct WsTransport {
     torn: bool,
     /// Wire bytes of the messages tungstenite returned, at least.
     consumed: u64,
-    /// A frame above [`GROWN`] came in since the last rebuild, or the
-    /// connection task asked for a trim: rebuild after the next flush.
+    /// A frame above [`READ_BUFFER`] came in since the last rebuild:
+    /// rebuild after the next flush.
     grown: bool,
 }
 
@@ -155,8 +156,8 @@ impl WsTransport {
         }
     }
 
-    /// Rebuilds the codec if a large frame grew its read buffer (or a trim
-    /// was asked for) and it holds nothing: called after a successful
+    /// Rebuilds the codec if a large frame grew its read buffer and it
+    /// holds nothing: called after a successful
     /// flush (so nothing is waiting to be written, not even an automatic
     /// pong), and only when every byte read from the socket belongs to a
     /// message already returned.
@@ -197,11 +198,11 @@ impl WsTransport {
         Ok(())
     }
 
-    async fn queue(&mut self, opcode: u8, payload: Bytes) -> Result<(), End> {
+    async fn queue(&mut self, data: Data, payload: Bytes) -> Result<(), End> {
         if self.pending.len > WRITE_AT {
             self.write_out().await?;
         }
-        self.pending.push(opcode, payload);
+        self.pending.push(data, payload);
         Ok(())
     }
 }
@@ -217,7 +218,7 @@ impl Transport for WsTransport {
                     Message::Close(_) | Message::Frame(_) => 0,
                 };
                 self.consumed += min_wire_len(len);
-                self.grown |= len > GROWN;
+                self.grown |= len > READ_BUFFER;
             }
             return Some(match msg {
                 Ok(Message::Text(t)) => Ok(Incoming::Text(t)),
@@ -239,11 +240,11 @@ impl Transport for WsTransport {
     }
 
     async fn feed_text(&mut self, text: Utf8Bytes) -> Result<(), End> {
-        self.queue(0x1, Bytes::from(text)).await
+        self.queue(Data::Text, Bytes::from(text)).await
     }
 
     async fn feed_binary(&mut self, data: Bytes) -> Result<(), End> {
-        self.queue(0x2, data).await
+        self.queue(Data::Binary, data).await
     }
 
     async fn flush(&mut self) -> Result<(), End> {
@@ -268,12 +269,6 @@ impl Transport for WsTransport {
                 .await;
         }
         let _ = ws.close(None).await;
-    }
-
-    /// tungstenite's read buffer may have grown on a frame below
-    /// [`GROWN`]: rebuilt after the ping's flush.
-    fn trim(&mut self) {
-        self.grown = true;
     }
 
     fn name(&self) -> &'static str {

@@ -10,6 +10,8 @@ use std::task::Poll;
 
 use bytes::Bytes;
 use tokio::io::{AsyncWrite, AsyncWriteExt};
+use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
+use tokio_tungstenite::tungstenite::protocol::frame::FrameHeader;
 
 /// One piece of an outgoing frame: its header, kept inline (no
 /// allocation per frame), or its payload.
@@ -20,27 +22,18 @@ enum Part {
 }
 
 impl Part {
-    /// The header of an unmasked, final data frame (RFC 6455 §5.2).
-    fn header(opcode: u8, len: usize) -> Part {
-        let mut h = [0u8; 10];
-        h[0] = 0x80 | opcode;
-        let n = match len {
-            0..=125 => {
-                h[1] = len as u8;
-                2
-            }
-            126..=65535 => {
-                h[1] = 126;
-                h[2..4].copy_from_slice(&(len as u16).to_be_bytes());
-                4
-            }
-            _ => {
-                h[1] = 127;
-                h[2..10].copy_from_slice(&(len as u64).to_be_bytes());
-                10
-            }
+    /// The header of an unmasked, final data frame (RFC 6455 §5.2),
+    /// formatted by tungstenite into an inline array.
+    fn header(data: Data, len: usize) -> Part {
+        let h = FrameHeader {
+            opcode: OpCode::Data(data),
+            ..FrameHeader::default()
         };
-        Part::Header(h, n)
+        let mut buf = [0u8; 10];
+        let n = h.len(len as u64);
+        // At most 10 bytes unmasked: the array always has the room.
+        let _ = h.format(len as u64, &mut &mut buf[..]);
+        Part::Header(buf, n as u8)
     }
 
     fn bytes(&self) -> &[u8] {
@@ -65,9 +58,9 @@ pub(super) struct Pending {
 }
 
 impl Pending {
-    pub(super) fn push(&mut self, opcode: u8, payload: Bytes) {
+    pub(super) fn push(&mut self, data: Data, payload: Bytes) {
         self.len += payload.len();
-        self.parts.push_back(Part::header(opcode, payload.len()));
+        self.parts.push_back(Part::header(data, payload.len()));
         if let Some(Part::Header(_, n)) = self.parts.back() {
             self.len += usize::from(*n);
         }
@@ -171,7 +164,7 @@ mod tests {
             let sizes = [0usize, 5, 125, 126, 65_535, 65_536];
             for (i, n) in sizes.iter().enumerate() {
                 p.push(
-                    if i % 2 == 0 { 1 } else { 2 },
+                    if i % 2 == 0 { Data::Text } else { Data::Binary },
                     Bytes::from(vec![i as u8; *n]),
                 );
             }

@@ -22,7 +22,7 @@ use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use tokio_tungstenite::WebSocketStream;
 
-use crate::engineio::ws::{Counted, WsStream};
+use crate::engineio::ws::{Counted, WsStream, READ_BUFFER};
 
 /// A valid WebSocket upgrade request, not yet answered.
 #[derive(Debug)]
@@ -113,6 +113,6 @@ pub(crate) fn config(max_payload: usize) -> WebSocketConfig {
     WebSocketConfig::default()
         .max_message_size(Some(max_payload))
         .max_frame_size(Some(max_payload))
-        .read_buffer_size(2 * 1024)
+        .read_buffer_size(READ_BUFFER)
         .write_buffer_size(0)
 }
