@@ -13,14 +13,13 @@
 use std::collections::VecDeque;
 use std::sync::Arc;
 
-use tokio_tungstenite::tungstenite::Utf8Bytes;
-
-use crate::engineio::ws::WsTransport;
 use bytes::Bytes;
 use flowgate_protocol::{decode_payload, encode_payload, OutPacket, PayloadPacket};
 use parking_lot::Mutex;
 use tokio::sync::{mpsc, Notify, OwnedSemaphorePermit, Semaphore};
+use tokio_tungstenite::tungstenite::Utf8Bytes;
 
+use crate::engineio::ws::WsTransport;
 use crate::engineio::{End, Incoming};
 
 /// One outbound packet waiting for a GET.
