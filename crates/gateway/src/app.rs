@@ -118,6 +118,7 @@ impl App {
                     log_len: config.room_log_len,
                     log_ttl: config.room_log_ttl,
                     bus_json: config.bus_json,
+                    publish_linger: config.publish_linger,
                     queue_shards: config.eventlog.shards,
                     queue_max_len: config.eventlog.queue_max_len,
                     queue_max_bytes: config.eventlog.queue_max_bytes,

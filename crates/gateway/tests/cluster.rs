@@ -684,3 +684,150 @@ async fn concurrent_events_go_in_batches_each_with_its_own_offset_in_order() {
     }
     eprintln!("{events} events in {scripts} script calls");
 }
+
+/// The publish linger (`FLOWGATE_PUBLISH_LINGER_US`): a node sends at most
+/// one publish call per linger, so concurrent events go together even when
+/// Redis answers at once; every event keeps its own offset and order. A
+/// node that was quiet for a linger sends its next event at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_sends_at_most_one_publish_call_per_linger_and_a_quiet_one_at_once() {
+    const SENDERS: usize = 6;
+    const EVENTS: i64 = 10;
+    const LINGER_MS: u64 = 100;
+    let redis = RedisServer::start().unwrap();
+    let ns = nodes_with(
+        &redis,
+        1,
+        &[
+            ("FLOWGATE_RATE_LIMIT_PER_SEC", "10000"),
+            ("FLOWGATE_RATE_LIMIT_BURST", "10000"),
+            ("FLOWGATE_PUBLISH_LINGER_US", "100000"),
+        ],
+    )
+    .await;
+    let flow = "linger";
+    let (mut r, _) = joined(&ns[0], "linger-r", flow).await;
+    let mut senders = Vec::new();
+    for k in 0..SENDERS {
+        senders.push(joined(&ns[0], &format!("linger-s{k}"), flow).await.0);
+    }
+    r.pump(Duration::from_millis(300)).await.unwrap();
+
+    // Quiet for more than a linger: the next event is not held back.
+    tokio::time::sleep(Duration::from_millis(2 * LINGER_MS)).await;
+    let t = Instant::now();
+    let ack = senders[0]
+        .emit_ack(
+            1,
+            "pod:move",
+            json!({"podId": "quiet", "position": {"x": 0, "y": 0}}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(ack, json!({"ok": true}));
+    let quiet = t.elapsed();
+    assert!(
+        quiet < Duration::from_millis(LINGER_MS),
+        "a quiet node held its event back for {quiet:?}"
+    );
+
+    // One sender waiting for each ack: its next event comes within the
+    // linger of the last call, so it waits for the linger to end.
+    let calls0 = ns[0].metric("flowgate_bus_publish_calls_total");
+    let t = Instant::now();
+    for i in 1..=4 {
+        let ack = senders[0]
+            .emit_ack(
+                1 + i,
+                "pod:move",
+                json!({"podId": "quiet", "position": {"x": i, "y": 0}}),
+            )
+            .await
+            .unwrap();
+        assert_eq!(ack, json!({"ok": true}));
+    }
+    let (sequential, calls) = (
+        t.elapsed(),
+        ns[0].metric("flowgate_bus_publish_calls_total") - calls0,
+    );
+    assert_eq!(calls, 4.0, "one call per event of a lone sender");
+    assert!(
+        sequential >= Duration::from_millis(3 * LINGER_MS),
+        "4 calls in {sequential:?}: closer together than the linger"
+    );
+
+    let calls0 = ns[0].metric("flowgate_bus_publish_calls_total");
+    let events0 = ns[0].metric("flowgate_bus_published_events_total");
+    let started = Instant::now();
+    let tasks: Vec<_> = senders
+        .into_iter()
+        .enumerate()
+        .map(|(k, mut c)| {
+            tokio::spawn(async move {
+                for i in 0..EVENTS {
+                    let ack = c
+                        .emit_ack(
+                            10 + i as u64,
+                            "pod:move",
+                            json!({"podId": format!("s{k}"), "position": {"x": i, "y": 0}}),
+                        )
+                        .await
+                        .unwrap();
+                    assert_eq!(ack, json!({"ok": true}), "s{k} event {i}");
+                }
+                c
+            })
+        })
+        .collect();
+    let mut keep = Vec::new();
+    for t in tasks {
+        keep.push(t.await.unwrap());
+    }
+    let elapsed = started.elapsed();
+    let calls = ns[0].metric("flowgate_bus_publish_calls_total") - calls0;
+    let events = ns[0].metric("flowgate_bus_published_events_total") - events0;
+    assert_eq!(
+        events,
+        (SENDERS as i64 * EVENTS) as f64,
+        "every event published"
+    );
+    // One call at once, then at most one per linger (and one more for the
+    // linger under way when the senders stopped).
+    let bound = (elapsed.as_millis() as f64 / LINGER_MS as f64).floor() + 2.0;
+    assert!(
+        calls <= bound,
+        "{calls} publish calls in {elapsed:?}: more than one per {LINGER_MS} ms linger"
+    );
+    assert!(
+        events / calls >= 2.0,
+        "{events} events in {calls} calls: not batched"
+    );
+    let mut seen: HashMap<String, Vec<i64>> = HashMap::new();
+    while let Ok(Ok((name, v))) =
+        tokio::time::timeout(Duration::from_millis(800), r.recv_event()).await
+    {
+        if name == "pod:moved" {
+            seen.entry(v["podId"].as_str().unwrap().to_owned())
+                .or_default()
+                .push(v["position"]["x"].as_i64().unwrap());
+        }
+    }
+    assert_eq!(seen.remove("quiet"), Some(vec![0, 1, 2, 3, 4]));
+    assert_eq!(seen.len(), SENDERS, "every sender heard");
+    for (sender, xs) in &seen {
+        assert_eq!(
+            xs,
+            &(0..EVENTS).collect::<Vec<_>>(),
+            "{sender}: once, in order"
+        );
+    }
+    // Each event its own log entry: the receiver's and senders' joins,
+    // the quiet event and the moves.
+    let len: u64 = redis
+        .cli(&["xlen", &format!("{{flow:{flow}}}:log")])
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert_eq!(len, 1 + SENDERS as u64 + 5 + SENDERS as u64 * EVENTS as u64);
+    eprintln!("{events} events in {calls} calls over {elapsed:?}");
+}

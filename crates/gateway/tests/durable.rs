@@ -605,6 +605,7 @@ async fn test_queue(e: &Env, grace_ms: u64, max_bytes: u64, shards: u32) -> Arc<
             log_len: 1000,
             log_ttl: Duration::from_secs(3600),
             bus_json: false,
+            publish_linger: Duration::from_millis(1),
             queue_shards: shards,
             queue_max_len: 1000,
             queue_max_bytes: max_bytes,

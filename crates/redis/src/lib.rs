@@ -119,6 +119,9 @@ pub struct RedisSettings {
     /// Publish room messages in the first releases' JSON
     /// (`flowgate_engine::wire`, version 0) instead of the binary format.
     pub bus_json: bool,
+    /// A node's publish calls per group (`batches`) are at least this far
+    /// apart; zero: batches form only while a call is in flight.
+    pub publish_linger: Duration,
     /// Streams the event-log queue is sharded over, by flow (each shard
     /// under its own hash tag, so on a cluster they spread over masters).
     pub queue_shards: u32,

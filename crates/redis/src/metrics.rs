@@ -14,6 +14,10 @@ pub(crate) struct Metrics {
     pub(crate) reaped_sessions: IntCounter,
     pub(crate) resubscribes: IntCounter,
     pub(crate) gap_filled: IntCounter,
+    /// Publish script calls, and the room events they carried: their ratio
+    /// is the mean batch (see `batches`).
+    pub(crate) publish_calls: IntCounter,
+    pub(crate) published_events: IntCounter,
     /// Persisted events the durable queue refused, by reason (`full`,
     /// `stale`).
     pub(crate) eventlog_refused: IntCounterVec,
@@ -74,6 +78,14 @@ impl Metrics {
             gap_filled: c(
                 "bus_gap_filled_total",
                 "Room messages this node read back from room logs after a lag or reconnect",
+            )?,
+            publish_calls: c(
+                "bus_publish_calls_total",
+                "Publish script calls this node sent to Redis (each carries one or more room events)",
+            )?,
+            published_events: c(
+                "bus_published_events_total",
+                "Room events this node sent in publish script calls",
             )?,
         })
     }

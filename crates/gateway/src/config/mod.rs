@@ -172,6 +172,11 @@ pub struct Config {
     /// `FLOWGATE_BUS_FORMAT=json`: publish room messages in the first
     /// releases' JSON (for a rolling upgrade from them); default `binary`.
     pub bus_json: bool,
+    /// `FLOWGATE_PUBLISH_LINGER_US` (1 000): a node's publish calls per
+    /// Redis server (per room on a cluster) are at least this far apart;
+    /// events that come in between go together in the next call. 0: only
+    /// while a call is in flight.
+    pub publish_linger: Duration,
     /// `FLOWGATE_DB_POOL_SIZE` (16): Postgres connections per node.
     pub db_pool_size: usize,
     /// `FLOWGATE_DB_CONNECT_TIMEOUT_MS` (5 000): wait for a pooled connection.
@@ -290,6 +295,7 @@ impl Config {
             presence_refresh,
             session_ttl,
             bus_json,
+            publish_linger,
         } = redis::Redis::from_vars(vars)?;
         let database::Database {
             database_url,
@@ -408,6 +414,7 @@ impl Config {
             room_log_len,
             room_log_ttl,
             bus_json,
+            publish_linger,
             db_pool_size,
             db_connect_timeout,
             db_query_timeout,

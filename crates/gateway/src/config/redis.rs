@@ -24,6 +24,7 @@ pub(super) struct Redis {
     pub(super) presence_refresh: Duration,
     pub(super) session_ttl: Duration,
     pub(super) bus_json: bool,
+    pub(super) publish_linger: Duration,
 }
 
 impl Redis {
@@ -100,6 +101,18 @@ impl Redis {
                 "binary" => false,
                 "json" => true,
                 _ => return Err(err("FLOWGATE_BUS_FORMAT", "must be `binary` or `json`")),
+            },
+            publish_linger: {
+                let us: u64 = parse(vars, "FLOWGATE_PUBLISH_LINGER_US", 1_000)?;
+                // Every event of a busy node may wait this long: more than
+                // a few milliseconds would be felt by users.
+                if us > 100_000 {
+                    return Err(err(
+                        "FLOWGATE_PUBLISH_LINGER_US",
+                        "must be at most 100000 (100 ms)",
+                    ));
+                }
+                Duration::from_micros(us)
             },
         };
         // A node is declared dead only after it missed at least two beats,
