@@ -160,7 +160,7 @@ async fn open(
         let app2 = app.clone();
         app.drain.tracker().spawn(async move {
             let _slot = slot;
-            engineio::serve(transport, app2, hs, sid).await;
+            engineio::serve(Box::new(transport), app2, hs, sid).await;
         });
         return poll_response(shared.poll().await);
     }
@@ -177,13 +177,16 @@ async fn open(
     ws.respond(
         move |socket| {
             let tracker = app.drain.tracker().clone();
+            // The transport is boxed before the block: a block keeps what
+            // it captured for its whole life, beside where it moved it.
+            let transport = Box::new(WsTransport::new(socket, 0));
             // Boxed: the task would otherwise hold room for the upgrade's
             // state and the connection's side by side for the connection's
             // whole life (measured: a 4.3 KiB task cell per connection).
             tracker.track_future(Box::pin(async move {
                 let _slot = slot;
                 let sid = crate::ids::random_id(20);
-                engineio::serve(WsTransport::new(socket, 0), app, hs, sid).await;
+                engineio::serve(transport, app, hs, sid).await;
             }))
         },
         || {},
