@@ -464,7 +464,7 @@ fn masked_text_frame(payload: &str) -> Vec<u8> {
 
 #[tokio::test]
 async fn large_events_arrive_whole_both_ways_and_the_connection_goes_on() {
-    // Larger than the gateway's 4 KiB fragments and its 2 KiB read buffer,
+    // Larger than the gateway's 4 KiB fragments and its 1 KiB read buffer,
     // so each one is fragmented going out and grows the buffers coming in.
     let n = node(&[]).await;
     let mut a = bystander(&n).await;

@@ -48,7 +48,10 @@ pub type WsStream = WebSocketStream<Counted<TokioIo<hyper::upgrade::Upgraded>>>;
 
 /// tungstenite's read buffer (`http/ws_upgrade.rs` `config`): a frame
 /// larger may have grown it, and the codec is rebuilt once it is read.
-pub const READ_BUFFER: usize = 2 * 1024;
+/// 1 KiB holds the usual event (a cursor, a pod move: tens to hundreds of
+/// bytes) and costs every idle connection 1 KiB less than 2 KiB did
+/// (measured: 11.95 → 11.04 KiB of RSS per connection, docs/benchmarks.md).
+pub const READ_BUFFER: usize = 1024;
 
 /// Bytes queued past which a feed writes them out before queueing more.
 const WRITE_AT: usize = 64 * 1024;
