@@ -101,9 +101,11 @@ impl Pending {
         }
     }
 
-    /// Once empty: gives back the queue a large batch grew.
+    /// Once empty: gives the queue's allocation back, so an idle
+    /// connection holds none (the next write allocates a small one again:
+    /// cheap beside the write itself).
     pub(super) fn shrink(&mut self) {
-        if self.parts.capacity() > 16 {
+        if self.parts.capacity() > 0 {
             self.parts = Default::default();
         }
     }
