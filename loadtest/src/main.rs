@@ -201,7 +201,7 @@ enum Cmd {
         out_dir: Option<PathBuf>,
     },
     /// Nodes, Redis shards, Postgres writes and egress for a number of
-    /// users, from measured unit costs (defaults: docs/benchmarks.md, s9).
+    /// users, from measured unit costs (defaults: docs/benchmarks.md, s9, c3, e3).
     Capacity(CapacityArgs),
     /// (internal) One shard of the idle scenario.
     #[command(hide = true)]
@@ -234,8 +234,9 @@ struct CapacityArgs {
     /// Redis CPU per published event, µs (c3, batched publishes: 29.9).
     #[arg(long, default_value_t = 29.9)]
     redis_us_per_event: f64,
-    /// Gateway memory per connection, KiB (s9: 13.7 idle).
-    #[arg(long, default_value_t = 13.7)]
+    /// Gateway memory per connection, KiB (e3: 9.8 after activity, 9.6
+    /// idle; s9: 13.7 idle).
+    #[arg(long, default_value_t = 9.8)]
     kib_per_connection: f64,
     #[arg(long, default_value_t = 4.0)]
     cores_per_node: f64,
