@@ -216,14 +216,10 @@ impl RedisEngine {
     /// (and the group is idle).
     fn take_batch(&self, group: &str) -> Option<Vec<Pending>> {
         let mut groups = self.0.batches.groups.lock();
-        let g = groups.map.get_mut(group)?;
-        if g.queue.is_empty() {
-            g.busy = false;
-            if self.0.settings.publish_linger.is_zero() {
-                groups.map.remove(group);
-            }
+        if !self.waiting(&mut groups, group) {
             return None;
         }
+        let g = groups.map.get_mut(group)?;
         let mut n = 0;
         let mut bytes = 0;
         for p in &g.queue {
@@ -240,7 +236,12 @@ impl RedisEngine {
 
     /// Whether events of `group` wait; if none does, the group is idle.
     fn has_waiting(&self, group: &str) -> bool {
-        let mut groups = self.0.batches.groups.lock();
+        self.waiting(&mut self.0.batches.groups.lock(), group)
+    }
+
+    /// Whether events of `group` wait; if none does, the group becomes
+    /// idle (and is forgotten without a linger to remember).
+    fn waiting(&self, groups: &mut Groups, group: &str) -> bool {
         let Some(g) = groups.map.get_mut(group) else {
             return false;
         };

@@ -187,6 +187,22 @@ mod tests {
     }
 
     #[test]
+    fn the_publish_linger_is_bounded_and_named_when_wrong() {
+        assert_eq!(with(&[]).unwrap().publish_linger.as_micros(), 1000);
+        let c = with(&[("FLOWGATE_PUBLISH_LINGER_US", "0")]).unwrap();
+        assert!(c.publish_linger.is_zero());
+        for bad in ["100001", "-1", "1ms", ""] {
+            let e = with(&[("FLOWGATE_PUBLISH_LINGER_US", bad)]);
+            if bad.is_empty() {
+                // An empty variable is an unset one (as for every variable).
+                assert_eq!(e.unwrap().publish_linger.as_micros(), 1000);
+                continue;
+            }
+            assert_eq!(e.unwrap_err().var, "FLOWGATE_PUBLISH_LINGER_US", "{bad}");
+        }
+    }
+
+    #[test]
     fn bad_urls_and_tls_files_name_their_variable() {
         let e = with(&[("REDIS_URL", "http://x")]).unwrap_err();
         assert_eq!(e.var, "REDIS_URL");
