@@ -158,9 +158,12 @@ async fn open(
             app.metrics.upgrades.clone(),
         );
         let app2 = app.clone();
+        // Boxed before the block, which keeps what it captured for its
+        // whole life (as for the WebSocket below).
+        let transport = Box::new(transport);
         app.drain.tracker().spawn(async move {
             let _slot = slot;
-            engineio::serve(Box::new(transport), app2, hs, sid).await;
+            engineio::serve(transport, app2, hs, sid).await;
         });
         return poll_response(shared.poll().await);
     }
