@@ -30,6 +30,20 @@ async fn joined(n: &TestNode, user: &str, flow: &str) -> (RawClient, Vec<Value>)
     (c, users.as_array().unwrap().clone())
 }
 
+/// Sends `pod:move` of `pod` to `x` with ack `id`; panics unless it is
+/// acknowledged `{ok: true}` (`what` names the event in the message).
+async fn move_pod(c: &mut RawClient, id: u64, pod: &str, x: i64, what: &str) {
+    let ack = c
+        .emit_ack(
+            id,
+            "pod:move",
+            json!({"podId": pod, "position": {"x": x, "y": 0}}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(ack, json!({"ok": true}), "{what}");
+}
+
 fn user_ids(users: &[Value]) -> Vec<String> {
     let mut v: Vec<String> = users
         .iter()
@@ -607,15 +621,8 @@ async fn concurrent_events_go_in_batches_each_with_its_own_offset_in_order() {
         .map(|(flow, k, mut c)| {
             tokio::spawn(async move {
                 for i in 0..EVENTS {
-                    let ack = c
-                        .emit_ack(
-                            i as u64 + 1,
-                            "pod:move",
-                            json!({"podId": format!("s{k}"), "position": {"x": i, "y": 0}}),
-                        )
-                        .await
-                        .unwrap();
-                    assert_eq!(ack, json!({"ok": true}), "{flow} s{k} event {i}");
+                    let what = format!("{flow} s{k} event {i}");
+                    move_pod(&mut c, i as u64 + 1, &format!("s{k}"), i, &what).await;
                     if i % 5 == 0 {
                         let ack = c
                             .emit_ack(
@@ -716,15 +723,7 @@ async fn a_node_sends_at_most_one_publish_call_per_linger_and_a_quiet_one_at_onc
     // Quiet for more than a linger: the next event is not held back.
     tokio::time::sleep(Duration::from_millis(2 * LINGER_MS)).await;
     let t = Instant::now();
-    let ack = senders[0]
-        .emit_ack(
-            1,
-            "pod:move",
-            json!({"podId": "quiet", "position": {"x": 0, "y": 0}}),
-        )
-        .await
-        .unwrap();
-    assert_eq!(ack, json!({"ok": true}));
+    move_pod(&mut senders[0], 1, "quiet", 0, "quiet event").await;
     let quiet = t.elapsed();
     assert!(
         quiet < Duration::from_millis(LINGER_MS),
@@ -736,15 +735,7 @@ async fn a_node_sends_at_most_one_publish_call_per_linger_and_a_quiet_one_at_onc
     let calls0 = ns[0].metric("flowgate_bus_publish_calls_total");
     let t = Instant::now();
     for i in 1..=4 {
-        let ack = senders[0]
-            .emit_ack(
-                1 + i,
-                "pod:move",
-                json!({"podId": "quiet", "position": {"x": i, "y": 0}}),
-            )
-            .await
-            .unwrap();
-        assert_eq!(ack, json!({"ok": true}));
+        move_pod(&mut senders[0], 1 + i as u64, "quiet", i, "lone sender").await;
     }
     let (sequential, calls) = (
         t.elapsed(),
@@ -765,15 +756,8 @@ async fn a_node_sends_at_most_one_publish_call_per_linger_and_a_quiet_one_at_onc
         .map(|(k, mut c)| {
             tokio::spawn(async move {
                 for i in 0..EVENTS {
-                    let ack = c
-                        .emit_ack(
-                            10 + i as u64,
-                            "pod:move",
-                            json!({"podId": format!("s{k}"), "position": {"x": i, "y": 0}}),
-                        )
-                        .await
-                        .unwrap();
-                    assert_eq!(ack, json!({"ok": true}), "s{k} event {i}");
+                    let what = format!("s{k} event {i}");
+                    move_pod(&mut c, 10 + i as u64, &format!("s{k}"), i, &what).await;
                 }
                 c
             })
