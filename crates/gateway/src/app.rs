@@ -113,7 +113,7 @@ impl App {
                     heartbeat: config.node_heartbeat,
                     dead_after: config.node_dead_after,
                     presence_refresh: config.presence_refresh,
-                    session_ttl: config.session_ttl,
+                    presence_verify: config.presence_verify,
                     command_timeout: config.redis_timeout,
                     log_len: config.room_log_len,
                     log_ttl: config.room_log_ttl,

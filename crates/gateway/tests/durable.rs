@@ -600,7 +600,7 @@ async fn test_queue(e: &Env, grace_ms: u64, max_bytes: u64, shards: u32) -> Arc<
             heartbeat: Duration::from_secs(1),
             dead_after: Duration::from_secs(5),
             presence_refresh: Duration::from_secs(5),
-            session_ttl: Duration::from_secs(20),
+            presence_verify: Duration::from_secs(300),
             command_timeout: Duration::from_secs(2),
             log_len: 1000,
             log_ttl: Duration::from_secs(3600),

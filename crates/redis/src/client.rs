@@ -269,7 +269,7 @@ impl RedisEngine {
                 self.hold_reaping();
                 self.0.repair_node_set.store(true, Ordering::Relaxed);
                 self.heartbeat().await;
-                self.refresh_presence().await;
+                self.verify_presence().await;
             }
         }
     }

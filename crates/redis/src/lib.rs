@@ -106,10 +106,12 @@ pub struct RedisSettings {
     pub heartbeat: Duration,
     /// A node silent this long is dead and its sessions are removed.
     pub dead_after: Duration,
-    /// How often the node extends its sessions' expiry.
+    /// How often the node prunes its local limiter state and leases.
     pub presence_refresh: Duration,
-    /// A session not refreshed this long is no longer listed.
-    pub session_ttl: Duration,
+    /// How often the node verifies its presence entries when nothing asked
+    /// for it sooner (see `presence.rs`); they expire, as a backstop, after
+    /// three of these without one.
+    pub presence_verify: Duration,
     /// Per-command timeout.
     pub command_timeout: Duration,
     /// Approximate number of events kept per room stream (for recovery).
@@ -174,9 +176,11 @@ pub(crate) struct Inner {
     /// No dead-node scan before this (ms after `started`): set when Redis
     /// comes back, see `reaper`.
     pub(crate) reap_not_before_ms: AtomicU64,
-    /// Rebuild this node's session set at the next presence refresh (set
-    /// when Redis comes back: it may have lost it).
+    /// Rebuild this node's session set at the next presence verification
+    /// (set when Redis comes back or this node was reaped: it may be gone).
     pub(crate) repair_node_set: AtomicBool,
+    /// Verify this node's presence at the next maintenance tick.
+    pub(crate) verify_presence: AtomicBool,
 }
 
 /// The Redis engine of one node. Cheap to clone.
@@ -239,6 +243,7 @@ impl RedisEngine {
             started: std::time::Instant::now(),
             reap_not_before_ms: AtomicU64::new(0),
             repair_node_set: AtomicBool::new(false),
+            verify_presence: AtomicBool::new(false),
             settings,
         });
         let engine = RedisEngine(inner);

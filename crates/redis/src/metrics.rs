@@ -12,6 +12,10 @@ pub(crate) struct Metrics {
     pub(crate) bus_lagged: IntCounter,
     pub(crate) bus_undecodable: IntCounter,
     pub(crate) reaped_sessions: IntCounter,
+    /// Verifications of this node's presence (see `presence`), and the
+    /// entries of failed leaves they removed.
+    pub(crate) presence_verifications: IntCounter,
+    pub(crate) presence_leftovers: IntCounter,
     pub(crate) resubscribes: IntCounter,
     pub(crate) gap_filled: IntCounter,
     /// Publish script calls, and the room events they carried: their ratio
@@ -70,6 +74,14 @@ impl Metrics {
             reaped_sessions: c(
                 "presence_reaped_sessions_total",
                 "Sessions of dead nodes removed by this node",
+            )?,
+            presence_verifications: c(
+                "presence_verifications_total",
+                "Times this node verified its presence entries (periodically, or after a reconnect, an outage or a reaping)",
+            )?,
+            presence_leftovers: c(
+                "presence_leftovers_removed_total",
+                "Presence entries of this node that no local session held (failed leaves), removed by a verification",
             )?,
             resubscribes: c(
                 "bus_resubscribes_total",

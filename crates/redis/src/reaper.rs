@@ -4,10 +4,12 @@
 //!
 //! The maintenance loop lives here rather than in `presence.rs` because
 //! its cadence is the reaper's: it ticks every heartbeat interval to scan
-//! for dead nodes, and only every `presence_refresh` does it also extend
-//! this node's sessions. Its clean exit (dropping this node's heartbeat and
-//! session set) is what keeps the other nodes' reapers from acting on it.
+//! for dead nodes; this node's presence is verified only when something
+//! says it may be wrong (see `presence.rs`) or every `presence_verify`.
+//! Its clean exit (dropping this node's heartbeat and session set) is what
+//! keeps the other nodes' reapers from acting on it.
 
+use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use flowgate_engine::{RoomBus, RoomMessage, SessionInfo};
@@ -21,26 +23,42 @@ use crate::keys::{node_sessions_key, presence_keys, reap_lock_key, NODES_KEY};
 use crate::RedisEngine;
 
 impl RedisEngine {
-    /// Dead-node reaping and presence refresh.
+    /// Dead-node reaping, presence verification and the pruning of local
+    /// limiter state.
     pub(crate) async fn maintenance(self, stop: CancellationToken) {
         let s = &self.0.settings;
         let mut tick = tokio::time::interval(s.heartbeat);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut last_refresh = Instant::now();
+        // A reconnect of the command client may be a failover to a replica
+        // that missed this node's latest writes (on a Redis Cluster, one
+        // shard's: the pinger, which talks to one server, would not see it).
+        let mut reconnects = self.0.client.reconnect_rx();
+        let mut last_prune = Instant::now();
+        let mut last_verify = Instant::now();
         loop {
             tokio::select! {
                 _ = stop.cancelled() => break,
                 _ = tick.tick() => {}
+                r = reconnects.recv() => {
+                    if !matches!(r, Err(tokio::sync::broadcast::error::RecvError::Closed)) {
+                        self.0.verify_presence.store(true, Ordering::Relaxed);
+                    }
+                    continue;
+                }
             }
             if !self.is_up() {
                 continue;
             }
             self.reap_dead().await;
-            if last_refresh.elapsed() >= s.presence_refresh {
-                last_refresh = Instant::now();
-                self.refresh_presence().await;
+            let asked = self.0.verify_presence.swap(false, Ordering::Relaxed);
+            if asked || last_verify.elapsed() >= s.presence_verify {
+                last_verify = Instant::now();
+                self.verify_presence().await;
+            }
+            if last_prune.elapsed() >= s.presence_refresh {
+                last_prune = Instant::now();
                 self.0.local.retain_recent();
-                self.0.leases.prune(std::time::Instant::now());
+                self.0.leases.prune(Instant::now());
             }
         }
         // Clean exit: sessions still open at the deadline leave with a
@@ -145,33 +163,11 @@ impl RedisEngine {
             let Some((room, sid)) = m.split_once('\n') else {
                 continue;
             };
-            let left: Result<Option<String>, _> = self
-                .0
-                .scripts
-                .leave
-                // Only entries this node still owns: a session recovered
-                // on another node lives on.
-                .evalsha_with_reload(
-                    c,
-                    presence_keys(room),
-                    vec![sid.to_owned(), format!("{node}/")],
-                )
-                .await;
-            if let Ok(Some(json)) = left {
+            if self
+                .remove_session(node, room, sid, &self.0.metrics.reaped_sessions)
+                .await
+            {
                 removed += 1;
-                self.0.metrics.reaped_sessions.inc();
-                // Its pod locks go with it, in the same bound (the next
-                // lock sweep releases and announces them).
-                self.expire_lock_holder(room, sid, node).await;
-                if let Ok(s) = serde_json::from_str::<SessionInfo>(&json) {
-                    let msg = RoomMessage::new(
-                        "user:left",
-                        json!({"userId": s.user_id, "socketId": s.socket_id, "userName": s.user_name}),
-                    );
-                    if let Err(e) = self.publish(room, msg).await {
-                        warn!(room, error = %e, "user:left for a dead node's session not published");
-                    }
-                }
             }
         }
         let _: Result<i64, _> = c.del(node_sessions_key(node)).await;
@@ -186,5 +182,46 @@ impl RedisEngine {
                 "removed the sessions of a dead node"
             );
         }
+    }
+
+    /// Removes `room`'s presence entry of `sid` if a connection of `node`
+    /// still owns it (a session recovered on another node lives on),
+    /// expires its pod locks and announces `user:left`. True when it was
+    /// removed: of all callers racing for one entry, exactly one. `count`
+    /// is incremented before the announcement goes out.
+    pub(crate) async fn remove_session(
+        &self,
+        node: &str,
+        room: &str,
+        sid: &str,
+        count: &prometheus::IntCounter,
+    ) -> bool {
+        let left: Result<Option<String>, _> = self
+            .0
+            .scripts
+            .leave
+            .evalsha_with_reload(
+                &self.0.client,
+                presence_keys(room),
+                vec![sid.to_owned(), format!("{node}/")],
+            )
+            .await;
+        let Ok(Some(json)) = left else {
+            return false;
+        };
+        count.inc();
+        // Its pod locks go with it, in the same bound (the next lock sweep
+        // releases and announces them).
+        self.expire_lock_holder(room, sid, node).await;
+        if let Ok(s) = serde_json::from_str::<SessionInfo>(&json) {
+            let msg = RoomMessage::new(
+                "user:left",
+                json!({"userId": s.user_id, "socketId": s.socket_id, "userName": s.user_name}),
+            );
+            if let Err(e) = self.publish(room, msg).await {
+                warn!(room, error = %e, "user:left of a removed session not published");
+            }
+        }
+        true
     }
 }

@@ -177,9 +177,9 @@ redis.call('ZREM', KEYS[2], ARGV[1])
 return v
 "#;
 
-/// Extends the expiry of a node's sessions in one room; returns the socket
-/// ids that are missing (lost in a Redis restart, or reaped while the node
-/// was unreachable) so the node re-registers them.
+/// Renews the backstop expiry of a node's sessions in one room; returns
+/// the socket ids that are missing (lost in a Redis restart, or reaped
+/// while the node was unreachable) so the node re-registers them.
 /// KEYS: presence hash, expiry zset. ARGV: TTL (ms), socket ids…
 pub(crate) const PRESENCE_REFRESH: &str = r#"
 local t = redis.call('TIME')
@@ -195,12 +195,13 @@ end
 return missing
 "#;
 
-/// Records a node heartbeat at Redis time. KEYS: nodes zset. ARGV: node id.
+/// Records a node heartbeat at Redis time; returns 1 when the node was not
+/// listed (new, reaped, or lost by Redis), else 0. KEYS: nodes zset. ARGV:
+/// node id.
 pub(crate) const HEARTBEAT: &str = r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-redis.call('ZADD', KEYS[1], now, ARGV[1])
-return now
+return redis.call('ZADD', KEYS[1], now, ARGV[1])
 "#;
 
 /// Nodes whose last heartbeat is older than ARGV[1] ms. KEYS: nodes zset.

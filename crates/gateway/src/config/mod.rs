@@ -157,12 +157,17 @@ pub struct Config {
     /// `FLOWGATE_NODE_DEAD_AFTER_MS` (5 000): a node silent this long is
     /// dead; its sessions are removed with `user:left`.
     pub node_dead_after: Duration,
-    /// `FLOWGATE_PRESENCE_REFRESH_MS` (5 000): how often a node extends its
-    /// sessions in Redis.
+    /// `FLOWGATE_PRESENCE_REFRESH_MS` (5 000): how often a connection
+    /// extends its pod-lock holder entries (and the node prunes its
+    /// limiter state).
     pub presence_refresh: Duration,
-    /// `FLOWGATE_SESSION_TTL_MS` (20 000): a session not refreshed for this
-    /// long is no longer listed.
+    /// `FLOWGATE_SESSION_TTL_MS` (20 000): a lock holder not refreshed for
+    /// this long loses its locks.
     pub session_ttl: Duration,
+    /// `FLOWGATE_PRESENCE_VERIFY_MS` (300 000): how often a node verifies
+    /// its presence entries when nothing asked for it sooner; a session's
+    /// liveness is its node's heartbeat.
+    pub presence_verify: Duration,
     /// `FLOWGATE_REDIS_TIMEOUT_MS` (1 000): per-command timeout.
     pub redis_timeout: Duration,
     /// `FLOWGATE_ROOM_LOG_LEN` (1 000): events kept per room stream.
@@ -294,6 +299,7 @@ impl Config {
             node_dead_after,
             presence_refresh,
             session_ttl,
+            presence_verify,
             bus_json,
             publish_linger,
         } = redis::Redis::from_vars(vars)?;
@@ -410,6 +416,7 @@ impl Config {
             node_dead_after,
             presence_refresh,
             session_ttl,
+            presence_verify,
             redis_timeout,
             room_log_len,
             room_log_ttl,

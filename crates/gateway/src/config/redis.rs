@@ -23,6 +23,7 @@ pub(super) struct Redis {
     pub(super) node_dead_after: Duration,
     pub(super) presence_refresh: Duration,
     pub(super) session_ttl: Duration,
+    pub(super) presence_verify: Duration,
     pub(super) bus_json: bool,
     pub(super) publish_linger: Duration,
 }
@@ -82,6 +83,10 @@ impl Redis {
                 "FLOWGATE_SESSION_TTL_MS",
                 millis(vars, "FLOWGATE_SESSION_TTL_MS", 20_000)?,
             )?,
+            presence_verify: positive(
+                "FLOWGATE_PRESENCE_VERIFY_MS",
+                millis(vars, "FLOWGATE_PRESENCE_VERIFY_MS", 300_000)?,
+            )?,
             redis_timeout: positive(
                 "FLOWGATE_REDIS_TIMEOUT_MS",
                 millis(vars, "FLOWGATE_REDIS_TIMEOUT_MS", 1_000)?,
@@ -116,9 +121,9 @@ impl Redis {
             },
         };
         // A node is declared dead only after it missed at least two beats,
-        // and a session is listed only while it was refreshed at least once
-        // in its TTL: otherwise a live node would be reaped, or a live
-        // session hidden, by one late tick.
+        // and a lock holder keeps its locks only while it was refreshed at
+        // least once in its TTL: otherwise a live node would be reaped, or
+        // a live holder's locks released, by one late tick.
         if r.node_dead_after < r.node_heartbeat * 2 {
             return Err(err(
                 "FLOWGATE_NODE_DEAD_AFTER_MS",
@@ -199,6 +204,17 @@ mod tests {
                 continue;
             }
             assert_eq!(e.unwrap_err().var, "FLOWGATE_PUBLISH_LINGER_US", "{bad}");
+        }
+    }
+
+    #[test]
+    fn the_presence_verification_defaults_to_five_minutes_and_is_positive() {
+        assert_eq!(with(&[]).unwrap().presence_verify.as_secs(), 300);
+        let c = with(&[("FLOWGATE_PRESENCE_VERIFY_MS", "2500")]).unwrap();
+        assert_eq!(c.presence_verify.as_millis(), 2500);
+        for bad in ["0", "-5", "5s"] {
+            let e = with(&[("FLOWGATE_PRESENCE_VERIFY_MS", bad)]);
+            assert_eq!(e.unwrap_err().var, "FLOWGATE_PRESENCE_VERIFY_MS", "{bad}");
         }
     }
 
