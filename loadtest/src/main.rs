@@ -234,9 +234,9 @@ struct CapacityArgs {
     /// Redis CPU per published event, µs (c3, batched publishes: 29.9).
     #[arg(long, default_value_t = 29.9)]
     redis_us_per_event: f64,
-    /// Gateway memory per connection, KiB (e3: 9.8 after activity, 9.6
+    /// Gateway memory per connection, KiB (e7: 9.25 after activity, 8.30
     /// idle; s9: 13.7 idle).
-    #[arg(long, default_value_t = 9.8)]
+    #[arg(long, default_value_t = 9.25)]
     kib_per_connection: f64,
     #[arg(long, default_value_t = 4.0)]
     cores_per_node: f64,
