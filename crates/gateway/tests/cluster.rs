@@ -54,22 +54,7 @@ fn user_ids(users: &[Value]) -> Vec<String> {
 }
 
 async fn presence(n: &TestNode, flow: &str) -> Vec<Value> {
-    let auth = format!("Bearer {SERVICE_TOKEN}");
-    let (s, body) = http(
-        n.addr,
-        "GET",
-        &format!("/v1/flows/{flow}/presence"),
-        &[("Authorization", &auth)],
-        None,
-    )
-    .await
-    .unwrap();
-    assert_eq!(s, 200, "{body}");
-    serde_json::from_str::<Value>(&body)
-        .unwrap()
-        .as_array()
-        .unwrap()
-        .clone()
+    n.presence(flow).await
 }
 
 #[tokio::test]

@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 
 use flowgate_test_support::chaos::ChaosProxy;
 use flowgate_test_support::procs::{NodeProcess, RedisServer};
-use flowgate_test_support::{http, token, RawClient, TestNode, SERVICE_TOKEN};
-use serde_json::{json, Value};
+use flowgate_test_support::{http, token, RawClient, TestNode};
+use serde_json::json;
 
 /// Fast heartbeats; the lock refresh (which also drove the presence refresh
 /// before) every 300 ms; the periodic verification left at its default
@@ -37,21 +37,9 @@ async fn joined(ws_url: &str, user: &str, flow: &str) -> RawClient {
 
 /// The user ids `GET /v1/flows/{flow}/presence` lists on `n`, sorted.
 async fn listed(n: &TestNode, flow: &str) -> Vec<String> {
-    let auth = format!("Bearer {SERVICE_TOKEN}");
-    let (s, body) = http(
-        n.addr,
-        "GET",
-        &format!("/v1/flows/{flow}/presence"),
-        &[("Authorization", &auth)],
-        None,
-    )
-    .await
-    .unwrap();
-    assert_eq!(s, 200, "{body}");
-    let mut ids: Vec<String> = serde_json::from_str::<Value>(&body)
-        .unwrap()
-        .as_array()
-        .unwrap()
+    let mut ids: Vec<String> = n
+        .presence(flow)
+        .await
         .iter()
         .map(|u| u["userId"].as_str().unwrap().to_owned())
         .collect();

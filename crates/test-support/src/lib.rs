@@ -150,6 +150,26 @@ impl TestNode {
     pub fn metric(&self, sample: &str) -> f64 {
         metric_value(&self.app.metrics.render(), sample)
     }
+
+    /// The sessions `GET /v1/flows/{flow}/presence` lists (panics unless
+    /// it answers 200 with an array).
+    pub async fn presence(&self, flow: &str) -> Vec<Value> {
+        let auth = format!("Bearer {SERVICE_TOKEN}");
+        let (s, body) = http(
+            self.addr,
+            "GET",
+            &format!("/v1/flows/{flow}/presence"),
+            &[("Authorization", &auth)],
+            None,
+        )
+        .await
+        .expect("presence request");
+        assert_eq!(s, 200, "{body}");
+        match serde_json::from_str::<Value>(&body) {
+            Ok(Value::Array(a)) => a,
+            other => panic!("presence is not an array: {other:?}"),
+        }
+    }
 }
 
 impl Drop for TestNode {
