@@ -184,11 +184,18 @@ impl RedisEngine {
             if self.0.sink.is_member(room, sid) {
                 continue;
             }
-            if self
+            match self
                 .remove_session(node, room, sid, &self.0.metrics.presence_leftovers)
                 .await
             {
-                removed += 1;
+                Ok(true) => removed += 1,
+                Ok(false) => {}
+                // The entry may still be there: its set member stays, so
+                // the next verification tries again.
+                Err(e) => {
+                    warn!(room, error = %e, "presence leftover not removed");
+                    continue;
+                }
             }
             let _: Result<i64, _> = self.0.client.srem(&key, m.as_str()).await;
             if self.0.sink.is_member(room, sid) {

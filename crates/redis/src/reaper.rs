@@ -163,7 +163,7 @@ impl RedisEngine {
             let Some((room, sid)) = m.split_once('\n') else {
                 continue;
             };
-            if self
+            if let Ok(true) = self
                 .remove_session(node, room, sid, &self.0.metrics.reaped_sessions)
                 .await
             {
@@ -186,16 +186,18 @@ impl RedisEngine {
 
     /// Removes `room`'s presence entry of `sid` if a connection of `node`
     /// still owns it (a session recovered on another node lives on),
-    /// expires its pod locks and announces `user:left`. True when it was
-    /// removed: of all callers racing for one entry, exactly one. `count`
-    /// is incremented before the announcement goes out.
+    /// expires its pod locks and announces `user:left`. `Ok(true)` when it
+    /// was removed: of all callers racing for one entry, exactly one;
+    /// `Ok(false)` when it was not there or not this node's; an error when
+    /// Redis did not answer. `count` is incremented before the announcement
+    /// goes out.
     pub(crate) async fn remove_session(
         &self,
         node: &str,
         room: &str,
         sid: &str,
         count: &prometheus::IntCounter,
-    ) -> bool {
+    ) -> Result<bool, fred::error::Error> {
         let left: Result<Option<String>, _> = self
             .0
             .scripts
@@ -206,8 +208,8 @@ impl RedisEngine {
                 vec![sid.to_owned(), format!("{node}/")],
             )
             .await;
-        let Ok(Some(json)) = left else {
-            return false;
+        let Some(json) = left? else {
+            return Ok(false);
         };
         count.inc();
         // Its pod locks go with it, in the same bound (the next lock sweep
@@ -222,6 +224,6 @@ impl RedisEngine {
                 warn!(room, error = %e, "user:left of a removed session not published");
             }
         }
-        true
+        Ok(true)
     }
 }
