@@ -119,6 +119,33 @@ async fn a_flood_of_idle_connections_cannot_starve_health_on_the_admin_port() {
     assert!(latency(&mut by, 2).await < Duration::from_millis(500));
 }
 
+/// Behind a load balancer every client comes from the balancer's address:
+/// a storm of clients that have opened but not yet sent CONNECT (a node
+/// died and its clients came back at once) is let through by default.
+#[tokio::test]
+async fn a_reconnect_storm_from_one_address_is_let_through_by_default() {
+    let n = TestNode::start(&[]).await.unwrap();
+    let mut storm = Vec::new();
+    for _ in 0..300 {
+        storm.push(RawClient::open(&n.ws_url()).await.unwrap());
+    }
+    for (i, c) in storm.iter_mut().enumerate() {
+        c.send_text(&format!(
+            "40/flows,{}",
+            json!({"token": token(&format!("u{i}"), 600)})
+        ))
+        .await
+        .unwrap();
+    }
+    for c in storm.iter_mut() {
+        assert!(c.recv_text().await.unwrap().starts_with("40/flows,"));
+    }
+    assert_eq!(
+        n.metric(r#"flowgate_connections_refused_total{reason="unauthenticated per address"}"#),
+        0.0
+    );
+}
+
 #[tokio::test]
 async fn one_address_cannot_hold_many_unauthenticated_connections() {
     let n = TestNode::start(&[("FLOWGATE_MAX_UNAUTHENTICATED_PER_IP", "5")])

@@ -32,9 +32,15 @@ impl Http {
                     parse(vars, "FLOWGATE_MAX_HTTP_CONNECTIONS", 1usize)?,
                 )?),
             },
+            // Behind a load balancer (an ALB, HAProxy) every client comes
+            // from the balancer's few addresses, and a node that died sends
+            // thousands of clients back at once, each holding a slot for
+            // about one round trip: the cap must let such a storm through
+            // and only stop one address from sitting on many unauthenticated
+            // connections (each closed at the connect deadline anyway).
             max_unauthenticated_per_ip: positive(
                 "FLOWGATE_MAX_UNAUTHENTICATED_PER_IP",
-                parse(vars, "FLOWGATE_MAX_UNAUTHENTICATED_PER_IP", 64)?,
+                parse(vars, "FLOWGATE_MAX_UNAUTHENTICATED_PER_IP", 1024)?,
             )?,
         })
     }

@@ -110,7 +110,7 @@ pub struct Config {
     /// `FLOWGATE_MAX_HTTP_CONNECTIONS` (max connections + 1 024): open TCP
     /// connections on the client port, WebSockets included.
     pub max_http_connections: usize,
-    /// `FLOWGATE_MAX_UNAUTHENTICATED_PER_IP` (64): connections from one
+    /// `FLOWGATE_MAX_UNAUTHENTICATED_PER_IP` (1024): connections from one
     /// address that have not completed CONNECT yet.
     pub max_unauthenticated_per_ip: usize,
     /// `FLOWGATE_MAX_PAYLOAD` (1 000 000 bytes): largest inbound frame.
