@@ -74,11 +74,14 @@ curl -s "http://${targets[0]}/metrics" >"$out/metrics1"
 "${R[@]}" info commandstats >"$out/cmdstats"
 wait "$lp"
 
-events=$(grep -E '^cmdstat_xadd:' "$out/cmdstats" | sed -E 's/.*calls=([0-9]+).*/\1/')
+events=$(grep -E '^cmdstat_xadd:' "$out/cmdstats" | sed -E 's/^cmdstat_xadd:calls=([0-9]+),.*/\1/')
+# node 1's counters over the window: publish calls, events, lease calls
+delta() { echo $(($(grep -E "^$1 " "$out/metrics1" | cut -d' ' -f2) - $(grep -E "^$1 " "$out/metrics0" | cut -d' ' -f2))); }
 echo "Redis CPU over the 10 s window: $(echo "$c1 - $c0" | bc) s"
 echo "events logged (XADD):           ${events:-0}"
 [[ -n "$events" && "$events" -gt 0 ]] &&
     echo "Redis CPU per event:            $(echo "($c1 - $c0) * 1000000 / $events" | bc) µs"
+echo "node 1: $(delta flowgate_bus_published_events_total) events in $(delta flowgate_bus_publish_calls_total) publish calls, $(delta flowgate_limiter_redis_calls_total) limiter lease calls"
 grep -E '^cmdstat_' "$out/cmdstats" | sed -E 's/,rejected_calls.*//' | sort -t= -k2 -nr | head -n 8
 grep -E 'rate/snd|sustained|lost|nothing' "$out/rooms.out" | head -n 3
 echo "files: $out"
