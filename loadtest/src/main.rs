@@ -228,11 +228,13 @@ struct CapacityArgs {
     /// Concurrent users, one column each.
     #[arg(long, value_delimiter = ',', default_value = "100000,1000000")]
     users: Vec<f64>,
-    /// Gateway CPU per delivered frame, µs (s9: 21.9).
-    #[arg(long, default_value_t = 21.9)]
+    /// Gateway CPU per delivered frame, µs (e9, rooms at 50,625
+    /// deliveries/s: 17.1; s9: 21.9).
+    #[arg(long, default_value_t = 17.1)]
     node_us_per_delivery: f64,
-    /// Redis CPU per published event, µs (c3, batched publishes: 29.9).
-    #[arg(long, default_value_t = 29.9)]
+    /// Redis CPU per published event, µs (e9, the same load: 27.6; c3:
+    /// 29.9).
+    #[arg(long, default_value_t = 27.6)]
     redis_us_per_event: f64,
     /// Gateway memory per connection, KiB (e7: 9.25 after activity, 8.30
     /// idle; s9: 13.7 idle).
