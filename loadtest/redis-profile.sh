@@ -33,7 +33,11 @@ rpid=""
 cleanup() {
     [[ ${#pids[@]} -gt 0 ]] && kill "${pids[@]}" 2>/dev/null || true
     for p in "${pids[@]}"; do while kill -0 "$p" 2>/dev/null; do sleep 0.2; done; done
-    [[ -n "$rpid" ]] && kill "$rpid" 2>/dev/null || true
+    if [[ -n "$rpid" ]]; then
+        kill "$rpid" 2>/dev/null || true
+        # Redis shuts down asynchronously: wait, so a next run can bind the port.
+        while kill -0 "$rpid" 2>/dev/null; do sleep 0.1; done
+    fi
 }
 trap cleanup EXIT
 
