@@ -201,7 +201,7 @@ enum Cmd {
         out_dir: Option<PathBuf>,
     },
     /// Nodes, Redis shards, Postgres writes and egress for a number of
-    /// users, from measured unit costs (defaults: docs/benchmarks.md, s9, c3, e3).
+    /// users, from measured unit costs (defaults: docs/benchmarks.md, e9, e7).
     Capacity(CapacityArgs),
     /// (internal) One shard of the idle scenario.
     #[command(hide = true)]
