@@ -9,6 +9,7 @@ mod event_queue;
 pub mod locks;
 pub mod memory;
 pub mod memory_locks;
+pub mod memory_queue;
 mod message;
 mod offset;
 pub mod wire;
@@ -244,7 +245,8 @@ pub struct Engine {
     pub sessions: Arc<dyn SessionStore>,
     /// Liveness of the shared store, for `/health`.
     pub health: Arc<dyn EngineHealth>,
-    /// The durable queue of the event log (Redis engine only).
+    /// The queue of the event log: durable in Redis; in the embedded
+    /// engine, in the node's memory (`memory_queue`).
     pub queue: Option<Arc<dyn EventQueue>>,
     /// The access-decision cache (Redis engine only).
     pub access_cache: Option<Arc<dyn AccessCache>>,

@@ -16,6 +16,7 @@ use crate::auth::TokenVerifier;
 use crate::config::Config;
 use crate::drain::Drain;
 use crate::engine::memory::MemoryHub;
+use crate::engine::memory_queue::MemoryQueue;
 use crate::engine::Engine;
 use crate::events::RelayTable;
 use crate::metrics::Metrics;
@@ -90,12 +91,23 @@ impl App {
                     config.room_log_ttl,
                     background.1.clone(),
                 ));
-                hub.engine(
+                let mut engine = hub.engine(
                     &config.node_id,
                     fanout.clone(),
                     config.rate_per_sec,
                     config.rate_burst,
-                )
+                );
+                // One node with a database and no Redis: its event-log
+                // queue lives in its memory (lost if the node dies, as
+                // everything else of a single node without Redis).
+                if config.database_url.is_some() {
+                    engine.queue = Some(Arc::new(MemoryQueue::new(
+                        config.eventlog.queue_max_len,
+                        config.eventlog.queue_max_bytes,
+                        config.eventlog.enqueue_grace,
+                    )));
+                }
+                engine
             }
             Some(url) => {
                 let settings = RedisSettings {
@@ -197,7 +209,7 @@ impl App {
         let queue = engine
             .queue
             .clone()
-            .context("DATABASE_URL needs the Redis engine's durable queue")?;
+            .context("DATABASE_URL needs an event-log queue")?;
         let writer_metrics = WriterMetrics::new(metrics.registry())?;
         tasks.spawn(eventlog::run(
             queue,

@@ -324,6 +324,57 @@ async fn acked_events_reach_the_log_in_order_and_paginate() {
     assert_eq!(s, 401);
 }
 
+/// One node with a database and no Redis (the embedded engine): the
+/// membership policy decides joins, and acknowledged events reach the log
+/// through the node's in-memory queue, in order.
+#[tokio::test]
+async fn one_node_without_redis_logs_events_and_checks_memberships() {
+    let pg = tokio::task::spawn_blocking(PgStack::start)
+        .await
+        .unwrap()
+        .expect("postgres + pgbouncer");
+    flowgate_store::migrate(&pg.direct_url())
+        .await
+        .expect("migrations");
+    let db = pg.bouncer_url();
+    let n = TestNode::start(&[("DATABASE_URL", &db), ("FLOWGATE_NODE_ID", "solo")])
+        .await
+        .expect("a node with a database and no Redis starts");
+
+    let (_, ack) = join(&n, "writer", "solo-flow").await;
+    assert_eq!(
+        ack["code"], "FORBIDDEN",
+        "the members policy is the default"
+    );
+    let (s, body) = api(
+        &n,
+        "PUT",
+        "/v1/flows/solo-flow/members/writer",
+        Some(r#"{"role":"editor"}"#),
+    )
+    .await;
+    assert_eq!(s, 200, "{body}");
+    let (mut c, ack) = join(&n, "writer", "solo-flow").await;
+    assert_eq!(ack, json!({"ok": true}));
+    for i in 0..5 {
+        let ack = c
+            .emit_ack(10 + i, "pod:create", json!({"pod": {"id": i}}))
+            .await
+            .unwrap();
+        assert_eq!(ack, json!({"ok": true}));
+    }
+    let log = wait_for_log(&n, "solo-flow", 5).await;
+    let ids: Vec<Value> = log.iter().map(|e| e["data"]["pod"]["id"].clone()).collect();
+    assert_eq!(ids, (0..5).map(|i| json!(i)).collect::<Vec<_>>());
+    assert_eq!(log[0]["userId"], "writer");
+    assert_eq!(n.metric("flowgate_eventlog_queue_errors_total"), 0.0);
+    // Revoking the membership removes the writer from the room.
+    let (s, _) = api(&n, "DELETE", "/v1/flows/solo-flow/members/writer", None).await;
+    assert_eq!(s, 200);
+    let err = c.expect_event("error").await.unwrap();
+    assert_eq!(err["message"], "Membership revoked");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_outage_of_pgbouncer_then_postgres_loses_no_acked_event() {
     let mut e = env().await;

@@ -319,12 +319,6 @@ impl Config {
             access,
             access_cache_ttl,
         } = access::Access::from_vars(vars, database_url.is_some())?;
-        if database_url.is_some() && redis_url.is_none() {
-            return Err(err(
-                "DATABASE_URL",
-                "the durable event log is fed from a queue in Redis: set REDIS_URL too",
-            ));
-        }
         let eventlog = EventLogConfig::from_vars(vars)?;
         let log_format = LogFormat::from_vars(vars)?;
         let socketio::SocketIo {
@@ -466,9 +460,20 @@ mod tests {
     fn errors_name_the_variable() {
         let e = Config::from_vars(&vars(&[
             ("JWT_ACCESS_TOKEN_SECRET", "s"),
-            ("DATABASE_URL", "postgres://x@127.0.0.1/db"),
+            ("FLOWGATE_MAX_PAYLOAD", "big"),
         ]))
         .unwrap_err();
-        assert_eq!(e.var, "DATABASE_URL");
+        assert_eq!(e.var, "FLOWGATE_MAX_PAYLOAD");
+    }
+
+    #[test]
+    fn a_database_without_redis_is_one_node_with_the_members_policy() {
+        let c = Config::from_vars(&vars(&[
+            ("JWT_ACCESS_TOKEN_SECRET", "s"),
+            ("DATABASE_URL", "postgres://x@127.0.0.1/db"),
+        ]))
+        .unwrap();
+        assert!(c.redis_url.is_none());
+        assert_eq!(c.access, AccessPolicy::Members);
     }
 }
