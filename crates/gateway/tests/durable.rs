@@ -25,6 +25,14 @@ struct Env {
 }
 
 async fn env() -> Env {
+    Env {
+        pg: migrated_pg().await,
+        redis: RedisServer::start().unwrap(),
+    }
+}
+
+/// Postgres behind PgBouncer, schema migrated.
+async fn migrated_pg() -> PgStack {
     let pg = tokio::task::spawn_blocking(PgStack::start)
         .await
         .unwrap()
@@ -32,10 +40,7 @@ async fn env() -> Env {
     flowgate_store::migrate(&pg.direct_url())
         .await
         .expect("migrations");
-    Env {
-        pg,
-        redis: RedisServer::start().unwrap(),
-    }
+    pg
 }
 
 async fn node(e: &Env, id: &str, extra: &[(&str, &str)]) -> TestNode {
@@ -329,13 +334,7 @@ async fn acked_events_reach_the_log_in_order_and_paginate() {
 /// through the node's in-memory queue, in order.
 #[tokio::test]
 async fn one_node_without_redis_logs_events_and_checks_memberships() {
-    let pg = tokio::task::spawn_blocking(PgStack::start)
-        .await
-        .unwrap()
-        .expect("postgres + pgbouncer");
-    flowgate_store::migrate(&pg.direct_url())
-        .await
-        .expect("migrations");
+    let pg = migrated_pg().await;
     let db = pg.bouncer_url();
     let n = TestNode::start(&[("DATABASE_URL", &db), ("FLOWGATE_NODE_ID", "solo")])
         .await
