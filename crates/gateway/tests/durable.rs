@@ -209,6 +209,18 @@ async fn access_decisions_are_cached_until_they_expire() {
     );
 }
 
+/// Emits `count` `pod:create` events (`{pod: pod(i)}`, ack ids 10 + i),
+/// each acknowledged `{ok: true}`.
+async fn create_pods(c: &mut RawClient, count: u64, pod: impl Fn(u64) -> Value) {
+    for i in 0..count {
+        let ack = c
+            .emit_ack(10 + i, "pod:create", json!({ "pod": pod(i) }))
+            .await
+            .unwrap();
+        assert_eq!(ack, json!({"ok": true}), "pod:create {i}");
+    }
+}
+
 async fn wait_for_log(n: &TestNode, flow: &str, count: usize) -> Vec<Value> {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
@@ -355,13 +367,7 @@ async fn one_node_without_redis_logs_events_and_checks_memberships() {
     assert_eq!(s, 200, "{body}");
     let (mut c, ack) = join(&n, "writer", "solo-flow").await;
     assert_eq!(ack, json!({"ok": true}));
-    for i in 0..5 {
-        let ack = c
-            .emit_ack(10 + i, "pod:create", json!({"pod": {"id": i}}))
-            .await
-            .unwrap();
-        assert_eq!(ack, json!({"ok": true}));
-    }
+    create_pods(&mut c, 5, |i| json!({"id": i})).await;
     let log = wait_for_log(&n, "solo-flow", 5).await;
     let ids: Vec<Value> = log.iter().map(|e| e["data"]["pod"]["id"].clone()).collect();
     assert_eq!(ids, (0..5).map(|i| json!(i)).collect::<Vec<_>>());
@@ -577,13 +583,7 @@ async fn a_poisoned_queue_entry_does_not_stall_the_log() {
     let bad = json!({"flowId": "poison", "offset": "1-1", "event": "pod:created", "data": {"v": "\u{0}"}}).to_string();
     let shard = shard_stream("poison", 16);
     e.redis.cli(&["XADD", &shard, "*", "e", &bad]).unwrap();
-    for i in 0..3 {
-        let ack = c
-            .emit_ack(10 + i, "pod:create", json!({"pod": {"i": i}}))
-            .await
-            .unwrap();
-        assert_eq!(ack, json!({"ok": true}));
-    }
+    create_pods(&mut c, 3, |i| json!({"i": i})).await;
     let log = wait_for_log(&n, "poison", 3).await;
     assert_eq!(log.len(), 3);
     let deadline = Instant::now() + Duration::from_secs(10);
