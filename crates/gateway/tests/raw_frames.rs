@@ -443,8 +443,12 @@ async fn a_client_that_stops_reading_is_disconnected_as_slow_consumer() {
 /// One masked client text frame with the shortest header, as RFC 6455
 /// §5.2 lays it out.
 fn masked_text_frame(payload: &str) -> Vec<u8> {
-    let p = payload.as_bytes();
-    let mut f = vec![0x81];
+    masked_frame(true, 0x1, payload.as_bytes())
+}
+
+/// One masked client frame: `fin`, the opcode, the payload.
+fn masked_frame(fin: bool, opcode: u8, p: &[u8]) -> Vec<u8> {
+    let mut f = vec![if fin { 0x80 } else { 0 } | opcode];
     match p.len() {
         n @ 0..=125 => f.push(0x80 | n as u8),
         n @ 126..=65535 => {
@@ -574,4 +578,67 @@ async fn codecs_rebuilt_after_large_frames_lose_and_reorder_nothing() {
         assert_eq!(got["updates"]["text"].as_str().map(str::len), Some(len));
     }
     still_serves(&mut b, 1).await;
+}
+
+#[tokio::test]
+async fn an_idle_connection_reads_frames_however_they_arrive() {
+    // Between frames the gateway holds the bare socket and builds the
+    // WebSocket codec again from the first bytes the client sends; every
+    // way a frame can arrive after a pause must read as before.
+    let n = node(&[]).await;
+    let mut c = bystander(&n).await;
+    let pause = Duration::from_millis(20);
+    let mov = |id: u64| {
+        format!(r#"42/flows,{id}["pod:move",{{"podId":"p","position":{{"x":1,"y":2}}}}]"#)
+    };
+
+    // A frame in single bytes: the idle read gets one byte of it.
+    for b in masked_text_frame(&mov(1)) {
+        tokio::time::sleep(Duration::from_millis(2)).await;
+        c.send_wire(&[b]).await.unwrap();
+    }
+    assert_eq!(ack_frame(&mut c, 1).await, r#"[{"ok":true}]"#);
+
+    // A WebSocket ping after a pause is answered with its payload.
+    tokio::time::sleep(pause).await;
+    c.send_wire(&masked_frame(true, 0x9, b"still there"))
+        .await
+        .unwrap();
+    match c.recv_raw(Duration::from_secs(5)).await.unwrap() {
+        tokio_tungstenite::tungstenite::Message::Pong(p) => assert_eq!(&p[..], b"still there"),
+        other => panic!("expected a pong, got {other:?}"),
+    }
+
+    // A message in two fragments with a pause between them.
+    let text = mov(2);
+    let (head, tail) = text.as_bytes().split_at(10);
+    tokio::time::sleep(pause).await;
+    c.send_wire(&masked_frame(false, 0x1, head)).await.unwrap();
+    tokio::time::sleep(pause).await;
+    c.send_wire(&masked_frame(true, 0x0, tail)).await.unwrap();
+    assert_eq!(ack_frame(&mut c, 2).await, r#"[{"ok":true}]"#);
+
+    // Two frames in one write, then a large one, after pauses.
+    tokio::time::sleep(pause).await;
+    let mut two = masked_text_frame(&mov(3));
+    two.extend(masked_text_frame(&mov(4)));
+    c.send_wire(&two).await.unwrap();
+    assert_eq!(ack_frame(&mut c, 3).await, r#"[{"ok":true}]"#);
+    assert_eq!(ack_frame(&mut c, 4).await, r#"[{"ok":true}]"#);
+    tokio::time::sleep(pause).await;
+    let big = json!(["pod:update", {"podId": "p", "updates": {"text": "y".repeat(5_000)}}]);
+    c.send_wire(&masked_text_frame(&format!("42/flows,5{big}")))
+        .await
+        .unwrap();
+    assert_eq!(ack_frame(&mut c, 5).await, r#"[{"ok":true}]"#);
+
+    // A close frame from an idle client is answered with a close.
+    tokio::time::sleep(pause).await;
+    c.send_wire(&masked_frame(true, 0x8, &1000u16.to_be_bytes()))
+        .await
+        .unwrap();
+    match c.recv_raw(Duration::from_secs(5)).await.unwrap() {
+        tokio_tungstenite::tungstenite::Message::Close(_) => {}
+        other => panic!("expected a close, got {other:?}"),
+    }
 }

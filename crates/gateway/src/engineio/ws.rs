@@ -13,17 +13,22 @@
 //! tungstenite has written what it queued itself (an automatic pong). A
 //! server's frames are not masked (RFC 6455 §5.1), so nothing is copied.
 //!
-//! tungstenite's read buffer grows to the largest frame received. After a
-//! frame larger than the buffer came in, once the connection is flushed and
-//! tungstenite holds no byte of the next frame, the codec is rebuilt on the
-//! same socket, dropping the grown buffer.
+//! tungstenite keeps a read buffer per connection (1 KiB here, grown to
+//! the largest frame received), though most connections are idle most of
+//! the time. So between frames the transport holds the bare socket: once
+//! the connection is flushed and tungstenite holds no byte of the next
+//! frame, its codec is dropped ([`Codec::Idle`]); when the client sends
+//! again, the first bytes are read into a buffer on the stack of the poll
+//! (not in the connection's future) and handed to a new codec as already
+//! read. An idle connection keeps no read buffer; a frame in costs one
+//! small allocation more.
 //!
 //! "Holds no byte of the next frame" is known by counting: [`Counted`]
 //! counts the bytes read from the socket, and the transport adds up the
 //! wire size of every message tungstenite returned. The sum assumes the
 //! shortest header, so a client that fragments or pads a header only makes
-//! the sum smaller than what was read: the rebuild is then skipped, never
-//! done with bytes pending.
+//! the sum smaller than what was read: the codec is then kept, never
+//! dropped with bytes pending.
 
 use std::io;
 use std::pin::Pin;
@@ -35,7 +40,7 @@ use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::Data;
 use tokio_tungstenite::tungstenite::protocol::frame::FrameHeader;
-use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role};
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
 use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
 use tokio_tungstenite::WebSocketStream;
 use tracing::debug;
@@ -43,14 +48,16 @@ use tracing::debug;
 use super::ws_out::{write_pending, Pending};
 use super::{End, Incoming, Transport};
 
-/// The WebSocket of an upgraded HTTP connection.
-pub type WsStream = WebSocketStream<Counted<TokioIo<hyper::upgrade::Upgraded>>>;
+/// The socket of an upgraded HTTP connection.
+pub type WsIo = Counted<TokioIo<hyper::upgrade::Upgraded>>;
 
-/// tungstenite's read buffer (`http/ws_upgrade.rs` `config`): a frame
-/// larger may have grown it, and the codec is rebuilt once it is read.
-/// 1 KiB holds the usual event (a cursor, a pod move: tens to hundreds of
-/// bytes) and costs every idle connection 1 KiB less than 2 KiB did
-/// (measured: 11.95 → 11.04 KiB of RSS per connection, docs/benchmarks.md).
+/// The WebSocket of an upgraded HTTP connection.
+pub type WsStream = WebSocketStream<WsIo>;
+
+/// tungstenite's read buffer (`http/ws_upgrade.rs` `config`), and the most
+/// an idle connection reads at once when the client sends again: 1 KiB
+/// holds the usual event (a cursor, a pod move: tens to hundreds of bytes)
+/// in one read. Only a connection reading holds it (see [`Codec`]).
 pub const READ_BUFFER: usize = 1024;
 
 /// Bytes queued past which a feed writes them out before queueing more.
@@ -129,11 +136,34 @@ pub fn min_wire_len(payload: usize) -> u64 {
     (masked.len(payload as u64) + payload) as u64
 }
 
+/// The socket, with tungstenite's codec on it while the client sends.
+#[derive(Debug)]
+enum Codec {
+    /// tungstenite reads frames (and holds its read buffer). Boxed: the
+    /// stream is ~300 bytes that an idle connection would otherwise carry.
+    Open(Box<WsStream>),
+    /// Between frames: the bare socket, no read buffer, and the codec's
+    /// settings to build it again.
+    Idle(WsIo, WebSocketConfig),
+    /// The codec could not be built again (never expected): the
+    /// connection ends.
+    Gone,
+}
+
+impl Codec {
+    fn io(&mut self) -> Option<&mut WsIo> {
+        match self {
+            Codec::Open(ws) => Some(ws.get_mut()),
+            Codec::Idle(io, _) => Some(io),
+            Codec::Gone => None,
+        }
+    }
+}
+
 /// An upgraded WebSocket as a [`Transport`].
 #[derive(Debug)]
 pub struct WsTransport {
-    /// Always `Some` between calls; taken only while the codec is rebuilt.
-    ws: Option<WsStream>,
+    codec: Codec,
     /// Data frames not yet written.
     pending: Pending,
     /// A write of the pending frames was given up part-way: they are
@@ -141,9 +171,6 @@ pub struct WsTransport {
     torn: bool,
     /// Wire bytes of the messages tungstenite returned, at least.
     consumed: u64,
-    /// A frame above [`READ_BUFFER`] came in since the last rebuild:
-    /// rebuild after the next flush.
-    grown: bool,
 }
 
 impl WsTransport {
@@ -151,49 +178,66 @@ impl WsTransport {
     /// (a probe socket hands over what it read: `consumed`).
     pub fn new(ws: WsStream, consumed: u64) -> Self {
         WsTransport {
-            ws: Some(ws),
+            codec: Codec::Open(Box::new(ws)),
             pending: Pending::default(),
             torn: false,
             consumed,
-            grown: false,
         }
     }
 
-    /// Rebuilds the codec if a large frame grew its read buffer and it
-    /// holds nothing: called after a successful
-    /// flush (so nothing is waiting to be written, not even an automatic
-    /// pong), and only when every byte read from the socket belongs to a
-    /// message already returned.
-    fn compact(&mut self) {
-        let Some(ws) = self.ws.as_ref() else { return };
-        if !self.grown || ws.get_ref().read_total() != self.consumed {
-            return;
+    /// A codec on the idle socket again, `part` already read from it.
+    fn open(&mut self, part: Vec<u8>) {
+        self.codec = match std::mem::replace(&mut self.codec, Codec::Gone) {
+            // Building a stream without a handshake completes on its first
+            // poll (it only wraps the socket), so this never waits.
+            Codec::Idle(io, config) => {
+                match WebSocketStream::from_partially_read(io, part, Role::Server, Some(config))
+                    .now_or_never()
+                {
+                    Some(ws) => Codec::Open(Box::new(ws)),
+                    None => {
+                        debug!("WebSocket codec not rebuilt; closing");
+                        Codec::Gone
+                    }
+                }
+            }
+            other => other,
+        };
+    }
+
+    /// Drops the codec if every byte read from the socket belongs to a
+    /// message already returned: called after a successful flush. What
+    /// tungstenite queued itself (an automatic pong) is written first.
+    async fn rest(&mut self) -> Result<(), End> {
+        let Codec::Open(ws) = &mut self.codec else {
+            return Ok(());
+        };
+        if ws.get_ref().read_total() != self.consumed {
+            return Ok(());
         }
-        let Some(ws) = self.ws.take() else { return };
-        let config = *ws.get_config();
-        let io = ws.into_inner();
-        // Building a stream without a handshake completes on its first
-        // poll (it only wraps the socket), so this never waits.
-        self.ws = WebSocketStream::from_raw_socket(io, Role::Server, Some(config)).now_or_never();
-        if self.ws.is_none() {
-            debug!("WebSocket codec not rebuilt; closing");
+        ws.flush().await.map_err(|_| End::WriteFailed)?;
+        if let Codec::Open(ws) = std::mem::replace(&mut self.codec, Codec::Gone) {
+            let config = *ws.get_config();
+            self.codec = Codec::Idle(ws.into_inner(), config);
         }
-        self.grown = false;
+        Ok(())
     }
 
     /// Writes what tungstenite queued itself (an automatic pong), then the
     /// pending frames. A write given up part-way through a frame is
     /// finished first: tungstenite's frames go only between whole frames.
     async fn write_out(&mut self) -> Result<(), End> {
-        let ws = self.ws.as_mut().ok_or(End::WriteFailed)?;
-        if !self.torn {
-            ws.flush().await.map_err(|_| End::WriteFailed)?;
+        if let Codec::Open(ws) = &mut self.codec {
+            if !self.torn {
+                ws.flush().await.map_err(|_| End::WriteFailed)?;
+            }
         }
         if self.pending.len == 0 {
             return Ok(());
         }
         self.torn = true;
-        write_pending(ws.get_mut(), &mut self.pending)
+        let io = self.codec.io().ok_or(End::WriteFailed)?;
+        write_pending(io, &mut self.pending)
             .await
             .map_err(|_| End::WriteFailed)?;
         self.torn = false;
@@ -210,10 +254,41 @@ impl WsTransport {
     }
 }
 
+/// The first bytes the client sends to an idle socket, at most
+/// [`READ_BUFFER`]; empty at the end of the stream.
+///
+/// The buffer is a local of the poll, on the stack, not a field of the
+/// future: the connection waiting here holds no buffer at all.
+async fn first_bytes(io: &mut WsIo) -> io::Result<Vec<u8>> {
+    std::future::poll_fn(|cx| {
+        let mut buf = [0u8; READ_BUFFER];
+        let mut read = ReadBuf::new(&mut buf);
+        match Pin::new(&mut *io).poll_read(cx, &mut read) {
+            Poll::Ready(Ok(())) => Poll::Ready(Ok(read.filled().to_vec())),
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            Poll::Pending => Poll::Pending,
+        }
+    })
+    .await
+}
+
 impl Transport for WsTransport {
     async fn recv(&mut self) -> Option<Result<Incoming, End>> {
         loop {
-            let msg = self.ws.as_mut()?.next().await?;
+            if let Codec::Idle(io, _) = &mut self.codec {
+                match first_bytes(io).await {
+                    Ok(part) if !part.is_empty() => self.open(part),
+                    Ok(_) => return None,
+                    Err(e) => {
+                        debug!(error = %e, "read failed");
+                        return None;
+                    }
+                }
+            }
+            let Codec::Open(ws) = &mut self.codec else {
+                return None;
+            };
+            let msg = ws.next().await?;
             if let Ok(m) = &msg {
                 let len = match m {
                     Message::Text(t) => t.len(),
@@ -221,7 +296,6 @@ impl Transport for WsTransport {
                     Message::Close(_) | Message::Frame(_) => 0,
                 };
                 self.consumed += min_wire_len(len);
-                self.grown |= len > READ_BUFFER;
             }
             return Some(match msg {
                 Ok(Message::Text(t)) => Ok(Incoming::Text(t)),
@@ -252,8 +326,7 @@ impl Transport for WsTransport {
 
     async fn flush(&mut self) -> Result<(), End> {
         self.write_out().await?;
-        self.compact();
-        Ok(())
+        self.rest().await
     }
 
     async fn close(&mut self, code: Option<(u16, &'static str)>) {
@@ -262,7 +335,12 @@ impl Transport for WsTransport {
         if self.write_out().await.is_err() {
             return;
         }
-        let Some(ws) = self.ws.as_mut() else { return };
+        if matches!(self.codec, Codec::Idle(..)) {
+            self.open(Vec::new());
+        }
+        let Codec::Open(ws) = &mut self.codec else {
+            return;
+        };
         if let Some((code, reason)) = code {
             let _ = ws
                 .send(Message::Close(Some(CloseFrame {
@@ -271,7 +349,7 @@ impl Transport for WsTransport {
                 })))
                 .await;
         }
-        let _ = ws.close(None).await;
+        let _ = WebSocketStream::close(&mut **ws, None).await;
     }
 
     fn name(&self) -> &'static str {

@@ -157,14 +157,8 @@ async fn open(
             cfg.max_payload,
             app.metrics.upgrades.clone(),
         );
-        let app2 = app.clone();
-        // Boxed before the block, which keeps what it captured for its
-        // whole life (as for the WebSocket below).
-        let transport = Box::new(transport);
-        app.drain.tracker().spawn(async move {
-            let _slot = slot;
-            engineio::serve(transport, app2, hs, sid).await;
-        });
+        let conn = engineio::serve(Box::new(transport), app.clone(), hs, sid, slot);
+        app.drain.tracker().spawn(conn);
         return poll_response(shared.poll().await);
     }
     let mut req = req;
@@ -179,17 +173,12 @@ async fn open(
     let app = app.clone();
     ws.respond(
         move |socket| {
-            let tracker = app.drain.tracker().clone();
-            // The transport is boxed before the block: a block keeps what
-            // it captured for its whole life, beside where it moved it.
             let transport = Box::new(WsTransport::new(socket, 0));
+            let sid = crate::ids::random_id(20);
             // The connection's own task (`respond` spawns it): its cell
             // holds this future, nothing of the upgrade's.
-            tracker.track_future(async move {
-                let _slot = slot;
-                let sid = crate::ids::random_id(20);
-                engineio::serve(transport, app, hs, sid).await;
-            })
+            let conn = engineio::serve(transport, app.clone(), hs, sid, slot);
+            app.drain.tracker().track_future(conn)
         },
         || {},
     )

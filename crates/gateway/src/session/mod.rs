@@ -113,8 +113,9 @@ pub struct Session {
     /// packet can produce, and a replay by its own byte cap.
     local: VecDeque<OutFrame>,
     pub(crate) socket: Option<FlowSocket>,
-    /// A binary packet waiting for its attachments.
-    partial: Option<PartialPacket>,
+    /// A binary packet waiting for its attachments; boxed, as it is rare
+    /// and every connection would otherwise carry its 112 bytes.
+    partial: Option<Box<PartialPacket>>,
     /// Bytes of attachments collected for `partial`.
     partial_bytes: usize,
     /// Set until the client sends CONNECT.
@@ -254,7 +255,7 @@ impl Session {
                         partial.expected().to_string(),
                     ));
                 }
-                self.partial = Some(partial);
+                self.partial = Some(Box::new(partial));
                 self.partial_bytes = 0;
                 Ok(())
             }
