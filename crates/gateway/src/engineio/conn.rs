@@ -111,7 +111,9 @@ fn run<T: Transport>(
     // in its future (the argument and the binding it is moved into);
     // the block uses what it captured in place.
     async move {
-        let _keep = keep;
+        // Held, not moved into a local of its own (that would be a copy
+        // in the future beside the captured one).
+        let _ = &keep;
         let cfg = app.config.clone();
         let mut heartbeat = Heartbeat::new(cfg.ping_interval, cfg.ping_timeout);
         let mut drain_at: Option<Instant> = None;
@@ -132,57 +134,63 @@ fn run<T: Transport>(
                     break end;
                 }
             }
-            let mut next = heartbeat.deadline();
-            for d in [session.deadline(), drain_at].into_iter().flatten() {
-                next = next.min(d);
+            {
+                let mut next = heartbeat.deadline();
+                for d in [session.deadline(), drain_at].into_iter().flatten() {
+                    next = next.min(d);
+                }
+                // Re-register the timer only when its deadline moved.
+                let next = tokio::time::Instant::from_std(next);
+                if timer.deadline() != next || timer.is_elapsed() {
+                    timer.as_mut().reset(next);
+                }
             }
-            // Re-register the timer only when its deadline moved.
-            let next = tokio::time::Instant::from_std(next);
-            if timer.deadline() != next || timer.is_elapsed() {
-                timer.as_mut().reset(next);
-            }
-            tokio::select! {
+            // The select only says what woke the connection; what follows
+            // is handled after it, each branch behind a box of its own, so
+            // that the wait (where an idle connection spends its life) holds
+            // nothing but the five small futures it polls.
+            let wake = tokio::select! {
                 biased;
-                kick = out.kicked() => break match kick {
-                    Kick::SlowConsumer => End::SlowConsumer,
-                    Kick::Resync => End::Resync,
-                },
-                delay = &mut closing, if drain_at.is_none() => {
+                kick = out.kicked() => Wake::Kick(kick),
+                delay = &mut closing, if drain_at.is_none() => Wake::Closing(delay),
+                Some(frame) = rx.recv() => Wake::Frame(frame),
+                inbound = transport.recv() => Wake::Inbound(inbound),
+                _ = &mut timer => Wake::Timer,
+            };
+            let grace = cfg.slow_consumer_grace;
+            let step = match wake {
+                Wake::Kick(Kick::SlowConsumer) => Err(End::SlowConsumer),
+                Wake::Kick(Kick::Resync) => Err(End::Resync),
+                Wake::Closing(delay) => {
                     drain_at = Some(Instant::now() + delay);
+                    Ok(())
                 }
-                Some(frame) = rx.recv() => {
-                    if let Err(end) = Box::pin(write_queued(&mut *transport, &mut session, &mut rx, frame, cfg.slow_consumer_grace)).await {
-                        break end;
-                    }
+                Wake::Frame(frame) => {
+                    let t = &mut *transport;
+                    Box::pin(write_queued(t, &mut session, &mut rx, frame, grace)).await
                 }
-                inbound = transport.recv() => {
-                    let step = match inbound {
-                        None => Err(End::ClientClosed),
-                        Some(Err(end)) => Err(end),
-                        Some(Ok(Incoming::Text(t))) => on_text(&mut session, &mut heartbeat, t.as_str()).await,
-                        Some(Ok(Incoming::Binary(b))) => Box::pin(session.on_binary(b)).await,
-                    };
-                    if let Err(end) = step {
-                        break end;
-                    }
+                Wake::Inbound(inbound) => {
+                    let t = &mut *transport;
+                    Box::pin(on_inbound(t, &mut session, &mut heartbeat, inbound)).await
                 }
-                _ = &mut timer => {
+                Wake::Timer => {
                     let now = Instant::now();
                     if drain_at.is_some_and(|t| t <= now) {
                         break End::Drain;
                     }
                     match heartbeat.on_timer(now) {
                         Beat::TimedOut => break End::PingTimeout,
-                        Beat::Ping => session.push_local(OutFrame::Text(Utf8Bytes::from_static("2"))),
+                        Beat::Ping => {
+                            session.push_local(OutFrame::Text(Utf8Bytes::from_static("2")))
+                        }
                         Beat::Idle => {}
                     }
-                    // Boxed: lock renewals and expiry checks go through the
-                    // engine; that state lives only while a timer is handled,
-                    // not in every idle connection's resident future.
-                    if let Err(end) = Box::pin(session.on_timer(now)).await {
-                        break end;
-                    }
+                    // Lock renewals and expiry checks go through the engine.
+                    Box::pin(session.on_timer(now)).await
                 }
+            };
+            if let Err(end) = step {
+                break end;
             }
         };
 
@@ -222,6 +230,36 @@ async fn finish<T: Transport>(
     }
     drop(out);
     let _ = tokio::time::timeout(Duration::from_secs(5), transport.close(end.close_frame())).await;
+}
+
+/// What woke a connection's task.
+enum Wake {
+    Kick(Kick),
+    Closing(Duration),
+    Frame(OutFrame),
+    Inbound(Option<Result<Incoming, End>>),
+    Timer,
+}
+
+/// One frame from the client (or the end of its stream).
+async fn on_inbound<T: Transport>(
+    transport: &mut T,
+    session: &mut Session,
+    heartbeat: &mut Heartbeat,
+    inbound: Option<Result<Incoming, End>>,
+) -> Result<(), End> {
+    match inbound {
+        None => return Err(End::ClientClosed),
+        Some(Err(end)) => return Err(end),
+        Some(Ok(Incoming::Text(t))) => on_text(session, heartbeat, t.as_str()).await?,
+        Some(Ok(Incoming::Binary(b))) => session.on_binary(b).await?,
+    }
+    // A frame that asked for no answer (a pong, most often): nothing will
+    // flush, so the transport is told it may give back its read state now.
+    if !session.has_local() {
+        transport.rest();
+    }
+    Ok(())
 }
 
 fn report(app: &App, end: &End) {
@@ -279,11 +317,9 @@ async fn on_text(session: &mut Session, heartbeat: &mut Heartbeat, frame: &str) 
             "unexpected engine.io packet",
             frame.chars().take(1).collect(),
         )),
-        // Boxed: handling a packet may go through joins, recovery and the
-        // engine's round trips; that state lives only while the packet is
-        // handled, not in every idle connection's resident future (one
-        // small allocation per inbound packet).
-        EnginePacket::Message(m) => Box::pin(session.on_message(m)).await,
+        // (The caller boxes this future: joins, recovery and the engine's
+        // round trips live only while a packet is handled.)
+        EnginePacket::Message(m) => session.on_message(m).await,
     }
 }
 

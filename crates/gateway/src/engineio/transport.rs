@@ -29,6 +29,10 @@ pub trait Transport: Send {
     fn flush(&mut self) -> impl Future<Output = Result<(), End>> + Send;
     /// Closes the transport, with a close code where the transport has one.
     fn close(&mut self, code: Option<(u16, &'static str)>) -> impl Future<Output = ()> + Send;
+    /// Called when the connection has read a frame and has nothing to
+    /// write: a transport may give back what it holds only while reading
+    /// (the WebSocket's codec and read buffer).
+    fn rest(&mut self) {}
     /// `websocket` or `polling`, for metrics and logs.
     fn name(&self) -> &'static str;
     /// The transports the client may upgrade to, for the open packet.

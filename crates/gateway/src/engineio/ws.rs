@@ -206,21 +206,22 @@ impl WsTransport {
     }
 
     /// Drops the codec if every byte read from the socket belongs to a
-    /// message already returned: called after a successful flush. What
-    /// tungstenite queued itself (an automatic pong) is written first.
-    async fn rest(&mut self) -> Result<(), End> {
+    /// message already returned and tungstenite has nothing left to write
+    /// (an automatic pong it could not write at once keeps it).
+    fn drop_codec(&mut self) {
         let Codec::Open(ws) = &mut self.codec else {
-            return Ok(());
+            return;
         };
         if ws.get_ref().read_total() != self.consumed {
-            return Ok(());
+            return;
         }
-        ws.flush().await.map_err(|_| End::WriteFailed)?;
+        if !matches!(ws.flush().now_or_never(), Some(Ok(()))) {
+            return;
+        }
         if let Codec::Open(ws) = std::mem::replace(&mut self.codec, Codec::Gone) {
             let config = *ws.get_config();
             self.codec = Codec::Idle(ws.into_inner(), config);
         }
-        Ok(())
     }
 
     /// Writes what tungstenite queued itself (an automatic pong), then the
@@ -326,7 +327,8 @@ impl Transport for WsTransport {
 
     async fn flush(&mut self) -> Result<(), End> {
         self.write_out().await?;
-        self.rest().await
+        self.drop_codec();
+        Ok(())
     }
 
     async fn close(&mut self, code: Option<(u16, &'static str)>) {
@@ -350,6 +352,10 @@ impl Transport for WsTransport {
                 .await;
         }
         let _ = WebSocketStream::close(&mut **ws, None).await;
+    }
+
+    fn rest(&mut self) {
+        self.drop_codec();
     }
 
     fn name(&self) -> &'static str {

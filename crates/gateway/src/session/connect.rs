@@ -183,7 +183,7 @@ impl Session {
     }
 
     /// A room member entry for this socket.
-    pub(crate) fn member(&self, info: &crate::engine::SessionInfo) -> Member {
+    pub(crate) fn member(&self, info: &Arc<crate::engine::SessionInfo>) -> Member {
         let s = self.socket.as_ref().expect("member of a connected socket");
         Member {
             socket_id: s.id.clone(),
@@ -191,7 +191,7 @@ impl Session {
             pid: s.pid.clone(),
             owner: s.owner.clone(),
             outbound: self.out.clone(),
-            session: Arc::new(info.clone()),
+            session: info.clone(),
         }
     }
 
@@ -203,7 +203,7 @@ impl Session {
             sid: s.id.to_string(),
             user_id: s.user_id.to_string(),
             conn: s.owner.to_string(),
-            flow: s.flow.as_ref().map(|j| j.session.clone()),
+            flow: s.flow.as_ref().map(|j| (*j.session).clone()),
             joined_at_offset: s.flow.as_ref().map(|j| j.start.to_string()),
         };
         let cfg = &self.app.config;

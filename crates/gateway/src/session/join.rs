@@ -56,14 +56,14 @@ impl Session {
             self.emit_flow_locks(&room).await;
             return Ok(());
         }
-        let session = SessionInfo {
+        let session = Arc::new(SessionInfo {
             user_id: socket.user_id.to_string(),
             socket_id: socket.id.to_string(),
             flow_id: flow_id.clone(),
             user_name: user_name.to_owned(),
             user_color: user_color.to_owned(),
             joined_at: iso_now(),
-        };
+        });
         // One flow per socket: joining another leaves the first.
         self.leave_flow().await;
 

@@ -71,8 +71,8 @@ pub struct Handshake {
 pub(crate) struct Joined {
     /// `flow:F`.
     pub(crate) room: Arc<str>,
-    /// Its presence entry.
-    pub(crate) session: SessionInfo,
+    /// Its presence entry, shared with the room's member entry.
+    pub(crate) session: Arc<SessionInfo>,
     /// The last room offset delivered to the client: a room frame at or
     /// before it is not written again (replay and live delivery overlap).
     pub(crate) last: Offset,

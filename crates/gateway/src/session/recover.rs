@@ -64,7 +64,7 @@ impl Session {
             flow: None,
             _slot: slot,
         };
-        let Some(info) = record.flow.clone() else {
+        let Some(info) = record.flow.clone().map(Arc::new) else {
             self.socket = Some(socket);
             self.save_record().await;
             return Ok(());
