@@ -48,6 +48,8 @@ pub struct App {
     /// Unauthenticated connections per address, against
     /// `max_unauthenticated_per_ip`.
     pub peer_slots: Arc<crate::session::PeerSlots>,
+    /// The bounds of every connection's outgoing queue.
+    pub queue_limits: Arc<crate::outbound::QueueLimits>,
     /// Background tasks (engine maintenance) and their stop signal.
     pub background: (TaskTracker, CancellationToken),
     /// Postgres through PgBouncer, when `DATABASE_URL` is set.
@@ -159,7 +161,14 @@ impl App {
             }
         };
         let eio_sessions = crate::engineio::Sessions::new(&config.node_id, directory);
+        let queue_limits = crate::outbound::QueueLimits::new(
+            config.outbound_queue,
+            config.outbound_queue_bytes,
+            config.slow_consumer_grace,
+            &metrics,
+        );
         let app = Arc::new(App {
+            queue_limits,
             drain: Drain::new(config.drain_window),
             config: Arc::new(config),
             verifier,

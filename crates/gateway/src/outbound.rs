@@ -93,11 +93,32 @@ const SHRINK_ABOVE: usize = 4;
 #[derive(Debug)]
 struct Shared {
     state: Mutex<State>,
+    limits: Arc<QueueLimits>,
+}
+
+/// A queue's bounds and counters: the same for every connection of a node,
+/// so held once (`App`) rather than in every queue.
+#[derive(Debug)]
+pub struct QueueLimits {
     max_frames: usize,
     max_bytes: usize,
     grace: Duration,
     drops: IntCounter,
     slow_consumers: IntCounter,
+}
+
+impl QueueLimits {
+    /// At most `capacity` frames and `max_bytes` bytes; volatile frames
+    /// are dropped while a queue is full, for at most `grace`.
+    pub fn new(capacity: usize, max_bytes: usize, grace: Duration, metrics: &Metrics) -> Arc<Self> {
+        Arc::new(QueueLimits {
+            max_frames: capacity.max(1),
+            max_bytes,
+            grace,
+            drops: metrics.queue_drops.clone(),
+            slow_consumers: metrics.slow_consumer_disconnects.clone(),
+        })
+    }
 }
 
 #[derive(Debug, Default)]
@@ -183,13 +204,14 @@ impl Outbound {
         grace: Duration,
         metrics: Metrics,
     ) -> (Self, OutboundRx) {
+        Self::with_limits(QueueLimits::new(capacity, max_bytes, grace, &metrics))
+    }
+
+    /// A queue under `limits` (a node's connections share one).
+    pub fn with_limits(limits: Arc<QueueLimits>) -> (Self, OutboundRx) {
         let shared = Arc::new(Shared {
             state: Mutex::new(State::default()),
-            max_frames: capacity.max(1),
-            max_bytes,
-            grace,
-            drops: metrics.queue_drops.clone(),
-            slow_consumers: metrics.slow_consumer_disconnects.clone(),
+            limits,
         });
         (
             Outbound {
@@ -202,9 +224,9 @@ impl Outbound {
     /// Offers a frame without waiting. Returns `false` if it was dropped
     /// (full or closed).
     pub fn push(&self, frame: OutFrame, volatile: bool) -> bool {
-        let s = &*self.shared;
+        let s = &*self.shared.limits;
         let n = frame.bytes();
-        let mut st = s.state.lock();
+        let mut st = self.shared.state.lock();
         if st.closed || st.kicked.is_some() {
             return false;
         }
@@ -253,7 +275,7 @@ impl Outbound {
         let w = st.waker.take();
         drop(st);
         if why == Kick::SlowConsumer {
-            self.shared.slow_consumers.inc();
+            self.shared.limits.slow_consumers.inc();
         }
         if let Some(w) = w {
             w.wake();

@@ -53,12 +53,7 @@ pub fn serve<T: Transport>(
         .with_label_values(&[transport.name()])
         .inc();
     let gauge = GaugeGuard(app.metrics.connections.clone());
-    let (out, rx) = Outbound::new(
-        cfg.outbound_queue,
-        cfg.outbound_queue_bytes,
-        cfg.slow_consumer_grace,
-        app.metrics.clone(),
-    );
+    let (out, rx) = Outbound::with_limits(app.queue_limits.clone());
     let open = OpenPacket {
         sid,
         upgrades: transport.upgrades().iter().map(|u| u.to_string()).collect(),

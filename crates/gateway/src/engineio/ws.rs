@@ -60,6 +60,19 @@ pub type WsStream = WebSocketStream<WsIo>;
 /// in one read. Only a connection reading holds it (see [`Codec`]).
 pub const READ_BUFFER: usize = 1024;
 
+/// tungstenite's default buffers are 128 KiB each per connection; most
+/// frames here are tens of bytes, so a small read buffer (a large frame
+/// grows it, and the transport rebuilds the codec after) keeps a
+/// connection cheap. tungstenite writes only control frames (pongs, the
+/// close), each at once. A message may be at most the max payload.
+pub fn config(max_payload: usize) -> WebSocketConfig {
+    WebSocketConfig::default()
+        .max_message_size(Some(max_payload))
+        .max_frame_size(Some(max_payload))
+        .read_buffer_size(READ_BUFFER)
+        .write_buffer_size(0)
+}
+
 /// Bytes queued past which a feed writes them out before queueing more.
 const WRITE_AT: usize = 64 * 1024;
 
@@ -142,9 +155,11 @@ enum Codec {
     /// tungstenite reads frames (and holds its read buffer). Boxed: the
     /// stream is ~300 bytes that an idle connection would otherwise carry.
     Open(Box<WsStream>),
-    /// Between frames: the bare socket, no read buffer, and the codec's
-    /// settings to build it again.
-    Idle(WsIo, WebSocketConfig),
+    /// Between frames: the bare socket, no read buffer, and the max
+    /// payload to build the codec again with (the rest of its settings is
+    /// [`config`]'s; the whole `WebSocketConfig` would cost every idle
+    /// connection ~80 bytes).
+    Idle(WsIo, usize),
     /// The codec could not be built again (never expected): the
     /// connection ends.
     Gone,
@@ -190,8 +205,9 @@ impl WsTransport {
         self.codec = match std::mem::replace(&mut self.codec, Codec::Gone) {
             // Building a stream without a handshake completes on its first
             // poll (it only wraps the socket), so this never waits.
-            Codec::Idle(io, config) => {
-                match WebSocketStream::from_partially_read(io, part, Role::Server, Some(config))
+            Codec::Idle(io, max_payload) => {
+                let config = Some(config(max_payload));
+                match WebSocketStream::from_partially_read(io, part, Role::Server, config)
                     .now_or_never()
                 {
                     Some(ws) => Codec::Open(Box::new(ws)),
@@ -219,8 +235,8 @@ impl WsTransport {
             return;
         }
         if let Codec::Open(ws) = std::mem::replace(&mut self.codec, Codec::Gone) {
-            let config = *ws.get_config();
-            self.codec = Codec::Idle(ws.into_inner(), config);
+            let max_payload = ws.get_config().max_message_size.unwrap_or(usize::MAX);
+            self.codec = Codec::Idle(ws.into_inner(), max_payload);
         }
     }
 

@@ -22,7 +22,7 @@ use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use tokio_tungstenite::WebSocketStream;
 
-use crate::engineio::ws::{Counted, WsStream, READ_BUFFER};
+use crate::engineio::ws::{config, Counted, WsStream};
 
 /// A valid WebSocket upgrade request, not yet answered.
 #[derive(Debug)]
@@ -107,17 +107,4 @@ impl WsUpgrade {
         )
             .into_response()
     }
-}
-
-/// tungstenite's default buffers are 128 KiB each per connection; most
-/// frames here are tens of bytes, so a small read buffer (a large frame
-/// grows it, and the transport rebuilds the codec after) keeps a
-/// connection cheap. tungstenite writes only control frames (pongs, the
-/// close), each at once. A message may be at most the max payload.
-pub(crate) fn config(max_payload: usize) -> WebSocketConfig {
-    WebSocketConfig::default()
-        .max_message_size(Some(max_payload))
-        .max_frame_size(Some(max_payload))
-        .read_buffer_size(READ_BUFFER)
-        .write_buffer_size(0)
 }

@@ -165,9 +165,15 @@ impl Session {
         self.local.push_back(f);
     }
 
-    /// The next frame of the session's own.
+    /// The next frame of the session's own. The queue's memory is given
+    /// back once it is drained: it holds a frame or two per inbound packet,
+    /// and an idle connection would otherwise keep its slots for good.
     pub fn pop_local(&mut self) -> Option<OutFrame> {
-        self.local.pop_front()
+        let f = self.local.pop_front();
+        if f.is_none() && self.local.capacity() > 0 {
+            self.local = VecDeque::new();
+        }
+        f
     }
 
     /// Whether frames of the session's own wait.
