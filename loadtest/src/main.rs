@@ -236,9 +236,9 @@ struct CapacityArgs {
     /// 29.9).
     #[arg(long, default_value_t = 27.6)]
     redis_us_per_event: f64,
-    /// Gateway memory per connection, KiB (e7: 9.25 after activity, 8.30
-    /// idle; s9: 13.7 idle).
-    #[arg(long, default_value_t = 9.25)]
+    /// Gateway memory per connection, KiB (f2, 120,000 connections: 4.50
+    /// after activity, 4.28 idle; e7: 9.25 after activity).
+    #[arg(long, default_value_t = 4.5)]
     kib_per_connection: f64,
     #[arg(long, default_value_t = 4.0)]
     cores_per_node: f64,
