@@ -18,45 +18,14 @@ set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$repo"
 
-bin="${BIN:-target/release/flowgate}"
-lt=target/release/flowgate-loadtest
-[[ -x "$bin" && -x "$lt" ]] || { echo "build first: cargo build --release -p flowgate-gateway -p flowgate-loadtest" >&2; exit 2; }
 rport="${REDIS_PORT:-26392}"
 nport0="${NODE_PORT0:-27420}"
-out="${OUT:-$(mktemp -d)}"
-mkdir -p "$out"
-ulimit -n 20000 2>/dev/null || true
-
-pids=()
-rpid=""
-cleanup() {
-    [[ ${#pids[@]} -gt 0 ]] && kill "${pids[@]}" 2>/dev/null || true
-    for p in "${pids[@]}"; do while kill -0 "$p" 2>/dev/null; do sleep 0.2; done; done
-    if [[ -n "$rpid" ]]; then
-        kill "$rpid" 2>/dev/null || true
-        while kill -0 "$rpid" 2>/dev/null; do sleep 0.1; done
-    fi
-}
-trap cleanup EXIT
-
-redis-server --port "$rport" --bind 127.0.0.1 --save '' --appendonly no --daemonize yes \
-    --maxclients 100000 --pidfile "$out/redis.pid" --logfile "$out/redis.log"
-for _ in $(seq 50); do [[ -s "$out/redis.pid" ]] && break; sleep 0.1; done
-rpid="$(cat "$out/redis.pid")"
-
-targets=()
-for k in 1 2 3; do
-    port=$((nport0 + k))
-    env "$@" FLOWGATE_NODE_ID="node$k" PORT="$port" HOST=127.0.0.1 \
-        REDIS_URL="redis://127.0.0.1:$rport" JWT_ACCESS_TOKEN_SECRET=loadtest-secret \
-        FLOWGATE_WORKER_THREADS=1 FLOWGATE_MAX_CONNECTIONS=200000 \
-        FLOWGATE_MAX_UNAUTHENTICATED_PER_IP=200000 FLOWGATE_RATE_LIMIT_PER_SEC=100 \
-        FLOWGATE_RATE_LIMIT_BURST=100 RUST_LOG=warn "$bin" >"$out/node$k.log" 2>&1 &
-    pids+=($!)
-    targets+=("127.0.0.1:$port")
-done
-sleep 2
-for p in "${pids[@]}"; do kill -0 "$p" || { echo "a node died:" >&2; tail -n 3 "$out"/node*.log >&2; exit 1; }; done
+# shellcheck source=lib.sh
+source loadtest/lib.sh
+start_redis
+# Above the rate limit's default: the activity phase sends one event per
+# room at once, from users that also joined a moment before.
+start_nodes FLOWGATE_RATE_LIMIT_PER_SEC=100 FLOWGATE_RATE_LIMIT_BURST=100 "$@"
 
 "$lt" idle --connections "${CONNS:-20000}" --settle-secs "${SETTLE:-20}" --hold-secs 1 \
     --activity-bytes "${ACTIVITY:-16384}" \

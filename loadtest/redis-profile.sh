@@ -19,47 +19,14 @@ set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$repo"
 
-bin="${BIN:-target/release/flowgate}"
-lt=target/release/flowgate-loadtest
-[[ -x "$bin" && -x "$lt" ]] || { echo "build first: cargo build --release -p flowgate-gateway -p flowgate-loadtest" >&2; exit 2; }
 rport="${REDIS_PORT:-26391}"
 nport0="${NODE_PORT0:-27410}"
-out="${OUT:-$(mktemp -d)}"
-mkdir -p "$out"
-ulimit -n 20000 2>/dev/null || true
-
-pids=()
-rpid=""
-cleanup() {
-    [[ ${#pids[@]} -gt 0 ]] && kill "${pids[@]}" 2>/dev/null || true
-    for p in "${pids[@]}"; do while kill -0 "$p" 2>/dev/null; do sleep 0.2; done; done
-    if [[ -n "$rpid" ]]; then
-        kill "$rpid" 2>/dev/null || true
-        # Redis shuts down asynchronously: wait, so a next run can bind the port.
-        while kill -0 "$rpid" 2>/dev/null; do sleep 0.1; done
-    fi
-}
-trap cleanup EXIT
-
-redis-server --port "$rport" --bind 127.0.0.1 --save '' --appendonly no --daemonize yes \
-    --pidfile "$out/redis.pid" --logfile "$out/redis.log"
-for _ in $(seq 50); do [[ -s "$out/redis.pid" ]] && break; sleep 0.1; done
-rpid="$(cat "$out/redis.pid")"
+# shellcheck source=lib.sh
+source loadtest/lib.sh
+start_redis
 R=(redis-cli -p "$rport")
 cpu() { "${R[@]}" info cpu | grep -E 'used_cpu_(sys|user):' | cut -d: -f2 | tr -d '\r' | paste -sd+ | bc; }
-
-targets=()
-for k in 1 2 3; do
-    port=$((nport0 + k))
-    env "$@" FLOWGATE_NODE_ID="node$k" PORT="$port" HOST=127.0.0.1 \
-        REDIS_URL="redis://127.0.0.1:$rport" JWT_ACCESS_TOKEN_SECRET=loadtest-secret \
-        FLOWGATE_WORKER_THREADS=1 FLOWGATE_MAX_CONNECTIONS=200000 \
-        FLOWGATE_MAX_UNAUTHENTICATED_PER_IP=200000 RUST_LOG=warn "$bin" >"$out/node$k.log" 2>&1 &
-    pids+=($!)
-    targets+=("127.0.0.1:$port")
-done
-sleep 2
-for p in "${pids[@]}"; do kill -0 "$p" || { echo "a node died:" >&2; tail -n 3 "$out"/node*.log >&2; exit 1; }; done
+start_nodes "$@"
 
 "$lt" rooms --rooms "${ROOMS:-250}" --members "${MEMBERS:-10}" --rate "${RATE:-1}" --duration 25 \
     --target "$(IFS=,; echo "${targets[*]}")" --secret loadtest-secret >"$out/rooms.out" 2>&1 &
