@@ -382,6 +382,123 @@ impl Transport for WsTransport {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::{TcpListener, TcpStream};
+
+    /// A WebSocket transport on a real upgraded connection, and the
+    /// client's end of the socket (the upgrade answered and read).
+    async fn pair() -> (WsTransport, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let tx = std::sync::Mutex::new(Some(tx));
+            let svc = hyper::service::service_fn(
+                move |mut req: hyper::Request<hyper::body::Incoming>| {
+                    let tx = tx.lock().unwrap().take();
+                    async move {
+                        let on = hyper::upgrade::on(&mut req);
+                        tokio::spawn(async move {
+                            if let (Ok(up), Some(tx)) = (on.await, tx) {
+                                let _ = tx.send(up);
+                            }
+                        });
+                        let res = hyper::Response::builder()
+                            .status(101)
+                            .header("connection", "upgrade")
+                            .header("upgrade", "websocket")
+                            .body(http_body_util::Empty::<Bytes>::new())
+                            .unwrap();
+                        Ok::<_, std::convert::Infallible>(res)
+                    }
+                },
+            );
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(tcp), svc)
+                .with_upgrades()
+                .await;
+        });
+        let mut client = TcpStream::connect(addr).await.unwrap();
+        client
+            .write_all(
+                b"GET / HTTP/1.1\r\nhost: x\r\nconnection: upgrade\r\nupgrade: websocket\r\n\r\n",
+            )
+            .await
+            .unwrap();
+        let mut head = Vec::new();
+        while !head.ends_with(b"\r\n\r\n") {
+            let mut b = [0u8; 1];
+            client.read_exact(&mut b).await.unwrap();
+            head.push(b[0]);
+        }
+        let up = rx.await.unwrap();
+        let io = Counted::new(TokioIo::new(up));
+        let ws = WebSocketStream::from_raw_socket(io, Role::Server, Some(config(1 << 20))).await;
+        (WsTransport::new(ws, 0), client)
+    }
+
+    /// A masked client text frame.
+    fn text_frame(payload: &[u8]) -> Vec<u8> {
+        assert!(payload.len() < 126);
+        let mask = [1u8, 2, 3, 4];
+        let mut f = vec![0x81, 0x80 | payload.len() as u8];
+        f.extend_from_slice(&mask);
+        f.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+        f
+    }
+
+    fn is_idle(t: &WsTransport) -> bool {
+        matches!(t.codec, Codec::Idle(..))
+    }
+
+    #[tokio::test]
+    async fn the_codec_is_dropped_between_frames_and_never_with_bytes_pending() {
+        let (mut t, mut client) = pair().await;
+        // A write and its flush: nothing read, so nothing is pending.
+        t.feed_text(Utf8Bytes::from_static("hello")).await.unwrap();
+        t.flush().await.unwrap();
+        assert!(is_idle(&t), "flushed with nothing read: idle");
+        let mut got = [0u8; 7];
+        client.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"\x81\x05hello");
+
+        // A frame read after idle, then rest: idle again.
+        client.write_all(&text_frame(b"one")).await.unwrap();
+        match t.recv().await {
+            Some(Ok(Incoming::Text(m))) => assert_eq!(m.as_str(), "one"),
+            other => panic!("{other:?}"),
+        }
+        assert!(!is_idle(&t), "a codec reads the frame");
+        t.rest();
+        assert!(is_idle(&t), "nothing pending after the frame: idle");
+
+        // A frame and the first bytes of the next: the codec is kept.
+        let mut wire = text_frame(b"two");
+        let three = text_frame(b"three");
+        wire.extend_from_slice(&three[..3]);
+        client.write_all(&wire).await.unwrap();
+        match t.recv().await {
+            Some(Ok(Incoming::Text(m))) => assert_eq!(m.as_str(), "two"),
+            other => panic!("{other:?}"),
+        }
+        // Let the partial bytes arrive and be read by the codec.
+        let early = tokio::time::timeout(std::time::Duration::from_millis(50), t.recv()).await;
+        assert!(early.is_err(), "the next frame is not whole yet");
+        t.rest();
+        assert!(!is_idle(&t), "bytes of the next frame are held: kept");
+        client.write_all(&three[3..]).await.unwrap();
+        match t.recv().await {
+            Some(Ok(Incoming::Text(m))) => assert_eq!(m.as_str(), "three"),
+            other => panic!("{other:?}"),
+        }
+        t.rest();
+        assert!(is_idle(&t));
+
+        // The end of the stream while idle ends the transport.
+        drop(client);
+        assert!(t.recv().await.is_none());
+    }
 
     #[test]
     fn min_wire_len_is_the_shortest_client_header() {
