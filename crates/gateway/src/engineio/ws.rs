@@ -54,17 +54,18 @@ pub type WsIo = Counted<TokioIo<hyper::upgrade::Upgraded>>;
 /// The WebSocket of an upgraded HTTP connection.
 pub type WsStream = WebSocketStream<WsIo>;
 
-/// tungstenite's read buffer (`http/ws_upgrade.rs` `config`), and the most
+/// tungstenite's read buffer ([`config`]), and the most
 /// an idle connection reads at once when the client sends again: 1 KiB
 /// holds the usual event (a cursor, a pod move: tens to hundreds of bytes)
 /// in one read. Only a connection reading holds it (see [`Codec`]).
 pub const READ_BUFFER: usize = 1024;
 
-/// tungstenite's default buffers are 128 KiB each per connection; most
-/// frames here are tens of bytes, so a small read buffer (a large frame
-/// grows it, and the transport rebuilds the codec after) keeps a
-/// connection cheap. tungstenite writes only control frames (pongs, the
-/// close), each at once. A message may be at most the max payload.
+/// The codec's settings. tungstenite's default buffers are 128 KiB each
+/// per connection; most frames here are tens of bytes, so a small read
+/// buffer (a large frame grows it; the codec is dropped between frames
+/// anyway) keeps a reading connection cheap. tungstenite writes only
+/// control frames (pongs, the close), each at once. A message may be at
+/// most the max payload.
 pub fn config(max_payload: usize) -> WebSocketConfig {
     WebSocketConfig::default()
         .max_message_size(Some(max_payload))
