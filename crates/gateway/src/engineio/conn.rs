@@ -5,28 +5,25 @@
 //! One task, not a reader and a writer: the transport is both the inbound
 //! stream and the outbound sink, and everything that must happen on a
 //! connection (a frame in, a frame to write, a timer, a kick, a drain) is
-//! one branch of a `select!`. Writes are bounded by the slow-consumer grace,
-//! so a client that stops reading cannot hold the task forever.
+//! one branch of a `select!`. Writes (`write.rs`) are bounded by the
+//! slow-consumer grace, so a client that stops reading cannot hold the
+//! task forever.
 
 use std::future::Future;
-
-use futures_util::future::Either;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use flowgate_protocol::{EnginePacket, OpenPacket};
+use futures_util::future::Either;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 use tracing::{debug, warn, Instrument};
 
 use super::heartbeat::{Beat, Heartbeat};
+use super::write::{feed, write_local, write_queued};
 use super::{End, Incoming, Transport};
 use crate::app::App;
 use crate::outbound::{Kick, OutFrame, Outbound, OutboundRx};
 use crate::session::{Handshake, Session};
-
-/// Frames written per flush at most, so one busy queue cannot starve the
-/// reads of its own connection.
-const WRITE_BATCH: usize = 128;
 
 /// The future that serves one connection on `transport` until it ends;
 /// `keep` (the connection's slot under the cap) is dropped with it.
@@ -313,122 +310,6 @@ async fn on_text(session: &mut Session, heartbeat: &mut Heartbeat, frame: &str) 
         // round trips live only while a packet is handled.)
         EnginePacket::Message(m) => session.on_message(m).await,
     }
-}
-
-/// Writes one frame of the queue (or acts on it), without flushing. A
-/// write waits for the socket only when the transport already holds more
-/// than it queues unwritten (64 KiB on a WebSocket), and then no longer
-/// than a flush may.
-async fn feed<T: Transport>(
-    t: &mut T,
-    session: &mut Session,
-    f: OutFrame,
-    grace: Duration,
-) -> Result<(), End> {
-    match f {
-        OutFrame::Text(text) => bounded(t.feed_text(text), grace, &session.out).await,
-        OutFrame::Room(room) => {
-            if !session.admit(&room) {
-                return Ok(());
-            }
-            bounded(t.feed_text(room.text.clone()), grace, &session.out).await?;
-            for a in &room.attachments {
-                bounded(t.feed_binary(a.clone()), grace, &session.out).await?;
-            }
-            Ok(())
-        }
-        OutFrame::Evict(room) => {
-            Box::pin(session.on_evicted(&room)).await;
-            Ok(())
-        }
-    }
-}
-
-/// Flushes, for at most the slow-consumer grace, and no longer than it
-/// takes for the connection to be kicked (a full queue kicks at once).
-async fn flush<T: Transport>(t: &mut T, grace: Duration, out: &Outbound) -> Result<(), End> {
-    bounded(t.flush(), grace, out).await
-}
-
-/// Runs a write for at most the slow-consumer grace, and no longer than it
-/// takes for the connection to be kicked.
-///
-/// The write is polled once first: almost always the socket takes the
-/// bytes at once, and the timer and the kick watch (a timer-wheel entry and
-/// a lock each) are only set up for a client that is not reading — in an
-/// allocation of their own, so that they take no room in every idle
-/// connection's future (the write path is one of its states).
-async fn bounded(
-    fut: impl Future<Output = Result<(), End>>,
-    grace: Duration,
-    out: &Outbound,
-) -> Result<(), End> {
-    tokio::pin!(fut);
-    let first = std::future::poll_fn(|cx| std::task::Poll::Ready(fut.as_mut().poll(cx))).await;
-    if let std::task::Poll::Ready(r) = first {
-        return r;
-    }
-    Box::pin(waited(fut, grace, out)).await
-}
-
-/// The rest of a write the socket did not take at once (see [`bounded`]).
-async fn waited<F: Future<Output = Result<(), End>>>(
-    fut: std::pin::Pin<&mut F>,
-    grace: Duration,
-    out: &Outbound,
-) -> Result<(), End> {
-    tokio::select! {
-        r = tokio::time::timeout(grace, fut) => match r {
-            Ok(r) => r,
-            // The client has not read for the whole grace.
-            Err(_) => Err(End::SlowConsumer),
-        },
-        kick = out.kicked() => Err(match kick {
-            Kick::SlowConsumer => End::SlowConsumer,
-            Kick::Resync => End::Resync,
-        }),
-    }
-}
-
-/// Writes the session's own frames (answers, acks, replays): they come
-/// before queued room frames.
-async fn write_local<T: Transport>(
-    t: &mut T,
-    session: &mut Session,
-    grace: Duration,
-) -> Result<(), End> {
-    if !session.has_local() {
-        return Ok(());
-    }
-    while let Some(f) = session.pop_local() {
-        feed(t, session, f, grace).await?;
-    }
-    let out = session.out.clone();
-    flush(t, grace, &out).await
-}
-
-/// Writes `first` and whatever else is queued (up to a batch), then
-/// flushes once: one syscall for a burst.
-async fn write_queued<T: Transport>(
-    t: &mut T,
-    session: &mut Session,
-    rx: &mut OutboundRx,
-    first: OutFrame,
-    grace: Duration,
-) -> Result<(), End> {
-    feed(t, session, first, grace).await?;
-    for _ in 1..WRITE_BATCH {
-        match rx.try_recv() {
-            Some(f) => feed(t, session, f, grace).await?,
-            None => break,
-        }
-    }
-    // An eviction may have queued an answer.
-    while let Some(f) = session.pop_local() {
-        feed(t, session, f, grace).await?;
-    }
-    let out = session.out.clone();
-    flush(t, grace, &out).await
 }
 
 #[cfg(test)]

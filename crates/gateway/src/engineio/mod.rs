@@ -13,6 +13,7 @@ mod heartbeat;
 pub mod polling;
 pub mod registry;
 mod transport;
+mod write;
 pub mod ws;
 mod ws_out;
 
