@@ -148,8 +148,7 @@ fn run<T: Transport>(
             };
             let grace = cfg.slow_consumer_grace;
             let step = match wake {
-                Wake::Kick(Kick::SlowConsumer) => Err(End::SlowConsumer),
-                Wake::Kick(Kick::Resync) => Err(End::Resync),
+                Wake::Kick(kick) => Err(kick.into()),
                 Wake::Closing(delay) => {
                     drain_at = Some(Instant::now() + delay);
                     Ok(())

@@ -26,6 +26,15 @@ pub enum End {
     WriteFailed,
 }
 
+impl From<crate::outbound::Kick> for End {
+    fn from(kick: crate::outbound::Kick) -> Self {
+        match kick {
+            crate::outbound::Kick::SlowConsumer => End::SlowConsumer,
+            crate::outbound::Kick::Resync => End::Resync,
+        }
+    }
+}
+
 impl End {
     /// The WebSocket close code and reason, or `None` when the transport is
     /// already gone.

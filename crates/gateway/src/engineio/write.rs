@@ -7,7 +7,7 @@ use std::future::Future;
 use std::time::Duration;
 
 use super::{End, Transport};
-use crate::outbound::{Kick, OutFrame, Outbound, OutboundRx};
+use crate::outbound::{OutFrame, Outbound, OutboundRx};
 use crate::session::Session;
 
 /// Frames written per flush at most, so one busy queue cannot starve the
@@ -82,10 +82,7 @@ async fn waited<F: Future<Output = Result<(), End>>>(
             // The client has not read for the whole grace.
             Err(_) => Err(End::SlowConsumer),
         },
-        kick = out.kicked() => Err(match kick {
-            Kick::SlowConsumer => End::SlowConsumer,
-            Kick::Resync => End::Resync,
-        }),
+        kick = out.kicked() => Err(kick.into()),
     }
 }
 
