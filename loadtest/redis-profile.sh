@@ -8,6 +8,7 @@
 #
 #   BIN=path/to/flowgate   the gateway build to run (default target/release/flowgate)
 #   PERF=1                 also `perf record -g` Redis over the window (perf.data in OUT)
+#   PERF=node              the same for node 1 instead of Redis
 #   RATE=1 ROOMS=250 MEMBERS=10   the rooms load (events/s per member)
 #   OUT=dir                where logs, INFO commandstats and metrics go (default: a temp dir)
 #
@@ -36,7 +37,9 @@ sleep 10 # connecting and joining take a few seconds; the window is in the traff
 c0=$(cpu)
 curl -s "http://${targets[0]}/metrics" >"$out/metrics0"
 if [[ -n "${PERF:-}" ]]; then
-    perf record -F 999 -g -p "$rpid" -o "$out/perf.data" -- sleep 10 >/dev/null 2>&1
+    ppid="$rpid"
+    [[ "$PERF" == node ]] && ppid="${pids[0]}"
+    perf record -F 999 -g -p "$ppid" -o "$out/perf.data" -- sleep 10 >/dev/null 2>&1
 else
     sleep 10
 fi

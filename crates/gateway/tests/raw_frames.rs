@@ -319,9 +319,16 @@ async fn origins_outside_frontend_url_are_refused() {
 async fn connection_cap_refuses_upgrades_with_503() {
     let n = node(&[("FLOWGATE_MAX_CONNECTIONS", "2")]).await;
     let _a = RawClient::open(&n.ws_url()).await.unwrap();
+    let health = || async {
+        let (s, body) = http(n.addr, "GET", "/health", &[], None).await.unwrap();
+        (s, serde_json::from_str::<Value>(&body).unwrap()["status"].clone())
+    };
+    assert_eq!(health().await, (200, json!("ok")), "one slot left");
     let b = RawClient::open(&n.ws_url()).await.unwrap();
     let err = RawClient::open(&n.ws_url()).await.unwrap_err();
     assert!(err.to_string().contains("503"), "{err}");
+    // A node that accepts no connection tells the load balancer so.
+    assert_eq!(health().await, (503, json!("full")));
     drop(b);
     // The slot comes back once the connection task has ended.
     let mut ok = false;
@@ -333,6 +340,15 @@ async fn connection_cap_refuses_upgrades_with_503() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert!(ok, "slot released after a close");
+    let mut back = false;
+    for _ in 0..50 {
+        if health().await.0 == 200 {
+            back = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(back, "/health is 200 again once a slot is free");
 }
 
 #[tokio::test]

@@ -96,7 +96,13 @@ async fn health(State(app): State<Arc<App>>) -> Response {
         ),
     };
     let draining = app.drain.is_draining();
-    let ok = engine_up && !draining;
+    // At its connection cap the node refuses every new connection (503 on
+    // the handshake), so it does not accept connections: the load balancer
+    // should send them elsewhere until a slot frees up. Open connections
+    // are untouched (a readiness probe, not a liveness one).
+    let connections = app.connections.load(Ordering::Relaxed);
+    let full = connections >= app.config.max_connections;
+    let ok = engine_up && !draining && !full;
     // Postgres is shown but does not take the node out of the load
     // balancer: rooms keep working without it.
     let postgres = match postgres_health(&app).await {
@@ -106,9 +112,10 @@ async fn health(State(app): State<Arc<App>>) -> Response {
     };
     let degraded = postgres["state"] == "down";
     let body = json!({
-        "status": if draining { "draining" } else if !ok { "unavailable" } else if degraded { "degraded" } else { "ok" },
+        "status": if draining { "draining" } else if !engine_up { "unavailable" } else if full { "full" } else if degraded { "degraded" } else { "ok" },
         "node": app.config.node_id,
-        "connections": app.connections.load(Ordering::Relaxed),
+        "connections": connections,
+        "maxConnections": app.config.max_connections,
         "dependencies": {"engine": engine, "postgres": postgres},
     });
     let status = if ok {
