@@ -39,7 +39,7 @@ curl -s "http://${targets[0]}/metrics" >"$out/metrics0"
 if [[ -n "${PERF:-}" ]]; then
     ppid="$rpid"
     [[ "$PERF" == node ]] && ppid="${pids[0]}"
-    perf record -F 999 -g -p "$ppid" -o "$out/perf.data" -- sleep 10 >/dev/null 2>&1
+    perf record -F 999 ${PERF_CALLGRAPH:--g} -p "$ppid" -o "$out/perf.data" -- sleep 10 >/dev/null 2>&1
 else
     sleep 10
 fi

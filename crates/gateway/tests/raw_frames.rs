@@ -321,7 +321,10 @@ async fn connection_cap_refuses_upgrades_with_503() {
     let _a = RawClient::open(&n.ws_url()).await.unwrap();
     let health = || async {
         let (s, body) = http(n.addr, "GET", "/health", &[], None).await.unwrap();
-        (s, serde_json::from_str::<Value>(&body).unwrap()["status"].clone())
+        (
+            s,
+            serde_json::from_str::<Value>(&body).unwrap()["status"].clone(),
+        )
     };
     assert_eq!(health().await, (200, json!("ok")), "one slot left");
     let b = RawClient::open(&n.ws_url()).await.unwrap();

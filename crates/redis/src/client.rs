@@ -166,26 +166,40 @@ pub(crate) fn build_client(
             p.default_command_timeout = s.command_timeout;
             p.broadcast_channel_capacity = broadcast;
         })
-        .with_connection_config(|c| {
-            c.connection_timeout = Duration::from_secs(2);
-            // One attempt: a script retried after a dropped connection may
-            // already have run (a room event published twice). Callers
-            // refuse the one operation instead; the client retries.
-            c.max_command_attempts = 1;
-            // Replies that mean "this is not the master (any more)": a
-            // master demoted without dropping its connections (a Sentinel
-            // or manual failover) answers READONLY, a shard mid-failover
-            // CLUSTERDOWN or MASTERDOWN. Each makes fred reconnect, so it
-            // asks the sentinels or the cluster again for the master.
-            c.reconnect_errors = vec![
-                ReconnectError::ClusterDown,
-                ReconnectError::Loading,
-                ReconnectError::MasterDown,
-                ReconnectError::ReadOnly,
-            ];
-        })
+        .with_connection_config(connection_config)
         .set_policy(ReconnectPolicy::new_exponential(0, 50, 1000, 2))
         .build()
+}
+
+/// How every connection to Redis behaves (one function, so a test can
+/// check what the guarantees rest on).
+fn connection_config(c: &mut fred::types::config::ConnectionConfig) {
+    c.connection_timeout = Duration::from_secs(2);
+    // fred leaves Nagle's algorithm on by default. A node writes
+    // its next call (a lease, another group's publish) while one
+    // is in flight: with Nagle it waits for the ACK of the first,
+    // which Redis's reply carries — a network round trip added to
+    // the second call (not seen on loopback, where ACKs are
+    // immediate). Calls are written whole, so Nagle gains nothing.
+    c.tcp = fred::types::config::TcpConfig {
+        nodelay: Some(true),
+        ..Default::default()
+    };
+    // One attempt: a script retried after a dropped connection may
+    // already have run (a room event published twice). Callers
+    // refuse the one operation instead; the client retries.
+    c.max_command_attempts = 1;
+    // Replies that mean "this is not the master (any more)": a
+    // master demoted without dropping its connections (a Sentinel
+    // or manual failover) answers READONLY, a shard mid-failover
+    // CLUSTERDOWN or MASTERDOWN. Each makes fred reconnect, so it
+    // asks the sentinels or the cluster again for the master.
+    c.reconnect_errors = vec![
+        ReconnectError::ClusterDown,
+        ReconnectError::Loading,
+        ReconnectError::MasterDown,
+        ReconnectError::ReadOnly,
+    ];
 }
 
 impl RedisEngine {
@@ -284,5 +298,21 @@ impl EngineHealth for RedisEngine {
         Ok(Duration::from_micros(
             self.0.latency_us.load(Ordering::Relaxed),
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connections_send_each_call_at_once_and_never_retry_one() {
+        let mut c = fred::types::config::ConnectionConfig::default();
+        assert_ne!(c.tcp.nodelay, Some(true), "fred's default keeps Nagle");
+        connection_config(&mut c);
+        assert_eq!(c.tcp.nodelay, Some(true));
+        // A retried script may already have run: a room event published
+        // twice.
+        assert_eq!(c.max_command_attempts, 1);
     }
 }
