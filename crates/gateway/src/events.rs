@@ -13,8 +13,12 @@
 //! `pod:lock`, unlocks with `pod:unlock` and releases on `pod:delete`. Both
 //! keys are optional, so a file written before locks existed still loads,
 //! and relays its lock events without server-owned locks, as it did.
+//!
+//! `"types": {"podId": "id", "position": "point"}` (optional) says what
+//! shape a field must have (`events/types.rs`); the default table types
+//! every field of CONTRACT.md's table.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::sync::Arc;
 
@@ -22,9 +26,11 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 mod locks;
+mod types;
 
 use locks::{check_lock, lock_events};
 pub use locks::{LockAction, LockAnnouncement, LockEvents};
+pub use types::FieldType;
 
 /// Server-stamped fields; never taken from the client.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -80,6 +86,9 @@ pub struct RelayRule {
     /// The payload field naming the locked thing (with `lock`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lock_key: Option<String>,
+    /// The shape some of `fields` must have (else `INVALID_PAYLOAD`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub types: BTreeMap<String, FieldType>,
 }
 
 fn yes() -> bool {
@@ -131,6 +140,15 @@ fn rule(
         volatile,
         lock: None,
         lock_key: None,
+        types: BTreeMap::new(),
+    }
+}
+
+/// `r` with its fields' types.
+fn typed(types: &[(&str, FieldType)], r: RelayRule) -> RelayRule {
+    RelayRule {
+        types: types.iter().map(|(f, t)| (f.to_string(), *t)).collect(),
+        ..r
     }
 }
 
@@ -145,6 +163,7 @@ fn locking(action: LockAction, r: RelayRule) -> RelayRule {
 impl RelayTable {
     /// CONTRACT.md's table.
     pub fn contract_default() -> Self {
+        use FieldType::*;
         use Stamp::*;
         let rows = vec![
             rule(
@@ -237,6 +256,24 @@ impl RelayTable {
                 true,
             ),
         ];
+        // What CONTRACT.md's payloads are: ids, positions, objects, lists.
+        let rows = rows
+            .into_iter()
+            .map(|r| {
+                let t: &[(&str, FieldType)] = match r.event.as_str() {
+                    "pod:create" => &[("pod", Object)],
+                    "pod:update" => &[("podId", Id), ("updates", Object)],
+                    "pod:move" => &[("podId", Id), ("position", Point)],
+                    "pod:delete" | "pod:lock" | "pod:unlock" => &[("podId", Id)],
+                    "edge:create" => &[("edge", Object)],
+                    "edge:delete" => &[("edgeId", Id)],
+                    "cursor:move" => &[("position", Point)],
+                    "selection:change" => &[("selectedPodIds", Array)],
+                    _ => &[],
+                };
+                typed(t, r)
+            })
+            .collect();
         Self::from_rules(rows).expect("the built-in table is valid")
     }
 
@@ -273,6 +310,12 @@ impl RelayTable {
             {
                 return Err(format!(
                     "{:?}: field {f:?} is stamped by the server",
+                    r.event
+                ));
+            }
+            if let Some(f) = r.types.keys().find(|f| !r.fields.contains(f)) {
+                return Err(format!(
+                    "{:?}: the type of {f:?} is given, but it is not one of its fields",
                     r.event
                 ));
             }
@@ -322,6 +365,13 @@ impl RelayRule {
         for f in &self.fields {
             match obj.get(f) {
                 Some(v) if !v.is_null() => {
+                    if let Some(t) = self.types.get(f).filter(|t| !t.admits(v)) {
+                        return Err(PayloadError(format!(
+                            "{}: {f} must be {}",
+                            self.event,
+                            t.describe()
+                        )));
+                    }
                     out.insert(f.clone(), v.clone());
                 }
                 _ => return Err(PayloadError(format!("{} requires {f}", self.event))),
@@ -384,6 +434,62 @@ mod tests {
             .unwrap()
             .build(None, "u", "s", "t")
             .is_err());
+    }
+
+    #[test]
+    fn the_contracts_payload_shapes_are_checked() {
+        let t = RelayTable::contract_default();
+        let build = |event: &str, p: Value| t.get(event).unwrap().build(Some(&p), "u", "s", "t");
+        for (event, bad) in [
+            (
+                "pod:move",
+                json!({"podId": "p", "position": {"x": "a", "y": 2}}),
+            ),
+            (
+                "pod:move",
+                json!({"podId": {"a": 1}, "position": {"x": 1, "y": 2}}),
+            ),
+            ("pod:update", json!({"podId": "p", "updates": "all"})),
+            (
+                "pod:update",
+                json!({"podId": "x".repeat(257), "updates": {}}),
+            ),
+            ("pod:create", json!({"pod": [1]})),
+            ("edge:delete", json!({"edgeId": 1.5})),
+            ("cursor:move", json!({"position": [1, 2]})),
+            ("selection:change", json!({"selectedPodIds": "p1"})),
+        ] {
+            let e = build(event, bad.clone()).unwrap_err().0;
+            assert!(e.contains(" must be "), "{event} {bad}: {e}");
+        }
+        for (event, good) in [
+            (
+                "pod:move",
+                json!({"podId": 7, "position": {"x": 1.5, "y": -2}}),
+            ),
+            ("pod:update", json!({"podId": "p", "updates": {}})),
+            (
+                "cursor:move",
+                json!({"position": {"x": 0, "y": 0, "zoom": 2}}),
+            ),
+            ("selection:change", json!({"selectedPodIds": []})),
+        ] {
+            assert!(build(event, good.clone()).is_ok(), "{event} {good}");
+        }
+        // A table file may type its own fields, only its own.
+        let rule: RelayRule = serde_json::from_str(
+            r#"{"event":"note:add","emit":"note:added","fields":["id","at"],"types":{"id":"id","at":"point"}}"#,
+        )
+        .unwrap();
+        assert!(rule
+            .build(Some(&json!({"id": "n", "at": {"x": 1}})), "u", "s", "t")
+            .is_err());
+        assert!(RelayTable::from_rules(vec![RelayRule {
+            types: [("other".to_owned(), FieldType::Id)].into(),
+            ..rule
+        }])
+        .unwrap_err()
+        .contains("not one of its fields"));
     }
 
     #[test]

@@ -370,6 +370,16 @@ async fn relay_and_presence_recover_after_a_redis_restart() {
         assert_eq!(ack["ok"], false);
     }
     assert!(ns[0].metric("flowgate_redis_outages_total") >= 1.0);
+    // A join is refused the same way: the contract's UNAVAILABLE (a
+    // dependency is down, retry), not a generic JOIN_ERROR.
+    let mut late = RawClient::connect(&ns[0].ws_url(), &token("late", 600))
+        .await
+        .unwrap();
+    let ack = late
+        .emit_ack(1, "flow:join", json!({"flowId": "phoenix"}))
+        .await
+        .unwrap();
+    assert_eq!(ack["code"], "UNAVAILABLE", "{ack}");
     // The limiter fell back to the per-node budget, and said so.
     assert!(ns[0].metric("flowgate_limiter_fallback_total") >= 1.0);
     assert_eq!(ns[0].metric("flowgate_redis_up"), 0.0);

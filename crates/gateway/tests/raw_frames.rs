@@ -379,6 +379,46 @@ async fn health_and_metrics() {
 }
 
 #[tokio::test]
+async fn api_errors_all_have_the_error_shape() {
+    let n = node(&[]).await;
+    let auth = format!("Bearer {SERVICE_TOKEN}");
+    for (method, path, status, code) in [
+        ("GET", "/v1/nope", 404, "NOT_FOUND"),
+        ("GET", "/v1", 404, "NOT_FOUND"),
+        ("POST", "/v1/flows/f/nothing/here", 404, "NOT_FOUND"),
+        ("DELETE", "/v1/flows/f/presence", 405, "METHOD_NOT_ALLOWED"),
+        ("PATCH", "/v1/flows/f/events", 405, "METHOD_NOT_ALLOWED"),
+        ("GET", "/v1/flows/f/members/u", 405, "METHOD_NOT_ALLOWED"),
+    ] {
+        for headers in [vec![], vec![("Authorization", auth.as_str())]] {
+            let (s, body) = http(n.addr, method, path, &headers, None).await.unwrap();
+            let v: Value = serde_json::from_str(&body)
+                .unwrap_or_else(|e| panic!("{method} {path}: {e}: {body:?}"));
+            let got = (s, v["error"]["code"].as_str().unwrap_or_default());
+            let want = if headers.is_empty() && method != "GET" && status == 405 {
+                // A write without the service token is refused first.
+                (401, "UNAUTHORIZED")
+            } else {
+                (status, code)
+            };
+            assert_eq!(got, want, "{method} {path} {body}");
+            assert!(v["error"]["message"].is_string(), "{body}");
+        }
+    }
+    // The routes themselves still answer.
+    let (s, _) = http(
+        n.addr,
+        "GET",
+        "/v1/flows/f/presence",
+        &[("Authorization", &auth)],
+        None,
+    )
+    .await
+    .unwrap();
+    assert_eq!(s, 200);
+}
+
+#[tokio::test]
 async fn unknown_event_names_do_not_grow_metric_labels() {
     let n = node(&[]).await;
     let mut c = bystander(&n).await;

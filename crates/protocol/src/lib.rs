@@ -16,6 +16,7 @@ pub mod engineio;
 pub mod frame;
 pub mod polling;
 pub mod socketio;
+mod surrogates;
 
 pub use engineio::{EnginePacket, OpenPacket};
 pub use frame::{event_frame, event_frame_head, finish_frame};

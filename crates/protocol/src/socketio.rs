@@ -210,7 +210,7 @@ impl Packet {
             None
         } else {
             Some(
-                serde_json::from_str::<Value>(rest)
+                serde_json::from_str::<Value>(&crate::surrogates::replace_lone_surrogates(rest))
                     .map_err(|e| DecodeError::BadJson(e.to_string()))?,
             )
         };
@@ -358,6 +358,28 @@ mod tests {
         assert_eq!(p.data, None);
         let p = complete("0");
         assert_eq!(p.nsp, "/");
+    }
+
+    #[test]
+    fn json_bounds_lone_surrogates_nesting_and_huge_numbers() {
+        let p = complete(r#"2/flows,["pod:update",{"n":"hi\ud83d"}]"#);
+        assert_eq!(p.data.unwrap()[1]["n"], "hi\u{fffd}");
+        let nested = |depth: usize| {
+            format!(
+                r#"2/flows,["e",{}{}]"#,
+                "[".repeat(depth),
+                "]".repeat(depth)
+            )
+        };
+        assert!(Packet::decode(&nested(120)).is_ok());
+        assert!(matches!(
+            Packet::decode(&nested(130)),
+            Err(DecodeError::BadJson(_))
+        ));
+        assert!(matches!(
+            Packet::decode(r#"2/flows,["e",{"x":1e400}]"#),
+            Err(DecodeError::BadJson(_))
+        ));
     }
 
     #[test]

@@ -27,15 +27,43 @@ pub(super) fn routes(app: Arc<App>) -> Router<Arc<App>> {
     Router::new()
         .route(
             "/v1/flows/{flow_id}/events",
-            post(publish_event).get(history),
+            post(publish_event).get(history).fallback(wrong_method),
         )
-        .route("/v1/flows/{flow_id}/presence", get(presence))
-        .route("/v1/flows/{flow_id}/locks", get(locks))
+        .route(
+            "/v1/flows/{flow_id}/presence",
+            get(presence).fallback(wrong_method),
+        )
+        .route(
+            "/v1/flows/{flow_id}/locks",
+            get(locks).fallback(wrong_method),
+        )
         .route(
             "/v1/flows/{flow_id}/members/{user_id}",
-            axum::routing::put(grant).delete(revoke),
+            axum::routing::put(grant)
+                .delete(revoke)
+                .fallback(wrong_method),
         )
         .route_layer(axum::middleware::from_fn_with_state(app, token_first))
+        // After the layer: an unknown path is 404 for anyone.
+        .route("/v1", axum::routing::any(no_such_route))
+        .route("/v1/{*rest}", axum::routing::any(no_such_route))
+}
+
+/// Every API error has the `{error: {code, message}}` shape, these too.
+async fn wrong_method(method: axum::http::Method) -> ApiError {
+    ApiError(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "METHOD_NOT_ALLOWED",
+        format!("{method} is not allowed on this resource"),
+    )
+}
+
+async fn no_such_route() -> ApiError {
+    ApiError(
+        StatusCode::NOT_FOUND,
+        "NOT_FOUND",
+        "no such API resource".to_owned(),
+    )
 }
 
 /// Writes (POST, PUT, DELETE) need the service token, and it is checked

@@ -47,7 +47,7 @@ impl Session {
             let members = app.engine.presence.members(&room).await.map_err(|e| {
                 app.metrics
                     .engine_failed("presence", &e, &room, "presence read failed");
-                Refusal::new("JOIN_ERROR", "Could not join the flow")
+                unavailable()
             })?;
             self.emit(
                 "flow:users",
@@ -69,7 +69,7 @@ impl Session {
 
         let failed = |e: &dyn std::fmt::Display, what: &str| {
             warn!(error = %e, room = %room, "{what}");
-            Refusal::new("JOIN_ERROR", "Could not join the flow")
+            unavailable()
         };
         if let Err(e) = app.rooms.join(&room, self.member(&session)).await {
             app.metrics
@@ -140,6 +140,15 @@ impl Session {
     }
 }
 
+/// A join that a dependency (Redis, the membership store) failed: the
+/// contract's `UNAVAILABLE` — nothing changed, the client may retry.
+fn unavailable() -> Refusal {
+    Refusal::new(
+        "UNAVAILABLE",
+        "Could not join the flow now: a dependency is unavailable; retry",
+    )
+}
+
 /// The access policy's decision as a refusal.
 pub(crate) async fn check_access(
     app: &crate::app::App,
@@ -151,10 +160,7 @@ pub(crate) async fn check_access(
         Ok(false) => Err(Refusal::new("FORBIDDEN", "Not allowed to join this flow")),
         Err(e) => {
             warn!(error = %e, flow_id, "join refused: access undecidable");
-            Err(Refusal::new(
-                "JOIN_ERROR",
-                "Could not check access to the flow",
-            ))
+            Err(unavailable())
         }
     }
 }

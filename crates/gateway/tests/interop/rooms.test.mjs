@@ -226,7 +226,7 @@ describe("default node (open policy)", () => {
     await join(a, "ok-after-bad"); // still usable
   });
 
-  test("a missing field is INVALID_PAYLOAD, an unknown event UNKNOWN_EVENT, and neither is relayed", async () => {
+  test("a missing or mistyped field is INVALID_PAYLOAD, an unknown event UNKNOWN_EVENT, and neither is relayed", async () => {
     const { a, b } = await pair(url, "f-invalid", "invalid");
     const atB = recordAll(b);
     for (const [event, payload] of [
@@ -234,6 +234,9 @@ describe("default node (open policy)", () => {
       ["pod:move", { position: { x: 1, y: 1 } }],
       ["pod:update", { podId: "p" }],
       ["pod:create", {}],
+      ["pod:move", { podId: "p", position: { x: "a", y: 1 } }],
+      ["selection:change", { selectedPodIds: "p1" }],
+      ["pod:update", { podId: { id: "p" }, updates: {} }],
       ["edge:delete", "e1"],
       ["cursor:move", undefined],
       ["no:such:event", { podId: "p" }],
@@ -251,6 +254,19 @@ describe("default node (open policy)", () => {
     const relayed = atB.filter(([n]) => n !== "user:joined");
     assert.deepEqual(relayed.map(([n, d]) => [n, d.podId]), [["pod:moved", "ok"]]);
     assert.ok(a.connected);
+  });
+
+  test("a string cut in the middle of an emoji is relayed, not a reason to close", async () => {
+    // JSON.stringify writes the lone half as "\ud83d": valid JSON the Node
+    // gateway accepted. It arrives as U+FFFD, what a browser shows for it.
+    const { a, b } = await pair(url, "f-surrogate", "surrogate");
+    const got = next(b, "pod:updated");
+    const cut = "hi" + "\u{1F600}".slice(0, 1);
+    assert.deepEqual(await emitAck(a, "pod:update", { podId: "p", updates: { name: cut, whole: "\u{1F600}" } }), { ok: true });
+    const d = await got;
+    assert.equal(d.updates.name, "hi\uFFFD");
+    assert.equal(d.updates.whole, "\u{1F600}", "a whole pair is kept");
+    assert.ok(a.connected && b.connected);
   });
 
   describe("server API", () => {
