@@ -499,6 +499,64 @@ async fn a_client_that_stops_reading_is_disconnected_as_slow_consumer() {
     assert!(joined, "the slow consumer left the flow's presence");
 }
 
+#[tokio::test]
+async fn a_write_the_client_never_takes_ends_as_a_counted_slow_consumer() {
+    // Queue bounds far away: what ends it is a write the socket does not
+    // take for the whole grace, the other way a slow consumer is found.
+    let n = node(&[
+        ("FLOWGATE_OUTBOUND_QUEUE", "100000"),
+        ("FLOWGATE_OUTBOUND_QUEUE_BYTES", "268435456"),
+        ("FLOWGATE_SLOW_CONSUMER_MS", "300"),
+    ])
+    .await;
+    let mut reader = bystander(&n).await;
+    let mut stuck = RawClient::connect(&n.ws_url(), &token("stuck", 600))
+        .await
+        .unwrap();
+    assert_eq!(
+        stuck
+            .emit_ack(1, "flow:join", json!({"flowId": "f"}))
+            .await
+            .unwrap(),
+        json!({"ok": true})
+    );
+    let big = "x".repeat(500_000);
+    let body = json!({"event": "execution:token", "data": {"chunk": big}}).to_string();
+    let auth = format!("Bearer {SERVICE_TOKEN}");
+    // 40 MB: more than the loopback socket buffers hold.
+    for _ in 0..80 {
+        let (s, _) = http(
+            n.addr,
+            "POST",
+            "/v1/flows/f/events",
+            &[("Authorization", &auth)],
+            Some(&body),
+        )
+        .await
+        .unwrap();
+        assert_eq!(s, 202);
+        while let Ok(Ok(_)) =
+            tokio::time::timeout(Duration::from_millis(1), reader.recv_text()).await
+        {}
+    }
+    let mut counted = false;
+    for _ in 0..100 {
+        while let Ok(Ok(_)) =
+            tokio::time::timeout(Duration::from_millis(1), reader.recv_text()).await
+        {}
+        if n.metric("flowgate_slow_consumer_disconnects_total") == 1.0 {
+            counted = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(counted, "the slow consumer was not counted");
+    assert_eq!(
+        stuck.closed(Duration::from_secs(20)).await.unwrap(),
+        Closed::Code(1008)
+    );
+}
+
 /// One masked client text frame with the shortest header, as RFC 6455
 /// §5.2 lays it out.
 fn masked_text_frame(payload: &str) -> Vec<u8> {
