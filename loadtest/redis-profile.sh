@@ -9,6 +9,8 @@
 #   BIN=path/to/flowgate   the gateway build to run (default target/release/flowgate)
 #   PERF=1                 also `perf record -g` Redis over the window (perf.data in OUT)
 #   PERF=node              the same for node 1 instead of Redis
+#   PERF_CALLGRAPH="--call-graph dwarf,16384"   how perf unwinds (default -g)
+#   SYSCALLS=1             count Redis's and node 1's system calls over the window
 #   RATE=1 ROOMS=250 MEMBERS=10   the rooms load (events/s per member)
 #   OUT=dir                where logs, INFO commandstats and metrics go (default: a temp dir)
 #
@@ -40,6 +42,13 @@ if [[ -n "${PERF:-}" ]]; then
     ppid="$rpid"
     [[ "$PERF" == node ]] && ppid="${pids[0]}"
     perf record -F 999 ${PERF_CALLGRAPH:--g} -p "$ppid" -o "$out/perf.data" -- sleep 10 >/dev/null 2>&1
+elif [[ -n "${SYSCALLS:-}" ]]; then
+    # System calls of Redis and of node 1 over the window: writes per
+    # delivery and per event, wake-ups (epoll_wait) per call.
+    ev=syscalls:sys_enter_write,syscalls:sys_enter_writev,syscalls:sys_enter_read,syscalls:sys_enter_recvfrom,syscalls:sys_enter_epoll_wait
+    perf stat -x, -e "$ev" -p "$rpid" -o "$out/syscalls.redis" -- sleep 10 &
+    perf stat -x, -e "$ev" -p "${pids[0]}" -o "$out/syscalls.node1" -- sleep 10
+    wait $!
 else
     sleep 10
 fi
@@ -58,4 +67,10 @@ echo "events logged (XADD):           ${events:-0}"
 echo "node 1: $(delta flowgate_bus_published_events_total) events in $(delta flowgate_bus_publish_calls_total) publish calls, $(delta flowgate_limiter_redis_calls_total) limiter lease calls"
 grep -E '^cmdstat_' "$out/cmdstats" | sed -E 's/,rejected_calls.*//' | sort -t= -k2 -nr | head -n 8
 grep -E 'rate/snd|sustained|lost|nothing' "$out/rooms.out" | head -n 3
+if [[ -n "${SYSCALLS:-}" ]]; then
+    for who in redis node1; do
+        echo "system calls of $who in the window:"
+        grep syscalls "$out/syscalls.$who" | awk -F, '{ sub(/syscalls:sys_enter_/, "", $3); printf "  %-12s %d\n", $3, $1 }'
+    done
+fi
 echo "files: $out"
