@@ -228,6 +228,45 @@ impl Metrics {
         ] {
             metrics.engine_errors.with_label_values(&[operation]);
         }
+        // The same for the reasons and codes dashboards and alerts name
+        // (deploy/prometheus/alerts.yml, deploy/grafana/flowgate.json).
+        for reason in [
+            "bad request",
+            "capacity",
+            "draining",
+            "http cap",
+            "origin",
+            "unauthenticated per address",
+            "unknown sid",
+        ] {
+            metrics.connections_refused.with_label_values(&[reason]);
+        }
+        for reason in [
+            "bad attachments",
+            "bad engine.io packet",
+            "bad event",
+            "bad socket.io packet",
+            "connect churn",
+            "CONNECT_ERROR from a client",
+            "oversize frame",
+            "unexpected binary frame",
+        ] {
+            metrics.protocol_errors.with_label_values(&[reason]);
+        }
+        for code in [
+            "INVALID_FLOW_ID",
+            "NOT_IN_FLOW",
+            "FORBIDDEN",
+            "RATE_LIMIT",
+            "INVALID_PAYLOAD",
+            "UNKNOWN_EVENT",
+            "JOIN_ERROR",
+            "LOCKED",
+            "NOT_LOCK_OWNER",
+            "UNAVAILABLE",
+        ] {
+            metrics.refusals.with_label_values(&[code]);
+        }
         metrics
     }
 
