@@ -62,10 +62,20 @@ pub async fn enqueue(
     app: &crate::app::App,
     event: &crate::engine::QueuedEvent,
 ) -> Result<(), PushRefused> {
-    match (&app.store, &app.engine.queue) {
+    let r = match (&app.store, &app.engine.queue) {
         (Some(_), Some(queue)) => queue.push(event).await,
         _ => Ok(()),
-    }
+    };
+    let reason = match &r {
+        Err(PushRefused::Full) => "full",
+        Err(PushRefused::Stale) => "stale",
+        _ => return r,
+    };
+    app.metrics
+        .eventlog_refused
+        .with_label_values(&[reason])
+        .inc();
+    r
 }
 
 /// Whether a payload holds a NUL character, which Postgres' `jsonb` refuses:

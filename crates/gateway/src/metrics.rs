@@ -24,6 +24,9 @@ pub struct Metrics {
     pub connections_opened: IntCounterVec,
     /// Connections refused at the upgrade (cap, drain, origin).
     pub connections_refused: IntCounterVec,
+    /// Persisted events the event-log queue refused (`full`, `stale`),
+    /// whichever engine holds it.
+    pub eventlog_refused: IntCounterVec,
     /// Requests of a session owned by another node, forwarded to it, by
     /// kind (`polling`, `websocket`) and outcome (`ok`, `unknown`, `failed`).
     pub forwarded: IntCounterVec,
@@ -159,6 +162,11 @@ impl Metrics {
                 "Upgrades refused",
                 "reason",
             ),
+            eventlog_refused: counter_vec(
+                "eventlog_refused_total",
+                "Persisted events refused with UNAVAILABLE by the event-log queue (full: at its cap; stale: queued too late)",
+                "reason",
+            ),
             rooms,
             events_in: counter_vec("events_in_total", "Client events received", "event"),
             events_out: counter_vec(
@@ -252,6 +260,9 @@ impl Metrics {
             "unexpected binary frame",
         ] {
             metrics.protocol_errors.with_label_values(&[reason]);
+        }
+        for reason in ["full", "stale"] {
+            metrics.eventlog_refused.with_label_values(&[reason]);
         }
         for code in [
             "INVALID_FLOW_ID",

@@ -380,6 +380,44 @@ async fn one_node_without_redis_logs_events_and_checks_memberships() {
     assert_eq!(err["message"], "Membership revoked");
 }
 
+/// The embedded engine's queue refuses at its cap like the Redis one, and
+/// its refusals are counted the same way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_embedded_queue_refuses_at_its_cap_and_counts_it() {
+    let mut pg = migrated_pg().await;
+    let db = pg.bouncer_url();
+    let n = TestNode::start(&[
+        ("DATABASE_URL", &db),
+        ("FLOWGATE_NODE_ID", "solo-cap"),
+        ("FLOWGATE_ACCESS_POLICY", "open"),
+        ("FLOWGATE_EVENTLOG_QUEUE_MAX", "3"),
+        ("FLOWGATE_EVENTLOG_SHARDS", "1"),
+        ("FLOWGATE_RATE_LIMIT_PER_SEC", "1000"),
+        ("FLOWGATE_RATE_LIMIT_BURST", "1000"),
+    ])
+    .await
+    .expect("a node with a database and no Redis starts");
+    let (mut c, _) = join(&n, "w", "solo-capped").await;
+    pg.stop_postgres();
+    let mut refused = 0;
+    for id in 1..=6u64 {
+        let ack = c
+            .emit_ack(id, "pod:create", json!({"pod": {"n": id}}))
+            .await
+            .unwrap();
+        if ack["ok"] != true {
+            assert_eq!(ack["code"], "UNAVAILABLE", "{ack}");
+            refused += 1;
+        }
+    }
+    assert_eq!(refused, 3, "three queued, then refused");
+    assert_eq!(
+        n.metric("flowgate_eventlog_refused_total{reason=\"full\"}"),
+        3.0
+    );
+    tokio::task::block_in_place(|| pg.start_postgres().unwrap());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_outage_of_pgbouncer_then_postgres_loses_no_acked_event() {
     let mut e = env().await;

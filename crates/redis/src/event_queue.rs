@@ -205,22 +205,12 @@ impl EventQueue for RedisEngine {
             )
             .await
             .map_err(err)?;
-        let refused = match reply.as_str() {
-            "full" => PushRefused::Full,
-            "stale" => PushRefused::Stale,
-            _ => return Ok(()),
-        };
-        let reason = if matches!(refused, PushRefused::Full) {
-            "full"
-        } else {
-            "stale"
-        };
-        self.0
-            .metrics
-            .eventlog_refused
-            .with_label_values(&[reason])
-            .inc();
-        Err(refused)
+        // Counted by the gateway, for every engine alike.
+        match reply.as_str() {
+            "full" => Err(PushRefused::Full),
+            "stale" => Err(PushRefused::Stale),
+            _ => Ok(()),
+        }
     }
 
     /// Reads the streams in rotation, without blocking, and returns the

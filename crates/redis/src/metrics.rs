@@ -1,6 +1,6 @@
 //! The engine's Prometheus metrics, registered once at start.
 
-use prometheus::{IntCounter, IntCounterVec, IntGauge, Opts, Registry};
+use prometheus::{IntCounter, IntGauge, Registry};
 
 #[derive(Debug, Clone)]
 pub(crate) struct Metrics {
@@ -22,9 +22,6 @@ pub(crate) struct Metrics {
     /// is the mean batch (see `batches`).
     pub(crate) publish_calls: IntCounter,
     pub(crate) published_events: IntCounter,
-    /// Persisted events the durable queue refused, by reason (`full`,
-    /// `stale`).
-    pub(crate) eventlog_refused: IntCounterVec,
 }
 
 impl Metrics {
@@ -39,16 +36,7 @@ impl Metrics {
             registry.register(Box::new(m.clone()))?;
             Ok(m)
         };
-        let eventlog_refused = IntCounterVec::new(
-            Opts::new(
-                "eventlog_refused_total",
-                "Persisted events refused with UNAVAILABLE by the event-log queue (full: at its cap; stale: queued too late)",
-            ),
-            &["reason"],
-        )?;
-        registry.register(Box::new(eventlog_refused.clone()))?;
         Ok(Metrics {
-            eventlog_refused,
             up: g("redis_up", "1 while Redis answers pings")?,
             outages: c("redis_outages_total", "Times Redis became unreachable")?,
             limiter_fallback: c(
