@@ -220,64 +220,67 @@ impl Metrics {
         // Every outcome and operation is exported from the start, at 0: an
         // alert on `rate(...{outcome="failed"}[5m])` or a panel then has a
         // series to evaluate before the first failure.
-        for outcome in ["recovered", "unknown", "log_gone", "failed"] {
-            metrics.recoveries.with_label_values(&[outcome]);
-        }
-        for operation in [
-            "limiter",
-            "locks",
-            "presence",
-            "publish",
-            "queue",
-            "replay",
-            "sessions",
-            "subscribe",
-            "unsubscribe",
-        ] {
-            metrics.engine_errors.with_label_values(&[operation]);
-        }
+        zero(
+            &metrics.recoveries,
+            &["recovered", "unknown", "log_gone", "failed"],
+        );
+        zero(
+            &metrics.engine_errors,
+            &[
+                "limiter",
+                "locks",
+                "presence",
+                "publish",
+                "queue",
+                "replay",
+                "sessions",
+                "subscribe",
+                "unsubscribe",
+            ],
+        );
         // The same for the reasons and codes dashboards and alerts name
         // (deploy/prometheus/alerts.yml, deploy/grafana/flowgate.json).
-        for reason in [
-            "bad request",
-            "capacity",
-            "draining",
-            "http cap",
-            "origin",
-            "unauthenticated per address",
-            "unknown sid",
-        ] {
-            metrics.connections_refused.with_label_values(&[reason]);
-        }
-        for reason in [
-            "bad attachments",
-            "bad engine.io packet",
-            "bad event",
-            "bad socket.io packet",
-            "connect churn",
-            "CONNECT_ERROR from a client",
-            "oversize frame",
-            "unexpected binary frame",
-        ] {
-            metrics.protocol_errors.with_label_values(&[reason]);
-        }
-        for reason in ["full", "stale"] {
-            metrics.eventlog_refused.with_label_values(&[reason]);
-        }
-        for code in [
-            "INVALID_FLOW_ID",
-            "NOT_IN_FLOW",
-            "FORBIDDEN",
-            "RATE_LIMIT",
-            "INVALID_PAYLOAD",
-            "UNKNOWN_EVENT",
-            "JOIN_ERROR",
-            "LOCKED",
-            "NOT_LOCK_OWNER",
-            "UNAVAILABLE",
-        ] {
-            metrics.refusals.with_label_values(&[code]);
-        }
+        zero(
+            &metrics.connections_refused,
+            &[
+                "bad request",
+                "capacity",
+                "draining",
+                "http cap",
+                "origin",
+                "unauthenticated per address",
+                "unknown sid",
+            ],
+        );
+        zero(
+            &metrics.protocol_errors,
+            &[
+                "bad attachments",
+                "bad engine.io packet",
+                "bad event",
+                "bad socket.io packet",
+                "connect churn",
+                "CONNECT_ERROR from a client",
+                "oversize frame",
+                "unexpected binary frame",
+            ],
+        );
+        zero(&metrics.eventlog_refused, &["full", "stale"]);
+        zero(
+            &metrics.refusals,
+            &[
+                "INVALID_FLOW_ID",
+                "NOT_IN_FLOW",
+                "FORBIDDEN",
+                "RATE_LIMIT",
+                "INVALID_PAYLOAD",
+                "UNKNOWN_EVENT",
+                "JOIN_ERROR",
+                "LOCKED",
+                "NOT_LOCK_OWNER",
+                "UNAVAILABLE",
+            ],
+        );
         metrics
     }
 
@@ -315,5 +318,12 @@ impl Metrics {
         // Encoding gathered families into a Vec cannot fail.
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
         String::from_utf8(buf).unwrap_or_default()
+    }
+}
+
+/// Exports each of `labels` at 0 (see `Metrics::new`).
+fn zero(vec: &IntCounterVec, labels: &[&str]) {
+    for l in labels {
+        vec.with_label_values(&[l]);
     }
 }

@@ -443,38 +443,17 @@ async fn a_client_that_stops_reading_is_disconnected_as_slow_consumer() {
     let n = node(&[("FLOWGATE_OUTBOUND_QUEUE", "8")]).await;
     let mut reader = bystander(&n).await;
     // Joins the flow, then never reads again.
-    let mut stuck = RawClient::connect(&n.ws_url(), &token("stuck", 600))
-        .await
-        .unwrap();
-    assert_eq!(
-        stuck
-            .emit_ack(1, "flow:join", json!({"flowId": "f"}))
-            .await
-            .unwrap(),
-        json!({"ok": true})
-    );
+    let mut stuck = stuck_member(&n).await;
 
-    let big = "x".repeat(200_000);
-    let body = json!({"event": "execution:token", "data": {"chunk": big}}).to_string();
+    let body = room_event(200_000);
     let auth = format!("Bearer {SERVICE_TOKEN}");
     for _ in 0..400 {
-        let (s, _) = http(
-            n.addr,
-            "POST",
-            "/v1/flows/f/events",
-            &[("Authorization", &auth)],
-            Some(&body),
-        )
-        .await
-        .unwrap();
-        assert_eq!(s, 202);
+        post_to_room(&n, &body).await;
         if n.metric("flowgate_slow_consumer_disconnects_total") >= 1.0 {
             break;
         }
         // The reader keeps up.
-        while let Ok(Ok(_)) =
-            tokio::time::timeout(Duration::from_millis(1), reader.recv_text()).await
-        {}
+        keep_up(&mut reader).await;
     }
     assert_eq!(n.metric("flowgate_slow_consumer_disconnects_total"), 1.0);
     // Reading again, it gets whole frames (the one the node was writing
@@ -515,40 +494,16 @@ async fn a_write_the_client_never_takes_ends_as_a_counted_slow_consumer() {
     ])
     .await;
     let mut reader = bystander(&n).await;
-    let mut stuck = RawClient::connect(&n.ws_url(), &token("stuck", 600))
-        .await
-        .unwrap();
-    assert_eq!(
-        stuck
-            .emit_ack(1, "flow:join", json!({"flowId": "f"}))
-            .await
-            .unwrap(),
-        json!({"ok": true})
-    );
-    let big = "x".repeat(500_000);
-    let body = json!({"event": "execution:token", "data": {"chunk": big}}).to_string();
-    let auth = format!("Bearer {SERVICE_TOKEN}");
+    let mut stuck = stuck_member(&n).await;
     // 40 MB: more than the loopback socket buffers hold.
+    let body = room_event(500_000);
     for _ in 0..80 {
-        let (s, _) = http(
-            n.addr,
-            "POST",
-            "/v1/flows/f/events",
-            &[("Authorization", &auth)],
-            Some(&body),
-        )
-        .await
-        .unwrap();
-        assert_eq!(s, 202);
-        while let Ok(Ok(_)) =
-            tokio::time::timeout(Duration::from_millis(1), reader.recv_text()).await
-        {}
+        post_to_room(&n, &body).await;
+        keep_up(&mut reader).await;
     }
     let mut counted = false;
     for _ in 0..100 {
-        while let Ok(Ok(_)) =
-            tokio::time::timeout(Duration::from_millis(1), reader.recv_text()).await
-        {}
+        keep_up(&mut reader).await;
         if n.metric("flowgate_slow_consumer_disconnects_total") == 1.0 {
             counted = true;
             break;
@@ -560,6 +515,47 @@ async fn a_write_the_client_never_takes_ends_as_a_counted_slow_consumer() {
         stuck.closed(Duration::from_secs(20)).await.unwrap(),
         Closed::Code(1008)
     );
+}
+
+/// A member of flow `f` that never reads after its join.
+async fn stuck_member(n: &TestNode) -> RawClient {
+    let mut stuck = RawClient::connect(&n.ws_url(), &token("stuck", 600))
+        .await
+        .unwrap();
+    assert_eq!(
+        stuck
+            .emit_ack(1, "flow:join", json!({"flowId": "f"}))
+            .await
+            .unwrap(),
+        json!({"ok": true})
+    );
+    stuck
+}
+
+/// The API body of a room event carrying `bytes` bytes.
+fn room_event(bytes: usize) -> String {
+    json!({"event": "execution:token", "data": {"chunk": "x".repeat(bytes)}}).to_string()
+}
+
+/// Publishes `body` to flow `f` through the server API.
+async fn post_to_room(n: &TestNode, body: &str) {
+    let auth = format!("Bearer {SERVICE_TOKEN}");
+    let (s, _) = http(
+        n.addr,
+        "POST",
+        "/v1/flows/f/events",
+        &[("Authorization", &auth)],
+        Some(body),
+    )
+    .await
+    .unwrap();
+    assert_eq!(s, 202);
+}
+
+/// Reads whatever `reader` has been sent so far.
+async fn keep_up(reader: &mut RawClient) {
+    while let Ok(Ok(_)) = tokio::time::timeout(Duration::from_millis(1), reader.recv_text()).await {
+    }
 }
 
 /// One masked client text frame with the shortest header, as RFC 6455
