@@ -411,16 +411,7 @@ async fn api_errors_all_have_the_error_shape() {
         }
     }
     // The routes themselves still answer.
-    let (s, _) = http(
-        n.addr,
-        "GET",
-        "/v1/flows/f/presence",
-        &[("Authorization", &auth)],
-        None,
-    )
-    .await
-    .unwrap();
-    assert_eq!(s, 200);
+    assert_eq!(presence(&n).await.0, 200);
 }
 
 #[tokio::test]
@@ -446,7 +437,6 @@ async fn a_client_that_stops_reading_is_disconnected_as_slow_consumer() {
     let mut stuck = stuck_member(&n).await;
 
     let body = room_event(200_000);
-    let auth = format!("Bearer {SERVICE_TOKEN}");
     for _ in 0..400 {
         post_to_room(&n, &body).await;
         if n.metric("flowgate_slow_consumer_disconnects_total") >= 1.0 {
@@ -464,15 +454,7 @@ async fn a_client_that_stops_reading_is_disconnected_as_slow_consumer() {
     );
     let mut joined = false;
     for _ in 0..100 {
-        let (_, body) = http(
-            n.addr,
-            "GET",
-            "/v1/flows/f/presence",
-            &[("Authorization", &auth)],
-            None,
-        )
-        .await
-        .unwrap();
+        let (_, body) = presence(&n).await;
         let users: Value = serde_json::from_str(&body).unwrap();
         if users.as_array().unwrap().len() == 1 {
             joined = true;
@@ -550,6 +532,20 @@ async fn post_to_room(n: &TestNode, body: &str) {
     .await
     .unwrap();
     assert_eq!(s, 202);
+}
+
+/// Flow `f`'s presence through the server API: status and body.
+async fn presence(n: &TestNode) -> (u16, String) {
+    let auth = format!("Bearer {SERVICE_TOKEN}");
+    http(
+        n.addr,
+        "GET",
+        "/v1/flows/f/presence",
+        &[("Authorization", &auth)],
+        None,
+    )
+    .await
+    .unwrap()
 }
 
 /// Reads whatever `reader` has been sent so far.
