@@ -390,6 +390,7 @@ async fn api_errors_all_have_the_error_shape() {
     for (method, path, status, code) in [
         ("GET", "/v1/nope", 404, "NOT_FOUND"),
         ("GET", "/v1", 404, "NOT_FOUND"),
+        ("GET", "/v1/", 404, "NOT_FOUND"),
         ("POST", "/v1/flows/f/nothing/here", 404, "NOT_FOUND"),
         ("DELETE", "/v1/flows/f/presence", 405, "METHOD_NOT_ALLOWED"),
         ("PATCH", "/v1/flows/f/events", 405, "METHOD_NOT_ALLOWED"),

@@ -182,6 +182,12 @@ fn run<T: Transport>(
             }
         };
 
+        // A write the client never took is a slow consumer as much as a
+        // queue overflow: counted the same way (a kick counts once, so an
+        // overflow that ended the loop is not counted twice).
+        if end == End::SlowConsumer {
+            out.kick(Kick::SlowConsumer);
+        }
         report(&app, &end);
         // Boxed: closing runs once, through the engine (presence, locks) and
         // the last writes; its state would otherwise take room in every

@@ -79,12 +79,10 @@ async fn waited<F: Future<Output = Result<(), End>>>(
     tokio::select! {
         r = tokio::time::timeout(grace, fut) => match r {
             Ok(r) => r,
-            // The client has not read for the whole grace: a slow
-            // consumer, counted as the queue's overflow is.
-            Err(_) => {
-                out.kick(crate::outbound::Kick::SlowConsumer);
-                Err(End::SlowConsumer)
-            }
+            // The client has not read for the whole grace (counted by the
+            // connection's loop, not here: `finish` writes through this too,
+            // after an end that was not the client's slowness).
+            Err(_) => Err(End::SlowConsumer),
         },
         kick = out.kicked() => Err(kick.into()),
     }

@@ -46,6 +46,7 @@ pub(super) fn routes(app: Arc<App>) -> Router<Arc<App>> {
         .route_layer(axum::middleware::from_fn_with_state(app, token_first))
         // After the layer: an unknown path is 404 for anyone.
         .route("/v1", axum::routing::any(no_such_route))
+        .route("/v1/", axum::routing::any(no_such_route))
         .route("/v1/{*rest}", axum::routing::any(no_such_route))
 }
 

@@ -141,7 +141,8 @@ impl Session {
 }
 
 /// A join that a dependency (Redis, the membership store) failed: the
-/// contract's `UNAVAILABLE` — nothing changed, the client may retry.
+/// contract's `UNAVAILABLE`, the client may retry (a failure after the
+/// previous flow was left leaves the socket in no flow).
 fn unavailable() -> Refusal {
     Refusal::new(
         "UNAVAILABLE",
