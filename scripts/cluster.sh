@@ -32,8 +32,8 @@
 #   FLOWGATE_CLUSTER_NO_REDIS  1: do not give the nodes REDIS_URL (each node then
 #                              runs its own in-memory engine: NOT a real cluster;
 #                              for testing this script's mechanics). Implies
-#                              FLOWGATE_CLUSTER_NO_DB=1: a node refuses
-#                              DATABASE_URL without REDIS_URL.
+#                              FLOWGATE_CLUSTER_NO_DB=1 (without Redis each node
+#                              would keep its own in-memory event-log queue).
 #   FLOWGATE_ACCESS_POLICY     passed to the nodes when set; unset, a node with
 #                              DATABASE_URL uses `members` (a user joins a flow
 #                              only with a membership row: grant one with
@@ -516,7 +516,7 @@ cmd_up() {
     local no_db=0
     [[ "${FLOWGATE_CLUSTER_NO_DB:-0}" == 1 ]] && no_db=1
     if [[ "${FLOWGATE_CLUSTER_NO_REDIS:-0}" == 1 && $no_db == 0 ]]; then
-        log "FLOWGATE_CLUSTER_NO_REDIS=1 implies FLOWGATE_CLUSTER_NO_DB=1 (a node refuses DATABASE_URL without REDIS_URL)"
+        log "FLOWGATE_CLUSTER_NO_REDIS=1 implies FLOWGATE_CLUSTER_NO_DB=1 (without Redis each node would keep its own in-memory event-log queue)"
         no_db=1
     fi
 

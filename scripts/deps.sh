@@ -45,6 +45,9 @@ have pgbouncer || missing+=(pgbouncer)
 # screenshot readable on a minimal image.
 [[ -x /usr/bin/chromium ]] || missing+=(chromium)
 [[ -d /usr/share/fonts/truetype/dejavu ]] || missing+=(fonts-dejavu-core)
+# scripts/cluster.sh picks free ports with python3 and checks health with curl.
+have python3 || missing+=(python3)
+have curl || missing+=(curl)
 
 interop="$repo/crates/gateway/tests/interop"
 need_npm=0

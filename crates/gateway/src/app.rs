@@ -75,6 +75,9 @@ impl App {
                 .rules()
                 .flat_map(|r| [r.event.as_str(), r.emit.as_str()]),
         );
+        metrics
+            .max_connections
+            .set(i64::try_from(config.max_connections).unwrap_or(i64::MAX));
         let verifier = TokenVerifier::new(&config.jwt)
             .context("JWT key")?
             .keeping_claim(match &config.access {

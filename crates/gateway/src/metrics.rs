@@ -19,6 +19,10 @@ pub struct Metrics {
     known_events: std::sync::Arc<HashSet<String>>,
     /// Open Engine.IO connections, whatever their transport.
     pub connections: IntGauge,
+    /// `FLOWGATE_MAX_CONNECTIONS`: with `connections`, how full the node
+    /// is (a full node is out of its load balancer, so refusals at the cap
+    /// are rare; the ratio is what to alert on).
+    pub max_connections: IntGauge,
     /// Engine.IO sessions opened, by the transport they opened with
     /// (`websocket`, `polling`).
     pub connections_opened: IntCounterVec,
@@ -104,6 +108,14 @@ impl Metrics {
             IntGauge::new("connections", "Open Engine.IO connections (any transport)")
                 .expect("valid metric"),
         );
+        let max_connections = reg(
+            &registry,
+            IntGauge::new(
+                "max_connections",
+                "FLOWGATE_MAX_CONNECTIONS: at it, /health is 503 and new connections are refused",
+            )
+            .expect("valid metric"),
+        );
         let rooms = reg(
             &registry,
             IntGauge::new("rooms", "Rooms with a member on this node").expect("valid metric"),
@@ -141,6 +153,7 @@ impl Metrics {
         let metrics = Metrics {
             known_events: std::sync::Arc::new(known),
             connections,
+            max_connections,
             connections_opened: counter_vec(
                 "connections_opened_total",
                 "Engine.IO sessions opened, by transport",

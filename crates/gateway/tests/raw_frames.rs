@@ -373,6 +373,7 @@ async fn health_and_metrics() {
         "flowgate_fanout_latency_seconds_bucket",
         "flowgate_queue_drops_total 0",
         "flowgate_slow_consumer_disconnects_total 0",
+        "flowgate_max_connections 100000",
         // Series that alerts and dashboards name exist before their first
         // event, at 0.
         "flowgate_connections_refused_total{reason=\"capacity\"} 0",
