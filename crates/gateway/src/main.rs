@@ -118,7 +118,14 @@ fn runtime(mut builder: tokio::runtime::Builder) -> Result<tokio::runtime::Runti
 /// `flowgate migrate`: needs only `DATABASE_DIRECT_URL` (Postgres itself,
 /// never PgBouncer).
 fn migrate() -> ExitCode {
-    init_tracing(LogFormat::Text);
+    // The node's log format, so a migration job's lines reach the same
+    // log pipeline; anything but `json` is text here (migrate reads no
+    // other configuration, so it does not refuse what serve would).
+    let format = match std::env::var("FLOWGATE_LOG_FORMAT").as_deref() {
+        Ok("json") => LogFormat::Json,
+        _ => LogFormat::Text,
+    };
+    init_tracing(format);
     let Some(url) = std::env::var("DATABASE_DIRECT_URL")
         .ok()
         .filter(|u| !u.is_empty())
