@@ -158,7 +158,14 @@ impl App {
         };
         let rooms = Rooms::new(fanout, engine.bus.clone());
         let store = match &config.database_url {
-            None => None,
+            None => {
+                // No database: no `flowgate_postgres_up` either (a 0 there
+                // would page FlowgatePostgresDown forever).
+                let _ = metrics
+                    .registry()
+                    .unregister(Box::new(metrics.postgres_up.clone()));
+                None
+            }
             Some(url) => {
                 Some(Self::start_store(&config, url, &engine, &metrics, &background).await?)
             }
