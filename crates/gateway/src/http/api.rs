@@ -11,7 +11,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{json, Value};
-use tracing::{info, warn};
+use tracing::info;
 
 use super::bearer;
 use crate::app::App;
@@ -19,7 +19,9 @@ use crate::engine::{Control, QueuedEvent, RoomMessage};
 use crate::events::RESERVED;
 use crate::rooms::room_of;
 
+mod error;
 mod history;
+use error::{db_error, no_such_route, unavailable, wrong_method, ApiError};
 use history::history;
 
 /// The `/v1` routes.
@@ -48,23 +50,6 @@ pub(super) fn routes(app: Arc<App>) -> Router<Arc<App>> {
         .route("/v1", axum::routing::any(no_such_route))
         .route("/v1/", axum::routing::any(no_such_route))
         .route("/v1/{*rest}", axum::routing::any(no_such_route))
-}
-
-/// Every API error has the `{error: {code, message}}` shape, these too.
-async fn wrong_method(method: axum::http::Method) -> ApiError {
-    ApiError(
-        StatusCode::METHOD_NOT_ALLOWED,
-        "METHOD_NOT_ALLOWED",
-        format!("{method} is not allowed on this resource"),
-    )
-}
-
-async fn no_such_route() -> ApiError {
-    ApiError(
-        StatusCode::NOT_FOUND,
-        "NOT_FOUND",
-        "no such API resource".to_owned(),
-    )
 }
 
 /// Writes (POST, PUT, DELETE) need the service token, and it is checked
@@ -101,29 +86,6 @@ async fn token_first(
         }
     }
     next.run(req).await
-}
-
-/// A server API error: `{error: {code, message}}` with its status.
-#[derive(Debug)]
-struct ApiError(StatusCode, &'static str, String);
-
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        (
-            self.0,
-            Json(json!({"error": {"code": self.1, "message": self.2}})),
-        )
-            .into_response()
-    }
-}
-
-/// A dependency (Redis, the membership check) failed: 503, try again.
-fn unavailable(e: impl std::fmt::Display) -> ApiError {
-    ApiError(
-        StatusCode::SERVICE_UNAVAILABLE,
-        "UNAVAILABLE",
-        e.to_string(),
-    )
 }
 
 fn service_auth(app: &App, headers: &HeaderMap) -> Result<(), ApiError> {
@@ -279,15 +241,6 @@ fn store(app: &App) -> Result<&flowgate_store::Store, ApiError> {
             "this node has no DATABASE_URL".into(),
         )
     })
-}
-
-fn db_error(e: flowgate_store::StoreError) -> ApiError {
-    warn!(error = %e, "database request failed");
-    ApiError(
-        StatusCode::SERVICE_UNAVAILABLE,
-        "DATABASE_UNAVAILABLE",
-        "the database is unavailable; try again".into(),
-    )
 }
 
 fn check_user_id(user_id: &str) -> Result<(), ApiError> {
