@@ -14,7 +14,12 @@ async fn node(vars: &[(&str, &str)]) -> TestNode {
 
 /// A connected client in flow `f`, to prove the node still serves others.
 async fn bystander(n: &TestNode) -> RawClient {
-    let mut c = RawClient::connect(&n.ws_url(), &token("bystander", 600))
+    member_of_f(n, "bystander").await
+}
+
+/// `user`, connected and joined to flow `f`.
+async fn member_of_f(n: &TestNode, user: &str) -> RawClient {
+    let mut c = RawClient::connect(&n.ws_url(), &token(user, 600))
         .await
         .unwrap();
     let ack = c
@@ -439,7 +444,7 @@ async fn a_client_that_stops_reading_is_disconnected_as_slow_consumer() {
     let n = node(&[("FLOWGATE_OUTBOUND_QUEUE", "8")]).await;
     let mut reader = bystander(&n).await;
     // Joins the flow, then never reads again.
-    let mut stuck = stuck_member(&n).await;
+    let mut stuck = member_of_f(&n, "stuck").await;
 
     let body = room_event(200_000);
     for _ in 0..400 {
@@ -481,7 +486,7 @@ async fn a_write_the_client_never_takes_ends_as_a_counted_slow_consumer() {
     ])
     .await;
     let mut reader = bystander(&n).await;
-    let mut stuck = stuck_member(&n).await;
+    let mut stuck = member_of_f(&n, "stuck").await;
     // 40 MB: more than the loopback socket buffers hold.
     let body = room_event(500_000);
     for _ in 0..80 {
@@ -502,21 +507,6 @@ async fn a_write_the_client_never_takes_ends_as_a_counted_slow_consumer() {
         stuck.closed(Duration::from_secs(20)).await.unwrap(),
         Closed::Code(1008)
     );
-}
-
-/// A member of flow `f` that never reads after its join.
-async fn stuck_member(n: &TestNode) -> RawClient {
-    let mut stuck = RawClient::connect(&n.ws_url(), &token("stuck", 600))
-        .await
-        .unwrap();
-    assert_eq!(
-        stuck
-            .emit_ack(1, "flow:join", json!({"flowId": "f"}))
-            .await
-            .unwrap(),
-        json!({"ok": true})
-    );
-    stuck
 }
 
 /// The API body of a room event carrying `bytes` bytes.
