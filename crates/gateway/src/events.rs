@@ -490,6 +490,11 @@ mod tests {
         }])
         .unwrap_err()
         .contains("not one of its fields"));
+        // An unknown type is a configuration error, not a field left unchecked.
+        assert!(serde_json::from_str::<RelayRule>(
+            r#"{"event":"a","emit":"b","fields":["id"],"types":{"id":"uuid"}}"#
+        )
+        .is_err());
     }
 
     #[test]

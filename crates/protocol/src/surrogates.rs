@@ -17,12 +17,12 @@ use std::borrow::Cow;
 /// `text` with every lone surrogate escape replaced by `\ufffd`; borrowed
 /// (no copy) when it has none, which is every packet without `\u`.
 pub(crate) fn replace_lone_surrogates(text: &str) -> Cow<'_, str> {
-    let b = text.as_bytes();
     // Fast path: no `\u` escape at all (JSON.stringify escapes only control
     // characters and lone surrogates).
-    if !b.windows(2).any(|w| w == b"\\u") {
+    if !text.contains("\\u") {
         return Cow::Borrowed(text);
     }
+    let b = text.as_bytes();
     let mut out: Option<String> = None;
     let mut copied = 0;
     let mut i = 0;
