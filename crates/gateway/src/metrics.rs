@@ -177,7 +177,7 @@ impl Metrics {
             ),
             eventlog_refused: counter_vec(
                 "eventlog_refused_total",
-                "Persisted events refused with UNAVAILABLE by the event-log queue (full: at its cap; stale: queued too late)",
+                "Persisted events the event-log queue refused (full: at its cap; stale: queued too late); a client's is answered UNAVAILABLE",
                 "reason",
             ),
             rooms,
