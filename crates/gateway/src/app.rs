@@ -50,6 +50,8 @@ pub struct App {
     pub peer_slots: Arc<crate::session::PeerSlots>,
     /// The bounds of every connection's outgoing queue.
     pub queue_limits: Arc<crate::outbound::QueueLimits>,
+    /// What clients' unfinished frames may hold, across the node.
+    pub read_budget: Arc<crate::read_budget::ReadBudget>,
     /// Background tasks (engine maintenance) and their stop signal.
     pub background: (TaskTracker, CancellationToken),
     /// Postgres through PgBouncer, when `DATABASE_URL` is set.
@@ -177,8 +179,14 @@ impl App {
             config.slow_consumer_grace,
             &metrics,
         );
+        let read_budget = crate::read_budget::ReadBudget::new(
+            config.read_budget,
+            metrics.read_held.clone(),
+            metrics.read_budget_refused.clone(),
+        );
         let app = Arc::new(App {
             queue_limits,
+            read_budget,
             drain: Drain::new(config.drain_window),
             config: Arc::new(config),
             verifier,

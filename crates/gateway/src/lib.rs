@@ -20,6 +20,7 @@ pub mod lock_keeper;
 pub mod log_sample;
 pub mod metrics;
 pub mod outbound;
+pub mod read_budget;
 pub mod recovery_keeper;
 pub mod rooms;
 pub mod session;

@@ -58,6 +58,10 @@ pub struct Metrics {
     pub recoveries: IntCounterVec,
     /// Sessions moved from HTTP long-polling to WebSocket.
     pub upgrades: IntCounter,
+    /// Client bytes held in unfinished frames, across the node.
+    pub read_held: IntGauge,
+    /// Connections ended because the node's read budget was spent.
+    pub read_budget_refused: IntCounter,
     /// 1 while the node drains.
     pub draining: IntGauge,
     /// Drains begun (SIGTERM received).
@@ -214,6 +218,22 @@ impl Metrics {
                 &registry,
                 IntCounter::new("upgrades_total", "Polling sessions upgraded to WebSocket")
                     .expect("valid metric"),
+            ),
+            read_held: reg(
+                &registry,
+                IntGauge::new(
+                    "read_held_bytes",
+                    "Client bytes held in frames not yet whole (bounded by FLOWGATE_READ_BUDGET_BYTES)",
+                )
+                .expect("valid metric"),
+            ),
+            read_budget_refused: reg(
+                &registry,
+                IntCounter::new(
+                    "read_budget_refused_total",
+                    "Connections ended because FLOWGATE_READ_BUDGET_BYTES was spent",
+                )
+                .expect("valid metric"),
             ),
             draining: reg(
                 &registry,

@@ -10,6 +10,8 @@ use super::{millis, parse, positive, within, ConfigError};
 /// The [`Config`](super::Config) fields of the same names.
 pub(super) struct Limits {
     pub(super) max_payload: usize,
+    pub(super) max_payload_before_connect: usize,
+    pub(super) read_budget: usize,
     pub(super) max_attachments: usize,
     pub(super) rate_per_sec: u32,
     pub(super) rate_burst: u32,
@@ -27,6 +29,19 @@ impl Limits {
             max_payload: positive(
                 "FLOWGATE_MAX_PAYLOAD",
                 parse(vars, "FLOWGATE_MAX_PAYLOAD", 1_000_000)?,
+            )?,
+            // A CONNECT with its token is a few KiB; before it, a socket is
+            // anyone's, so it may hold no more than this (read_budget.rs).
+            max_payload_before_connect: positive(
+                "FLOWGATE_MAX_PAYLOAD_BEFORE_CONNECT",
+                parse(vars, "FLOWGATE_MAX_PAYLOAD_BEFORE_CONNECT", 64 * 1024)?,
+            )?,
+            // What every connection's unfinished frames may hold together.
+            read_budget: within(
+                "FLOWGATE_READ_BUDGET_BYTES",
+                parse(vars, "FLOWGATE_READ_BUDGET_BYTES", 256 << 20)?,
+                1 << 20,
+                1 << 40,
             )?,
             max_attachments: parse(vars, "FLOWGATE_MAX_ATTACHMENTS", 10)?,
             rate_per_sec: positive(

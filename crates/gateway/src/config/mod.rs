@@ -115,6 +115,13 @@ pub struct Config {
     pub max_unauthenticated_per_ip: usize,
     /// `FLOWGATE_MAX_PAYLOAD` (1 000 000 bytes): largest inbound frame.
     pub max_payload: usize,
+    /// `FLOWGATE_MAX_PAYLOAD_BEFORE_CONNECT` (65 536 bytes): most a
+    /// WebSocket may hold of unfinished frames before its CONNECT is
+    /// accepted (at most the max payload).
+    pub max_payload_before_connect: usize,
+    /// `FLOWGATE_READ_BUDGET_BYTES` (256 MiB): most all connections
+    /// together may hold of unfinished frames.
+    pub read_budget: usize,
     /// `FLOWGATE_MAX_ATTACHMENTS` (10): binary frames one packet may announce.
     pub max_attachments: usize,
     /// `FLOWGATE_RATE_LIMIT_PER_SEC` (20).
@@ -329,6 +336,8 @@ impl Config {
         } = socketio::SocketIo::from_vars(vars)?;
         let limits::Limits {
             max_payload,
+            max_payload_before_connect,
+            read_budget,
             max_attachments,
             rate_per_sec,
             rate_burst,
@@ -339,6 +348,7 @@ impl Config {
             slow_consumer_grace,
             max_connections,
         } = limits::Limits::from_vars(vars)?;
+        let max_payload_before_connect = max_payload_before_connect.min(max_payload);
         let http::Http {
             admin_port,
             http_header_timeout,
@@ -391,6 +401,8 @@ impl Config {
             max_http_connections,
             max_unauthenticated_per_ip,
             max_payload,
+            max_payload_before_connect,
+            read_budget,
             max_attachments,
             rate_per_sec,
             rate_burst,

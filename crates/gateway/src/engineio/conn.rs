@@ -159,7 +159,8 @@ fn run<T: Transport>(
                 }
                 Wake::Inbound(inbound) => {
                     let t = &mut *transport;
-                    Box::pin(on_inbound(t, &mut session, &mut heartbeat, inbound)).await
+                    let limit = crate::read_budget::connected_limit(cfg.max_payload);
+                    Box::pin(on_inbound(t, &mut session, &mut heartbeat, inbound, limit)).await
                 }
                 Wake::Timer => {
                     let now = Instant::now();
@@ -241,12 +242,16 @@ async fn on_inbound<T: Transport>(
     session: &mut Session,
     heartbeat: &mut Heartbeat,
     inbound: Option<Result<Incoming, End>>,
+    read_limit: usize,
 ) -> Result<(), End> {
     match inbound {
         None => return Err(End::ClientClosed),
         Some(Err(end)) => return Err(end),
         Some(Ok(Incoming::Text(t))) => on_text(session, heartbeat, t.as_str()).await?,
         Some(Ok(Incoming::Binary(b))) => session.on_binary(b).await?,
+    }
+    if session.is_connected() {
+        transport.connected(read_limit);
     }
     // A frame that asked for no answer (a pong, most often): nothing will
     // flush, so the transport is told it may give back its read state now.
@@ -277,6 +282,14 @@ fn report(app: &App, end: &End) {
                 warn!(
                     max_payload = app.config.max_payload,
                     "closing connection: frame over max payload"
+                );
+            }
+        }
+        End::ReadBudget => {
+            if crate::log_sample::allow("read budget") {
+                warn!(
+                    read_budget = app.config.read_budget,
+                    "closing connection: the node's read budget is spent"
                 );
             }
         }

@@ -7,8 +7,12 @@ pub enum End {
     ClientClosed,
     /// A malformed frame; the reason is logged and counted.
     Protocol(&'static str, String),
-    /// A frame over the max payload.
+    /// A frame over the max payload (before CONNECT: over the smaller
+    /// limit a socket has until then).
     Oversize,
+    /// The node's budget for unfinished frames is spent
+    /// (`read_budget.rs`): this connection's read went past it.
+    ReadBudget,
     /// No pong within the ping timeout.
     PingTimeout,
     /// No CONNECT within the connect timeout.
@@ -43,6 +47,8 @@ impl End {
             End::ClientClosed | End::WriteFailed => return None,
             End::Protocol(..) => (1002, "protocol error"),
             End::Oversize => (1009, "frame too large"),
+            // 1013 "try again later": the node, not the client, is short.
+            End::ReadBudget => (1013, "try again later"),
             End::PingTimeout => (1000, "ping timeout"),
             End::ConnectTimeout => (1008, "no connect"),
             End::SlowConsumer => (1008, "slow consumer"),

@@ -33,6 +33,11 @@ pub trait Transport: Send {
     /// write: a transport may give back what it holds only while reading
     /// (the WebSocket's codec and read buffer).
     fn rest(&mut self) {}
+    /// The session's CONNECT was accepted (called for every frame read
+    /// after it): from now on the client may hold `read_limit` bytes of
+    /// unfinished frames, not the smaller limit of an unauthenticated
+    /// socket (`read_budget.rs`).
+    fn connected(&mut self, _read_limit: usize) {}
     /// `websocket` or `polling`, for metrics and logs.
     fn name(&self) -> &'static str;
     /// The transports the client may upgrade to, for the open packet.

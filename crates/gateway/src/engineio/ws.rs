@@ -41,12 +41,13 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::Data;
 use tokio_tungstenite::tungstenite::protocol::frame::FrameHeader;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
-use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
+use tokio_tungstenite::tungstenite::{Error, Message, Utf8Bytes};
 use tokio_tungstenite::WebSocketStream;
 use tracing::debug;
 
 use super::ws_out::{write_pending, Pending};
 use super::{End, Incoming, Transport};
+use crate::read_budget::{Held, OverRead};
 
 /// The socket of an upgraded HTTP connection.
 pub type WsIo = Counted<TokioIo<hyper::upgrade::Upgraded>>;
@@ -77,22 +78,34 @@ pub fn config(max_payload: usize) -> WebSocketConfig {
 /// Bytes queued past which a feed writes them out before queueing more.
 const WRITE_AT: usize = 64 * 1024;
 
-/// A socket that counts the bytes read from it.
+/// A socket that counts the bytes read from it, and charges them to the
+/// connection's account of held bytes (`read_budget.rs`): a read past the
+/// connection's limit or the node's budget fails with [`OverRead`].
 #[derive(Debug)]
 pub struct Counted<S> {
     inner: S,
     read: u64,
+    held: Held,
 }
 
 impl<S> Counted<S> {
-    /// Wraps `inner`, nothing read yet.
-    pub fn new(inner: S) -> Self {
-        Counted { inner, read: 0 }
+    /// Wraps `inner`, nothing read yet, charging `held`.
+    pub fn new(inner: S, held: Held) -> Self {
+        Counted {
+            inner,
+            read: 0,
+            held,
+        }
     }
 
     /// Bytes read so far.
     pub fn read_total(&self) -> u64 {
         self.read
+    }
+
+    /// Sets how much of unfinished frames the connection may hold.
+    pub fn set_read_limit(&mut self, limit: usize) {
+        self.held.set_limit(limit);
     }
 }
 
@@ -106,6 +119,9 @@ impl<S: AsyncRead + Unpin> AsyncRead for Counted<S> {
         let r = Pin::new(&mut self.inner).poll_read(cx, buf);
         let n = buf.filled().len() - before;
         self.read += n as u64;
+        if let Err(over) = self.held.charge(n) {
+            return Poll::Ready(Err(io::Error::other(over)));
+        }
         r
     }
 }
@@ -308,12 +324,22 @@ impl Transport for WsTransport {
             };
             let msg = ws.next().await?;
             if let Ok(m) = &msg {
-                let len = match m {
-                    Message::Text(t) => t.len(),
-                    Message::Binary(b) | Message::Ping(b) | Message::Pong(b) => b.len(),
-                    Message::Close(_) | Message::Frame(_) => 0,
+                let (len, whole) = match m {
+                    Message::Text(t) => (t.len(), true),
+                    Message::Binary(b) => (b.len(), true),
+                    Message::Ping(b) | Message::Pong(b) => (b.len(), false),
+                    Message::Close(_) | Message::Frame(_) => (0, false),
                 };
                 self.consumed += min_wire_len(len);
+                // A whole message: the codec holds nothing of it any more.
+                // A control frame may sit inside a fragmented message, whose
+                // bytes are still held: only its own are given back.
+                let held = &mut ws.get_mut().held;
+                if whole {
+                    held.settle();
+                } else {
+                    held.release(min_wire_len(len) as usize);
+                }
             }
             return Some(match msg {
                 Ok(Message::Text(t)) => Ok(Incoming::Text(t)),
@@ -321,6 +347,10 @@ impl Transport for WsTransport {
                 Ok(Message::Close(_)) => return None,
                 // WebSocket-level pings are answered by tungstenite.
                 Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_)) => continue,
+                Err(Error::Io(e)) if OverRead::of(&e).is_some() => Err(match OverRead::of(&e) {
+                    Some(OverRead::Node) => End::ReadBudget,
+                    _ => End::Oversize,
+                }),
                 Err(e) => {
                     let e = e.to_string();
                     if e.contains("too long") || e.contains("Space limit") {
@@ -375,6 +405,12 @@ impl Transport for WsTransport {
         self.drop_codec();
     }
 
+    fn connected(&mut self, read_limit: usize) {
+        if let Some(io) = self.codec.io() {
+            io.set_read_limit(read_limit);
+        }
+    }
+
     fn name(&self) -> &'static str {
         "websocket"
     }
@@ -383,12 +419,26 @@ impl Transport for WsTransport {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::read_budget::ReadBudget;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::{TcpListener, TcpStream};
+
+    fn budget(max: usize) -> std::sync::Arc<ReadBudget> {
+        ReadBudget::new(
+            max,
+            prometheus::IntGauge::new("h", "h").unwrap(),
+            prometheus::IntCounter::new("r", "r").unwrap(),
+        )
+    }
 
     /// A WebSocket transport on a real upgraded connection, and the
     /// client's end of the socket (the upgrade answered and read).
     async fn pair() -> (WsTransport, TcpStream) {
+        pair_held(budget(1 << 30).account(usize::MAX)).await
+    }
+
+    /// The same, its socket charging `held`.
+    async fn pair_held(held: Held) -> (WsTransport, TcpStream) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (tx, rx) = tokio::sync::oneshot::channel();
@@ -434,7 +484,7 @@ mod tests {
             head.push(b[0]);
         }
         let up = rx.await.unwrap();
-        let io = Counted::new(TokioIo::new(up));
+        let io = Counted::new(TokioIo::new(up), held);
         let ws = WebSocketStream::from_raw_socket(io, Role::Server, Some(config(1 << 20))).await;
         (WsTransport::new(ws, 0), client)
     }
@@ -499,6 +549,88 @@ mod tests {
         // The end of the stream while idle ends the transport.
         drop(client);
         assert!(t.recv().await.is_none());
+    }
+
+    /// The header of a masked client text frame announcing `len` bytes
+    /// (16-bit length), and its mask.
+    fn big_header(len: u16) -> Vec<u8> {
+        let mut h = vec![0x81, 0x80 | 126];
+        h.extend_from_slice(&len.to_be_bytes());
+        h.extend_from_slice(&[0, 0, 0, 0]);
+        h
+    }
+
+    async fn expect_end(t: &mut WsTransport, want: End) {
+        let got = tokio::time::timeout(std::time::Duration::from_secs(5), t.recv())
+            .await
+            .expect("the transport answers");
+        match got {
+            Some(Err(e)) => assert_eq!(e, want),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn an_unconnected_socket_holds_little_and_a_connected_one_a_max_payload() {
+        let b = budget(1 << 30);
+        // Before CONNECT: 256 bytes at most. A frame announcing 4,000
+        // bytes is refused once more than that of it arrived.
+        let (mut t, mut client) = pair_held(b.account(256)).await;
+        let mut wire = big_header(4000);
+        wire.extend_from_slice(&[b'x'; 300]);
+        client.write_all(&wire).await.unwrap();
+        expect_end(&mut t, End::Oversize).await;
+        drop(t);
+        assert_eq!(b.held(), 0, "a closed socket gives its bytes back");
+
+        // The same frame after CONNECT goes through, and once it is whole
+        // nothing is held.
+        let (mut t, mut client) = pair_held(b.account(256)).await;
+        t.connected(crate::read_budget::connected_limit(1 << 20));
+        let mut wire = big_header(4000);
+        wire.extend(std::iter::repeat_n(b'x', 4000));
+        client.write_all(&wire).await.unwrap();
+        match t.recv().await {
+            Some(Ok(Incoming::Text(m))) => assert_eq!(m.len(), 4000),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(b.held(), 0);
+        // A ping inside nothing: its bytes are given back too.
+        client.write_all(&[0x89, 0x80, 0, 0, 0, 0]).await.unwrap();
+        client.write_all(&text_frame(b"after")).await.unwrap();
+        match t.recv().await {
+            Some(Ok(Incoming::Text(m))) => assert_eq!(m.as_str(), "after"),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(b.held(), 0);
+    }
+
+    #[tokio::test]
+    async fn unfinished_frames_together_stay_within_the_node_budget() {
+        let b = budget(5000);
+        let (mut first, mut c1) = pair_held(b.account(usize::MAX)).await;
+        let (mut second, mut c2) = pair_held(b.account(usize::MAX)).await;
+        // The first client sends 2,000 bytes of a 4,000-byte frame and
+        // stops: they are held.
+        let mut wire = big_header(4000);
+        wire.extend(std::iter::repeat_n(b'x', 2000));
+        c1.write_all(&wire).await.unwrap();
+        let early = tokio::time::timeout(std::time::Duration::from_millis(200), first.recv());
+        assert!(early.await.is_err(), "the frame is not whole");
+        assert!(b.held() >= 2000, "{}", b.held());
+        // The second one's frame would take the node past 5,000 bytes.
+        let mut wire = big_header(4000);
+        wire.extend(std::iter::repeat_n(b'y', 3100));
+        c2.write_all(&wire).await.unwrap();
+        expect_end(&mut second, End::ReadBudget).await;
+        drop(second);
+        // The first one finishes its frame: it was never refused.
+        c1.write_all(&vec![b'x'; 2000]).await.unwrap();
+        match first.recv().await {
+            Some(Ok(Incoming::Text(m))) => assert_eq!(m.len(), 4000),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(b.held(), 0);
     }
 
     #[test]

@@ -17,12 +17,14 @@ use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use tracing::{info, warn};
 
+use super::body::{self, BodyError};
 use super::forward::{forward, unknown_sid};
 use super::ws_upgrade::WsUpgrade;
 use super::{bearer, cors, eio_error, EioError, Slot};
 use crate::app::App;
 use crate::engineio::polling::{probe, PollError, PollingTransport, Shared};
 use crate::engineio::{self, ws::WsTransport, Owner};
+use crate::read_budget::OverRead;
 use crate::session::Handshake;
 
 fn refused(app: &App, reason: &str) {
@@ -162,7 +164,7 @@ async fn open(
         return poll_response(shared.poll().await);
     }
     let mut req = req;
-    let Some(ws) = WsUpgrade::from_request(&mut req, app.config.max_payload) else {
+    let Some(ws) = WsUpgrade::from_request(&mut req, app) else {
         refused(app, "bad request");
         return eio_error(StatusCode::BAD_REQUEST, 3, "Bad request");
     };
@@ -189,20 +191,34 @@ async fn serve_polling(app: &App, shared: &Shared, req: Request) -> Response {
     match *req.method() {
         Method::GET => poll_response(shared.poll().await),
         Method::POST => {
-            let limit = app.config.max_payload;
+            // Before CONNECT the session is anyone's: it may post no more
+            // than an unauthenticated WebSocket may hold.
+            let cfg = &app.config;
+            let limit = if shared.is_connected() {
+                cfg.max_payload
+            } else {
+                cfg.max_payload_before_connect
+            };
             let declared = req
                 .headers()
                 .get(header::CONTENT_LENGTH)
                 .and_then(|v| v.to_str().ok())
                 .and_then(|v| v.parse::<u64>().ok());
-            if declared.is_some_and(|n| n > limit as u64) {
-                return too_large(app, shared);
-            }
-            // Reads at most `limit` bytes, whatever the client declared.
-            let body = match axum::body::to_bytes(req.into_body(), limit).await {
+            let held = app.read_budget.account(limit);
+            let body = match body::read(req.into_body(), held, declared).await {
                 Ok(b) => b,
-                Err(e) if is_length_limit(&e) => return too_large(app, shared),
-                Err(_) => return eio_error(StatusCode::BAD_REQUEST, 3, "Bad request"),
+                Err(BodyError::Over(OverRead::Connection)) => return too_large(app, shared, limit),
+                Err(BodyError::Over(OverRead::Node)) => {
+                    warn!(
+                        read_budget = cfg.read_budget,
+                        "polling POST refused: the node's read budget is spent"
+                    );
+                    shared.read_budget_spent();
+                    return eio_error(StatusCode::SERVICE_UNAVAILABLE, 3, "Try again later");
+                }
+                Err(BodyError::Broken) => {
+                    return eio_error(StatusCode::BAD_REQUEST, 3, "Bad request")
+                }
             };
             match shared.post(body).await {
                 Ok(()) => (
@@ -217,23 +233,14 @@ async fn serve_polling(app: &App, shared: &Shared, req: Request) -> Response {
     }
 }
 
-fn is_length_limit(e: &axum::Error) -> bool {
-    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
-    while let Some(s) = source {
-        if s.is::<http_body_util::LengthLimitError>() {
-            return true;
-        }
-        source = s.source();
-    }
-    false
-}
-
-/// A POST over the max payload: 413, and the session ends as a WebSocket
-/// connection does for an oversize frame.
-fn too_large(app: &App, shared: &Shared) -> Response {
+/// A POST over the limit (the max payload, or the smaller one before
+/// CONNECT): 413, and the session ends as a WebSocket connection does for
+/// an oversize frame.
+fn too_large(app: &App, shared: &Shared, limit: usize) -> Response {
     warn!(
+        limit,
         max_payload = app.config.max_payload,
-        "polling POST over max payload"
+        "polling POST over its limit"
     );
     shared.oversize();
     eio_error(StatusCode::PAYLOAD_TOO_LARGE, 3, "Payload too large")
@@ -263,7 +270,7 @@ fn poll_response(r: Result<String, PollError>) -> Response {
 /// A WebSocket with the `sid` of a polling session this node owns: the
 /// upgrade probe.
 async fn upgrade(app: &Arc<App>, shared: Arc<Shared>, mut req: Request) -> Response {
-    let Some(ws) = WsUpgrade::from_request(&mut req, app.config.max_payload) else {
+    let Some(ws) = WsUpgrade::from_request(&mut req, app) else {
         return eio_error(StatusCode::BAD_REQUEST, 3, "Bad request");
     };
     if !shared.begin_probe() {

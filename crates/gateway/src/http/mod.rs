@@ -3,6 +3,7 @@
 //! and the server API under `/v1` for backend services ([`api`]).
 
 mod api;
+mod body;
 mod cors;
 mod engineio;
 mod forward;

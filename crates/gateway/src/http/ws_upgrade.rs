@@ -22,7 +22,9 @@ use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use tokio_tungstenite::WebSocketStream;
 
+use crate::app::App;
 use crate::engineio::ws::{config, Counted, WsStream};
+use crate::read_budget::Held;
 
 /// A valid WebSocket upgrade request, not yet answered.
 #[derive(Debug)]
@@ -30,6 +32,9 @@ pub(crate) struct WsUpgrade {
     accept: HeaderValue,
     on_upgrade: OnUpgrade,
     config: WebSocketConfig,
+    /// The socket's account of held bytes, at the limit of a socket that
+    /// has not connected yet.
+    held: Held,
 }
 
 /// Whether a comma-separated header has `token` (case-insensitive).
@@ -43,7 +48,7 @@ fn has_token(headers: &HeaderMap, name: header::HeaderName, token: &str) -> bool
 impl WsUpgrade {
     /// Checks the request's handshake headers; `None` if it is not a
     /// WebSocket upgrade this server can take (answered 400 by the caller).
-    pub(crate) fn from_request(req: &mut Request, max_payload: usize) -> Option<Self> {
+    pub(crate) fn from_request(req: &mut Request, app: &App) -> Option<Self> {
         let h = req.headers();
         if req.method() != Method::GET
             || !has_token(h, header::CONNECTION, "upgrade")
@@ -56,10 +61,12 @@ impl WsUpgrade {
         let key = h.get(header::SEC_WEBSOCKET_KEY)?;
         let accept = HeaderValue::from_str(&derive_accept_key(key.as_bytes())).ok()?;
         let on_upgrade = req.extensions_mut().remove::<OnUpgrade>()?;
+        let cfg = &app.config;
         Some(WsUpgrade {
             accept,
             on_upgrade,
-            config: config(max_payload),
+            config: config(cfg.max_payload),
+            held: app.read_budget.account(cfg.max_payload_before_connect),
         })
     }
 
@@ -83,11 +90,12 @@ impl WsUpgrade {
             accept,
             on_upgrade,
             config,
+            held,
         } = self;
         tokio::spawn(async move {
             match on_upgrade.await {
                 Ok(upgraded) => {
-                    let io = Counted::new(TokioIo::new(upgraded));
+                    let io = Counted::new(TokioIo::new(upgraded), held);
                     let ws = WebSocketStream::from_raw_socket(io, Role::Server, Some(config)).await;
                     tokio::spawn(serve(ws));
                 }

@@ -58,6 +58,10 @@ pub struct PollingTransport {
     carry: VecDeque<Frame>,
     /// `flowgate_upgrades_total`.
     upgrades: IntCounter,
+    /// What a connected client may hold of unfinished frames, once the
+    /// session's CONNECT is accepted (0 before): given to the WebSocket
+    /// the session upgrades to.
+    read_limit: usize,
 }
 
 impl PollingTransport {
@@ -82,17 +86,21 @@ impl PollingTransport {
             ws: None,
             carry: VecDeque::new(),
             upgrades,
+            read_limit: 0,
         };
         (t, shared)
     }
 
     /// The probe completed: switch to the WebSocket.
-    fn switch(&mut self, ws: WsTransport) {
+    fn switch(&mut self, mut ws: WsTransport) {
         while let Ok(i) = self.ends.inbound.try_recv() {
             self.posted.push_back(i.item);
         }
         self.carry.extend(self.shared.upgrade());
         self.carry.extend(self.pending.drain(..));
+        if self.read_limit > 0 {
+            ws.connected(self.read_limit);
+        }
         self.ws = Some(ws);
         self.upgrades.inc();
     }
@@ -204,6 +212,16 @@ impl Transport for PollingTransport {
             // Give the client's next GET the close packet, so it reconnects
             // at once instead of on an error.
             let _ = tokio::time::timeout(CLOSE_LINGER, self.shared.wait_empty()).await;
+        }
+    }
+
+    fn connected(&mut self, read_limit: usize) {
+        if self.read_limit == 0 {
+            self.shared.set_connected();
+        }
+        self.read_limit = read_limit;
+        if let Some(ws) = &mut self.ws {
+            ws.connected(read_limit);
         }
     }
 

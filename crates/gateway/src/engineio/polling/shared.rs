@@ -11,6 +11,7 @@
 //! before, so a client cannot pile up input faster than the session reads.
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -97,6 +98,9 @@ pub(crate) struct Shared {
     budget_bytes: usize,
     pub(crate) control: mpsc::Sender<Control>,
     max_out_bytes: usize,
+    /// The session's CONNECT was accepted: a POST may carry up to the max
+    /// payload, not only the limit of an unauthenticated socket.
+    connected: AtomicBool,
 }
 
 /// The connection task's ends of the channels.
@@ -132,6 +136,7 @@ impl Shared {
             budget_bytes,
             control: ctl_tx,
             max_out_bytes,
+            connected: AtomicBool::new(false),
         });
         let ends = TaskEnds {
             inbound: in_rx,
@@ -147,6 +152,22 @@ impl Shared {
             .control
             .try_send(Control::Close(End::Protocol(reason, String::new())));
         PollError::BadRequest(reason)
+    }
+
+    /// Marks the session's CONNECT accepted.
+    pub(crate) fn set_connected(&self) {
+        self.connected.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether the session's CONNECT was accepted.
+    pub(crate) fn is_connected(&self) -> bool {
+        self.connected.load(Ordering::Relaxed)
+    }
+
+    /// The node's read budget is spent: the session ends (the client
+    /// reconnects and recovers).
+    pub(crate) fn read_budget_spent(&self) {
+        let _ = self.control.try_send(Control::Close(End::ReadBudget));
     }
 
     /// A POST over the max payload ends the session.

@@ -1,0 +1,193 @@
+//! What clients can make a node hold with messages they have not finished
+//! sending: a socket that has not connected may hold little, a connected
+//! one a max payload, and all of them together no more than the node's
+//! read budget — over WebSocket and over polling POSTs. Each refusal
+//! closes only the connection that went past, and the bytes come back.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use flowgate_test_support::polling::PollClient;
+use flowgate_test_support::{token, Closed, RawClient, TestNode};
+use serde_json::json;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+async fn node(vars: &[(&str, &str)]) -> TestNode {
+    TestNode::start(vars).await.expect("node starts")
+}
+
+/// The header of a masked client text frame of `len` bytes (64-bit length,
+/// mask of zeros: the payload goes as it is).
+fn text_header(len: usize) -> Vec<u8> {
+    let mut h = vec![0x81, 0x80 | 127];
+    h.extend_from_slice(&(len as u64).to_be_bytes());
+    h.extend_from_slice(&[0; 4]);
+    h
+}
+
+/// A `pod:update` event of `total` bytes with ack `id`, as an Engine.IO
+/// message.
+fn update_of(total: usize, id: u64) -> String {
+    let head = format!(r#"42/flows,{id}["pod:update",{{"podId":"p","updates":{{"t":""#);
+    let tail = r#""}}]"#;
+    format!(
+        "{head}{}{tail}",
+        "x".repeat(total - head.len() - tail.len())
+    )
+}
+
+/// The arguments of the ack `id`, skipping other frames.
+async fn ack_of(c: &mut RawClient, id: u64) -> String {
+    let prefix = format!("43/flows,{id}");
+    loop {
+        let t = c.recv_text().await.unwrap();
+        if let Some(rest) = t.strip_prefix(&prefix) {
+            return rest.to_owned();
+        }
+    }
+}
+
+/// Waits until the metric `sample` is at least `want`.
+async fn metric_reaches(n: &TestNode, sample: &str, want: f64) {
+    for _ in 0..100 {
+        if n.metric(sample) >= want {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("{sample} stayed at {}, below {want}", n.metric(sample));
+}
+
+#[tokio::test]
+async fn a_socket_that_has_not_connected_may_send_only_small_frames() {
+    let n = node(&[]).await;
+    // 100 KB before CONNECT: over the 64 KiB an unconnected socket holds.
+    let mut stranger = RawClient::open(&n.ws_url()).await.unwrap();
+    stranger
+        .send_text(&format!("4{}", "x".repeat(100_000)))
+        .await
+        .unwrap();
+    assert_eq!(
+        stranger.closed(Duration::from_secs(5)).await.unwrap(),
+        Closed::Code(1009)
+    );
+    assert_eq!(
+        n.metric(r#"flowgate_protocol_errors_total{reason="oversize frame"}"#),
+        1.0
+    );
+    // A CONNECT with a large auth payload (20 KB) is still taken, and the
+    // connected socket then sends a frame of 300 KB.
+    let mut c = RawClient::open(&n.ws_url()).await.unwrap();
+    let auth = json!({"token": token("u", 600), "pad": "y".repeat(20_000)});
+    c.send_text(&format!("40/flows,{auth}")).await.unwrap();
+    assert!(c.recv_text().await.unwrap().starts_with("40/flows,"));
+    c.send_text(r#"42/flows,1["flow:join",{"flowId":"f"}]"#)
+        .await
+        .unwrap();
+    c.send_text(&update_of(300_000, 2)).await.unwrap();
+    assert_eq!(ack_of(&mut c, 2).await, r#"[{"ok":true}]"#);
+    assert_eq!(n.metric("flowgate_read_held_bytes"), 0.0);
+}
+
+#[tokio::test]
+async fn unfinished_frames_together_stay_within_the_read_budget() {
+    let n = node(&[("FLOWGATE_READ_BUDGET_BYTES", "1048576")]).await;
+    let mut a = RawClient::connect(&n.ws_url(), &token("a", 600))
+        .await
+        .unwrap();
+    let mut b = RawClient::connect(&n.ws_url(), &token("b", 600))
+        .await
+        .unwrap();
+    a.send_text(r#"42/flows,1["flow:join",{"flowId":"f"}]"#)
+        .await
+        .unwrap();
+    assert_eq!(ack_of(&mut a, 1).await, r#"[{"ok":true}]"#);
+
+    // a sends 700 KB of a 900 KB frame and waits: the node holds them.
+    let frame = update_of(900_000, 2);
+    let mut wire = text_header(frame.len());
+    wire.extend_from_slice(&frame.as_bytes()[..700_000]);
+    a.send_wire(&wire).await.unwrap();
+    metric_reaches(&n, "flowgate_read_held_bytes", 700_000.0).await;
+
+    // b's 400 KB more would take the node past 1 MiB: b is closed with
+    // 1013 ("try again later"), a is not.
+    let mut wire = text_header(frame.len());
+    wire.extend_from_slice(&frame.as_bytes()[..400_000]);
+    let _ = b.send_wire(&wire).await;
+    assert_eq!(
+        b.closed(Duration::from_secs(5)).await.unwrap(),
+        Closed::Code(1013)
+    );
+    assert_eq!(n.metric("flowgate_read_budget_refused_total"), 1.0);
+
+    // a finishes its frame: the event is taken and nothing stays held.
+    a.send_wire(&frame.as_bytes()[700_000..]).await.unwrap();
+    assert_eq!(ack_of(&mut a, 2).await, r#"[{"ok":true}]"#);
+    assert_eq!(n.metric("flowgate_read_held_bytes"), 0.0);
+}
+
+/// Starts a POST of `declared` bytes to `path` and sends `sent` of them;
+/// the stream stays open.
+async fn partial_post(addr: SocketAddr, path: &str, declared: usize, sent: usize) -> TcpStream {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    let head = format!(
+        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: text/plain\r\nContent-Length: {declared}\r\n\r\n4"
+    );
+    s.write_all(head.as_bytes()).await.unwrap();
+    s.write_all(&vec![b'x'; sent - 1]).await.unwrap();
+    s
+}
+
+/// The status of the response on `s`.
+async fn status_of(mut s: TcpStream) -> u16 {
+    let mut buf = vec![0u8; 512];
+    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+        .await
+        .expect("an answer in time")
+        .unwrap();
+    let head = String::from_utf8_lossy(&buf[..n]);
+    head.split(' ').nth(1).unwrap().parse().unwrap()
+}
+
+#[tokio::test]
+async fn polling_posts_are_held_to_the_same_limits() {
+    let n = node(&[("FLOWGATE_READ_BUDGET_BYTES", "1048576")]).await;
+    // Before CONNECT: a POST over 64 KiB is refused (413).
+    let stranger = PollClient::open(n.addr).await.unwrap();
+    let r = stranger
+        .post(&format!("4{}", "x".repeat(100_000)))
+        .await
+        .unwrap();
+    assert_eq!(r.status, 413, "{}", r.body);
+
+    // A connected session posts 300 KB.
+    let mut c = PollClient::connect(n.addr, &token("p", 600)).await.unwrap();
+    c.post_ok(r#"42/flows,1["flow:join",{"flowId":"f"}]"#)
+        .await
+        .unwrap();
+    c.post_ok(&update_of(300_000, 2)).await.unwrap();
+    loop {
+        let p = c.next_packet().await.unwrap();
+        if p.starts_with("43/flows,2") {
+            assert_eq!(p, r#"43/flows,2[{"ok":true}]"#);
+            break;
+        }
+    }
+
+    // Two slow POSTs of connected sessions: the one that would take the
+    // node past its budget gets 503, the other one is still read.
+    let other = PollClient::connect(n.addr, &token("q", 600)).await.unwrap();
+    let first = partial_post(n.addr, &c.path(), 900_000, 700_000).await;
+    metric_reaches(&n, "flowgate_read_held_bytes", 700_000.0).await;
+    let second = partial_post(n.addr, &other.path(), 900_000, 400_000).await;
+    assert_eq!(status_of(second).await, 503);
+    assert_eq!(n.metric("flowgate_read_budget_refused_total"), 1.0);
+    let mut first = first;
+    first.write_all(&vec![b'x'; 200_000]).await.unwrap();
+    // The body is not a valid packet (no payload framing past "4x…"), but
+    // it was read whole: the answer is the session's, not the budget's.
+    assert_ne!(status_of(first).await, 503);
+    assert_eq!(n.metric("flowgate_read_held_bytes"), 0.0);
+}
