@@ -8,7 +8,9 @@
 //! many of them, and unauthenticated connections (up to
 //! `FLOWGATE_MAX_UNAUTHENTICATED_PER_IP` per address) cost an attacker
 //! nothing. So every connection's socket charges what it reads to a
-//! [`Held`], and the transport settles it when a whole message comes out:
+//! [`Held`], and the transport settles it when a whole message comes out
+//! (a polling POST's body likewise, and the session charges the
+//! attachments of a binary packet until its last one arrives):
 //!
 //! - before the session's CONNECT is accepted, one connection may hold at
 //!   most `FLOWGATE_MAX_PAYLOAD_BEFORE_CONNECT` (a CONNECT with its token

@@ -191,3 +191,36 @@ async fn polling_posts_are_held_to_the_same_limits() {
     assert_ne!(status_of(first).await, 503);
     assert_eq!(n.metric("flowgate_read_held_bytes"), 0.0);
 }
+
+#[tokio::test]
+async fn attachments_still_due_count_against_the_same_budget() {
+    let n = node(&[("FLOWGATE_READ_BUDGET_BYTES", "1048576")]).await;
+    let mut a = RawClient::connect(&n.ws_url(), &token("a", 600))
+        .await
+        .unwrap();
+    let mut b = RawClient::connect(&n.ws_url(), &token("b", 600))
+        .await
+        .unwrap();
+    for c in [&mut a, &mut b] {
+        c.send_text(r#"42/flows,1["flow:join",{"flowId":"f"}]"#)
+            .await
+            .unwrap();
+        assert_eq!(ack_of(c, 1).await, r#"[{"ok":true}]"#);
+    }
+    let binary = r#"452-/flows,2["pod:update",{"podId":"p","updates":{"a":{"_placeholder":true,"num":0},"b":{"_placeholder":true,"num":1}}}]"#;
+    // a's first attachment of two (600 KB) is held until the second comes.
+    a.send_text(binary).await.unwrap();
+    a.send_binary(vec![1; 600_000]).await.unwrap();
+    metric_reaches(&n, "flowgate_read_held_bytes", 600_000.0).await;
+    // b's 500 KB attachment would take the node past 1 MiB.
+    b.send_text(binary).await.unwrap();
+    let _ = b.send_binary(vec![2; 500_000]).await;
+    assert_eq!(
+        b.closed(Duration::from_secs(5)).await.unwrap(),
+        Closed::Code(1013)
+    );
+    // a's packet completes: relayed, acked, and nothing is held.
+    a.send_binary(vec![3; 10]).await.unwrap();
+    assert_eq!(ack_of(&mut a, 2).await, r#"[{"ok":true}]"#);
+    assert_eq!(n.metric("flowgate_read_held_bytes"), 0.0);
+}

@@ -45,6 +45,7 @@ use crate::auth::Identity;
 use crate::engine::{Offset, SessionInfo};
 use crate::engineio::End;
 use crate::outbound::{OutFrame, Outbound, RoomFrame};
+use crate::read_budget::{Held, OverRead};
 use crate::rooms::NSP;
 pub(crate) use reply::Refusal;
 pub use slots::{PeerSlots, Slot, Slots, UserSlot, UserSlots};
@@ -82,6 +83,14 @@ pub(crate) struct Joined {
     pub(crate) locks: locks::HeldLocks,
 }
 
+/// A binary packet waiting for its attachments, and the bytes of those
+/// collected so far (`read_budget.rs`).
+#[derive(Debug)]
+struct Awaiting {
+    packet: PartialPacket,
+    held: Held,
+}
+
 /// The `/flows` socket of a connection, once authenticated.
 #[derive(Debug)]
 pub(crate) struct FlowSocket {
@@ -114,10 +123,8 @@ pub struct Session {
     local: VecDeque<OutFrame>,
     pub(crate) socket: Option<FlowSocket>,
     /// A binary packet waiting for its attachments; boxed, as it is rare
-    /// and every connection would otherwise carry its 112 bytes.
-    partial: Option<Box<PartialPacket>>,
-    /// Bytes of attachments collected for `partial`.
-    partial_bytes: usize,
+    /// and every connection would otherwise carry it.
+    partial: Option<Box<Awaiting>>,
     /// Set until the client sends CONNECT.
     connect_deadline: Option<Instant>,
     /// CONNECT packets received.
@@ -140,7 +147,6 @@ impl Session {
             local: VecDeque::new(),
             socket: None,
             partial: None,
-            partial_bytes: 0,
             connect_deadline,
             connects: 0,
             replay: Vec::new(),
@@ -261,8 +267,14 @@ impl Session {
                         partial.expected().to_string(),
                     ));
                 }
-                self.partial = Some(Box::new(partial));
-                self.partial_bytes = 0;
+                // The attachments collected so far are held in memory as
+                // unfinished frames are: at most a max payload, and
+                // within the node's read budget.
+                let held = self.app.read_budget.account(self.app.config.max_payload);
+                self.partial = Some(Box::new(Awaiting {
+                    packet: partial,
+                    held,
+                }));
                 Ok(())
             }
         }
@@ -273,11 +285,11 @@ impl Session {
         let Some(partial) = self.partial.as_mut() else {
             return Err(End::Protocol("unexpected binary frame", String::new()));
         };
-        self.partial_bytes += data.len();
-        if self.partial_bytes > self.app.config.max_payload {
-            return Err(End::Oversize);
-        }
-        match partial.push(data) {
+        partial.held.charge(data.len()).map_err(|over| match over {
+            OverRead::Connection => End::Oversize,
+            OverRead::Node => End::ReadBudget,
+        })?;
+        match partial.packet.push(data) {
             None => Ok(()),
             Some(p) => {
                 self.partial = None;
