@@ -48,6 +48,18 @@ async fn ack_of(c: &mut RawClient, id: u64) -> String {
     }
 }
 
+/// `user`, connected and joined to flow `f` (ack 1).
+async fn member_of_f(n: &TestNode, user: &str) -> RawClient {
+    let mut c = RawClient::connect(&n.ws_url(), &token(user, 600))
+        .await
+        .unwrap();
+    c.send_text(r#"42/flows,1["flow:join",{"flowId":"f"}]"#)
+        .await
+        .unwrap();
+    assert_eq!(ack_of(&mut c, 1).await, r#"[{"ok":true}]"#);
+    c
+}
+
 /// Waits until the metric `sample` is at least `want`.
 async fn metric_reaches(n: &TestNode, sample: &str, want: f64) {
     for _ in 0..100 {
@@ -93,16 +105,8 @@ async fn a_socket_that_has_not_connected_may_send_only_small_frames() {
 #[tokio::test]
 async fn unfinished_frames_together_stay_within_the_read_budget() {
     let n = node(&[("FLOWGATE_READ_BUDGET_BYTES", "1048576")]).await;
-    let mut a = RawClient::connect(&n.ws_url(), &token("a", 600))
-        .await
-        .unwrap();
-    let mut b = RawClient::connect(&n.ws_url(), &token("b", 600))
-        .await
-        .unwrap();
-    a.send_text(r#"42/flows,1["flow:join",{"flowId":"f"}]"#)
-        .await
-        .unwrap();
-    assert_eq!(ack_of(&mut a, 1).await, r#"[{"ok":true}]"#);
+    let mut a = member_of_f(&n, "a").await;
+    let mut b = member_of_f(&n, "b").await;
 
     // a sends 700 KB of a 900 KB frame and waits: the node holds them.
     let frame = update_of(900_000, 2);
@@ -195,18 +199,8 @@ async fn polling_posts_are_held_to_the_same_limits() {
 #[tokio::test]
 async fn attachments_still_due_count_against_the_same_budget() {
     let n = node(&[("FLOWGATE_READ_BUDGET_BYTES", "1048576")]).await;
-    let mut a = RawClient::connect(&n.ws_url(), &token("a", 600))
-        .await
-        .unwrap();
-    let mut b = RawClient::connect(&n.ws_url(), &token("b", 600))
-        .await
-        .unwrap();
-    for c in [&mut a, &mut b] {
-        c.send_text(r#"42/flows,1["flow:join",{"flowId":"f"}]"#)
-            .await
-            .unwrap();
-        assert_eq!(ack_of(c, 1).await, r#"[{"ok":true}]"#);
-    }
+    let mut a = member_of_f(&n, "a").await;
+    let mut b = member_of_f(&n, "b").await;
     let binary = r#"452-/flows,2["pod:update",{"podId":"p","updates":{"a":{"_placeholder":true,"num":0},"b":{"_placeholder":true,"num":1}}}]"#;
     // a's first attachment of two (600 KB) is held until the second comes.
     a.send_text(binary).await.unwrap();
