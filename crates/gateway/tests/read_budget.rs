@@ -218,3 +218,15 @@ async fn attachments_still_due_count_against_the_same_budget() {
     assert_eq!(ack_of(&mut a, 2).await, r#"[{"ok":true}]"#);
     assert_eq!(n.metric("flowgate_read_held_bytes"), 0.0);
 }
+
+#[tokio::test]
+async fn a_polling_post_that_never_finishes_is_answered_408_and_let_go() {
+    let n = node(&[("FLOWGATE_HTTP_BODY_TIMEOUT_MS", "500")]).await;
+    let c = PollClient::connect(n.addr, &token("p", 600)).await.unwrap();
+    let stalled = partial_post(n.addr, &c.path(), 900_000, 300_000).await;
+    metric_reaches(&n, "flowgate_read_held_bytes", 300_000.0).await;
+    assert_eq!(status_of(stalled).await, 408);
+    assert_eq!(n.metric("flowgate_read_held_bytes"), 0.0);
+    // The session goes on.
+    c.post_ok("3").await.unwrap();
+}

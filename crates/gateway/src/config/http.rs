@@ -1,5 +1,5 @@
 //! The HTTP listeners: the admin port (health and metrics apart from the
-//! client port), header deadline, and caps on open connections.
+//! client port), header and body deadlines, and caps on open connections.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -10,6 +10,7 @@ use super::{millis, parse, positive, ConfigError};
 pub(super) struct Http {
     pub(super) admin_port: Option<u16>,
     pub(super) http_header_timeout: Duration,
+    pub(super) http_body_timeout: Duration,
     pub(super) max_http_connections: Option<usize>,
     pub(super) max_unauthenticated_per_ip: usize,
 }
@@ -24,6 +25,13 @@ impl Http {
             http_header_timeout: positive(
                 "FLOWGATE_HTTP_HEADER_TIMEOUT_MS",
                 millis(vars, "FLOWGATE_HTTP_HEADER_TIMEOUT_MS", 10_000)?,
+            )?,
+            // A polling POST's body is held while it arrives: one that
+            // never finishes must not hold it for ever (a 1 MB body at
+            // 100 KB/s takes 10 s).
+            http_body_timeout: positive(
+                "FLOWGATE_HTTP_BODY_TIMEOUT_MS",
+                millis(vars, "FLOWGATE_HTTP_BODY_TIMEOUT_MS", 30_000)?,
             )?,
             max_http_connections: match super::get(vars, "FLOWGATE_MAX_HTTP_CONNECTIONS") {
                 None => None,

@@ -107,6 +107,9 @@ pub struct Config {
     /// `FLOWGATE_HTTP_HEADER_TIMEOUT_MS` (10 000): time to send a request's
     /// headers, also between requests of a kept-alive connection.
     pub http_header_timeout: Duration,
+    /// `FLOWGATE_HTTP_BODY_TIMEOUT_MS` (30 000): time to send a polling
+    /// POST's body once its headers are in (408 beyond).
+    pub http_body_timeout: Duration,
     /// `FLOWGATE_MAX_HTTP_CONNECTIONS` (max connections + 1 024): open TCP
     /// connections on the client port, WebSockets included.
     pub max_http_connections: usize,
@@ -352,6 +355,7 @@ impl Config {
         let http::Http {
             admin_port,
             http_header_timeout,
+            http_body_timeout,
             max_http_connections,
             max_unauthenticated_per_ip,
         } = http::Http::from_vars(vars)?;
@@ -398,6 +402,7 @@ impl Config {
             max_connections_per_user,
             admin_port,
             http_header_timeout,
+            http_body_timeout,
             max_http_connections,
             max_unauthenticated_per_ip,
             max_payload,

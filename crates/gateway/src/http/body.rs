@@ -6,6 +6,8 @@
 //! many at once (each on its own HTTP connection) and send them slowly;
 //! without the budget, each could hold a max payload of the node's memory.
 
+use std::time::Duration;
+
 use axum::body::Body;
 use bytes::{Bytes, BytesMut};
 use http_body_util::BodyExt;
@@ -19,21 +21,29 @@ pub(crate) enum BodyError {
     Over(OverRead),
     /// The connection broke (or the body was malformed) part-way.
     Broken,
+    /// The body did not arrive whole in time.
+    TimedOut,
 }
 
-/// The whole body, at most `held`'s limit: each chunk is charged as it
-/// arrives and the account settles when the body is whole (from then on
-/// the session's input bound holds it). A `Content-Length` over the limit
-/// is refused before anything is read.
+/// The whole body, at most `held`'s limit, within `timeout`: each chunk
+/// is charged as it arrives and the account settles when the body is
+/// whole (from then on the session's input bound holds it). A
+/// `Content-Length` over the limit is refused before anything is read.
 pub(crate) async fn read(
     body: Body,
-    mut held: Held,
+    held: Held,
     declared: Option<u64>,
+    timeout: Duration,
 ) -> Result<Bytes, BodyError> {
     if declared.is_some_and(|n| n > held.limit() as u64) {
         return Err(BodyError::Over(OverRead::Connection));
     }
-    let mut body = body;
+    tokio::time::timeout(timeout, read_all(body, held))
+        .await
+        .unwrap_or(Err(BodyError::TimedOut))
+}
+
+async fn read_all(mut body: Body, mut held: Held) -> Result<Bytes, BodyError> {
     let mut buf = BytesMut::new();
     while let Some(frame) = body.frame().await {
         let frame = frame.map_err(|_| BodyError::Broken)?;
@@ -60,6 +70,8 @@ mod tests {
         )
     }
 
+    const LONG: Duration = Duration::from_secs(5);
+
     /// A body that arrives in `chunks`.
     fn chunked(chunks: &[&'static [u8]]) -> Body {
         let s = futures_util::stream::iter(
@@ -74,7 +86,7 @@ mod tests {
     #[tokio::test]
     async fn a_body_is_read_whole_within_its_limit_and_gives_its_bytes_back() {
         let b = budget(1 << 20);
-        let got = read(chunked(&[b"4hel", b"lo"]), b.account(6), None).await;
+        let got = read(chunked(&[b"4hel", b"lo"]), b.account(6), None, LONG).await;
         assert_eq!(got.unwrap(), Bytes::from_static(b"4hello"));
         assert_eq!(b.held(), 0);
     }
@@ -82,9 +94,9 @@ mod tests {
     #[tokio::test]
     async fn over_the_limit_or_the_budget_it_is_refused() {
         let b = budget(1 << 20);
-        let over = read(chunked(&[b"4hel", b"lo!"]), b.account(6), None).await;
+        let over = read(chunked(&[b"4hel", b"lo!"]), b.account(6), None, LONG).await;
         assert_eq!(over, Err(BodyError::Over(OverRead::Connection)));
-        let declared = read(chunked(&[b"x"]), b.account(6), Some(7)).await;
+        let declared = read(chunked(&[b"x"]), b.account(6), Some(7), LONG).await;
         assert_eq!(declared, Err(BodyError::Over(OverRead::Connection)));
         assert_eq!(b.held(), 0, "a refused body gives its bytes back");
 
@@ -92,7 +104,21 @@ mod tests {
         let small = budget(1 << 20);
         let mut other = small.account(usize::MAX);
         other.charge((1 << 20) - 4).unwrap();
-        let spent = read(chunked(&[b"4hel", b"lo"]), small.account(100), None).await;
+        let spent = read(chunked(&[b"4hel", b"lo"]), small.account(100), None, LONG).await;
         assert_eq!(spent, Err(BodyError::Over(OverRead::Node)));
+    }
+
+    #[tokio::test]
+    async fn a_body_that_never_finishes_times_out_and_gives_its_bytes_back() {
+        let b = budget(1 << 20);
+        let first =
+            futures_util::stream::iter([Ok::<_, std::io::Error>(Bytes::from_static(b"4hel"))]);
+        let stalled = Body::from_stream(futures_util::StreamExt::chain(
+            first,
+            futures_util::stream::pending(),
+        ));
+        let got = read(stalled, b.account(100), None, Duration::from_millis(100)).await;
+        assert_eq!(got, Err(BodyError::TimedOut));
+        assert_eq!(b.held(), 0);
     }
 }

@@ -205,7 +205,8 @@ async fn serve_polling(app: &App, shared: &Shared, req: Request) -> Response {
                 .and_then(|v| v.to_str().ok())
                 .and_then(|v| v.parse::<u64>().ok());
             let held = app.read_budget.account(limit);
-            let body = match body::read(req.into_body(), held, declared).await {
+            let timeout = cfg.http_body_timeout;
+            let body = match body::read(req.into_body(), held, declared, timeout).await {
                 Ok(b) => b,
                 Err(BodyError::Over(OverRead::Connection)) => return too_large(app, shared, limit),
                 Err(BodyError::Over(OverRead::Node)) => {
@@ -218,6 +219,9 @@ async fn serve_polling(app: &App, shared: &Shared, req: Request) -> Response {
                 }
                 Err(BodyError::Broken) => {
                     return eio_error(StatusCode::BAD_REQUEST, 3, "Bad request")
+                }
+                Err(BodyError::TimedOut) => {
+                    return eio_error(StatusCode::REQUEST_TIMEOUT, 3, "Body not sent in time")
                 }
             };
             match shared.post(body).await {
