@@ -289,11 +289,13 @@ impl Metrics {
             &metrics.protocol_errors,
             &[
                 "bad attachments",
+                "bad websocket frame",
                 "bad engine.io packet",
                 "bad event",
                 "bad socket.io packet",
                 "connect churn",
                 "CONNECT_ERROR from a client",
+                "invalid utf-8",
                 "oversize frame",
                 "unexpected binary frame",
             ],

@@ -39,12 +39,17 @@ impl From<crate::outbound::Kick> for End {
     }
 }
 
+/// The reason of a text frame that is not UTF-8: closed with 1007
+/// (RFC 6455 §7.4.1), not the 1002 of other protocol errors.
+pub const INVALID_UTF8: &str = "invalid utf-8";
+
 impl End {
     /// The WebSocket close code and reason, or `None` when the transport is
     /// already gone.
     pub fn close_frame(&self) -> Option<(u16, &'static str)> {
         Some(match self {
             End::ClientClosed | End::WriteFailed => return None,
+            End::Protocol(reason, _) if *reason == INVALID_UTF8 => (1007, "invalid utf-8"),
             End::Protocol(..) => (1002, "protocol error"),
             End::Oversize => (1009, "frame too large"),
             // 1013 "try again later": the node, not the client, is short.

@@ -45,6 +45,7 @@ use tokio_tungstenite::tungstenite::{Error, Message, Utf8Bytes};
 use tokio_tungstenite::WebSocketStream;
 use tracing::debug;
 
+use super::end::INVALID_UTF8;
 use super::ws_out::{write_pending, Pending};
 use super::{End, Incoming, Transport};
 use crate::read_budget::{Held, OverRead};
@@ -351,6 +352,12 @@ impl Transport for WsTransport {
                     Some(OverRead::Node) => End::ReadBudget,
                     _ => End::Oversize,
                 }),
+                Err(Error::Capacity(_)) => Err(End::Oversize),
+                // A frame RFC 6455 forbids (unmasked, a reserved opcode or
+                // bit, a bad control frame, broken fragmentation): closed
+                // with 1002 and counted, not taken for the client leaving.
+                Err(Error::Protocol(p)) => Err(End::Protocol("bad websocket frame", p.to_string())),
+                Err(Error::Utf8(detail)) => Err(End::Protocol(INVALID_UTF8, detail)),
                 Err(e) => {
                     let e = e.to_string();
                     if e.contains("too long") || e.contains("Space limit") {
