@@ -41,7 +41,7 @@ impl From<crate::outbound::Kick> for End {
 
 /// The reason of a text frame that is not UTF-8: closed with 1007
 /// (RFC 6455 §7.4.1), not the 1002 of other protocol errors.
-pub const INVALID_UTF8: &str = "invalid utf-8";
+pub(super) const INVALID_UTF8: &str = "invalid utf-8";
 
 impl End {
     /// The WebSocket close code and reason, or `None` when the transport is
