@@ -79,6 +79,13 @@ pub fn config(max_payload: usize) -> WebSocketConfig {
 /// Bytes queued past which a feed writes them out before queueing more.
 const WRITE_AT: usize = 64 * 1024;
 
+/// How long a refused client's bytes are read and dropped after the close
+/// frame ([`Counted::linger`]).
+const LINGER: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// How many of them at most.
+const LINGER_BYTES: usize = 16 << 20;
+
 /// A socket that counts the bytes read from it, and charges them to the
 /// connection's account of held bytes (`read_budget.rs`): a read past the
 /// connection's limit or the node's budget fails with [`OverRead`].
@@ -102,6 +109,35 @@ impl<S> Counted<S> {
     /// Bytes read so far.
     pub fn read_total(&self) -> u64 {
         self.read
+    }
+
+    /// After a close frame: says the node is done writing (FIN) and reads
+    /// and drops what the client still sends until it closes too, for at
+    /// most [`LINGER`] and [`LINGER_BYTES`] (a lingering close, as web
+    /// servers do), so the socket is not closed with bytes unread.
+    /// Takes the socket without its codec: what the codec held is let go
+    /// at once, and nothing read here is kept.
+    pub async fn linger(mut self)
+    where
+        S: AsyncRead + AsyncWrite + Unpin,
+    {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        self.held.settle();
+        let inner = &mut self.inner;
+        let _ = tokio::time::timeout(LINGER, async {
+            if inner.shutdown().await.is_err() {
+                return;
+            }
+            let mut dropped = 0;
+            let mut buf = [0u8; 8192];
+            while dropped < LINGER_BYTES {
+                match inner.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => dropped += n,
+                }
+            }
+        })
+        .await;
     }
 
     /// Sets how much of unfinished frames the connection may hold.
@@ -406,6 +442,16 @@ impl Transport for WsTransport {
                 .await;
         }
         let _ = WebSocketStream::close(&mut **ws, None).await;
+        // A client refused for what it sends may still be sending it:
+        // closing the socket with its bytes unread would answer with a
+        // reset, and a client library that sees its write fail drops the
+        // connection without reading the close frame just written.
+        // The codec goes first, with what it buffered of the refused frame.
+        if matches!(code, Some((1002 | 1007 | 1009 | 1013, _))) {
+            if let Codec::Open(ws) = std::mem::replace(&mut self.codec, Codec::Gone) {
+                ws.into_inner().linger().await;
+            }
+        }
     }
 
     fn rest(&mut self) {
