@@ -384,10 +384,12 @@ impl Transport for WsTransport {
                 Ok(Message::Close(_)) => return None,
                 // WebSocket-level pings are answered by tungstenite.
                 Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_)) => continue,
-                Err(Error::Io(e)) if OverRead::of(&e).is_some() => Err(match OverRead::of(&e) {
-                    Some(OverRead::Node) => End::ReadBudget,
-                    _ => End::Oversize,
-                }),
+                Err(Error::Io(e)) if OverRead::of(&e) == Some(OverRead::Node) => {
+                    Err(End::ReadBudget)
+                }
+                Err(Error::Io(e)) if OverRead::of(&e) == Some(OverRead::Connection) => {
+                    Err(End::Oversize)
+                }
                 Err(Error::Capacity(_)) => Err(End::Oversize),
                 // A frame RFC 6455 forbids (unmasked, a reserved opcode or
                 // bit, a bad control frame, broken fragmentation): closed
@@ -395,13 +397,8 @@ impl Transport for WsTransport {
                 Err(Error::Protocol(p)) => Err(End::Protocol("bad websocket frame", p.to_string())),
                 Err(Error::Utf8(detail)) => Err(End::Protocol(INVALID_UTF8, detail)),
                 Err(e) => {
-                    let e = e.to_string();
-                    if e.contains("too long") || e.contains("Space limit") {
-                        Err(End::Oversize)
-                    } else {
-                        debug!(error = %e, "read failed");
-                        return None;
-                    }
+                    debug!(error = %e, "read failed");
+                    return None;
                 }
             });
         }
