@@ -113,6 +113,20 @@ async fn a_socket_that_has_not_connected_may_send_only_small_frames() {
     c.send_text(&update_of(300_000, 2)).await.unwrap();
     assert_eq!(ack_of(&mut c, 2).await, r#"[{"ok":true}]"#);
     nothing_held(&n).await;
+
+    // A client that does not wait for the CONNECT reply: CONNECT, join
+    // and a 300 KB event in one write. The event is read after the
+    // CONNECT was taken, so it has the connected socket's limit.
+    let mut eager = RawClient::open(&n.ws_url()).await.unwrap();
+    let connect = format!("40/flows,{}", json!({"token": token("e", 600)}));
+    let join = r#"42/flows,1["flow:join",{"flowId":"f"}]"#;
+    let mut wire = Vec::new();
+    for msg in [connect.as_str(), join, update_of(300_000, 2).as_str()] {
+        wire.extend_from_slice(&text_header(msg.len()));
+        wire.extend_from_slice(msg.as_bytes());
+    }
+    eager.send_wire(&wire).await.unwrap();
+    assert_eq!(ack_of(&mut eager, 2).await, r#"[{"ok":true}]"#);
 }
 
 #[tokio::test]
