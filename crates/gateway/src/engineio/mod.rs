@@ -15,6 +15,7 @@ pub mod registry;
 mod transport;
 mod write;
 pub mod ws;
+mod ws_io;
 mod ws_out;
 
 pub use conn::serve;

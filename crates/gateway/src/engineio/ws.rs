@@ -32,12 +32,12 @@
 
 use std::io;
 use std::pin::Pin;
-use std::task::{Context, Poll};
+use std::task::Poll;
 
 use bytes::Bytes;
 use futures_util::{FutureExt, SinkExt, StreamExt};
 use hyper_util::rt::TokioIo;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, ReadBuf};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::Data;
 use tokio_tungstenite::tungstenite::protocol::frame::FrameHeader;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
@@ -46,9 +46,10 @@ use tokio_tungstenite::WebSocketStream;
 use tracing::debug;
 
 use super::end::INVALID_UTF8;
+pub use super::ws_io::Counted;
 use super::ws_out::{write_pending, Pending};
 use super::{End, Incoming, Transport};
-use crate::read_budget::{Held, OverRead};
+use crate::read_budget::OverRead;
 
 /// The socket of an upgraded HTTP connection.
 pub type WsIo = Counted<TokioIo<hyper::upgrade::Upgraded>>;
@@ -78,120 +79,6 @@ pub fn config(max_payload: usize) -> WebSocketConfig {
 
 /// Bytes queued past which a feed writes them out before queueing more.
 const WRITE_AT: usize = 64 * 1024;
-
-/// How long a refused client's bytes are read and dropped after the close
-/// frame ([`Counted::linger`]).
-const LINGER: std::time::Duration = std::time::Duration::from_secs(2);
-
-/// How many of them at most.
-const LINGER_BYTES: usize = 16 << 20;
-
-/// A socket that counts the bytes read from it, and charges them to the
-/// connection's account of held bytes (`read_budget.rs`): a read past the
-/// connection's limit or the node's budget fails with [`OverRead`].
-#[derive(Debug)]
-pub struct Counted<S> {
-    inner: S,
-    read: u64,
-    held: Held,
-}
-
-impl<S> Counted<S> {
-    /// Wraps `inner`, nothing read yet, charging `held`.
-    pub fn new(inner: S, held: Held) -> Self {
-        Counted {
-            inner,
-            read: 0,
-            held,
-        }
-    }
-
-    /// Bytes read so far.
-    pub fn read_total(&self) -> u64 {
-        self.read
-    }
-
-    /// After a close frame: says the node is done writing (FIN) and reads
-    /// and drops what the client still sends until it closes too, for at
-    /// most [`LINGER`] and [`LINGER_BYTES`] (a lingering close, as web
-    /// servers do), so the socket is not closed with bytes unread.
-    /// Takes the socket without its codec: what the codec held is let go
-    /// at once, and nothing read here is kept.
-    pub async fn linger(mut self)
-    where
-        S: AsyncRead + AsyncWrite + Unpin,
-    {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        self.held.settle();
-        let inner = &mut self.inner;
-        let _ = tokio::time::timeout(LINGER, async {
-            if inner.shutdown().await.is_err() {
-                return;
-            }
-            let mut dropped = 0;
-            let mut buf = [0u8; 8192];
-            while dropped < LINGER_BYTES {
-                match inner.read(&mut buf).await {
-                    Ok(0) | Err(_) => return,
-                    Ok(n) => dropped += n,
-                }
-            }
-        })
-        .await;
-    }
-
-    /// Sets how much of unfinished frames the connection may hold.
-    pub fn set_read_limit(&mut self, limit: usize) {
-        self.held.set_limit(limit);
-    }
-}
-
-impl<S: AsyncRead + Unpin> AsyncRead for Counted<S> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let before = buf.filled().len();
-        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
-        let n = buf.filled().len() - before;
-        self.read += n as u64;
-        if let Err(over) = self.held.charge(n) {
-            return Poll::Ready(Err(io::Error::other(over)));
-        }
-        r
-    }
-}
-
-impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<S> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
-}
 
 /// The fewest bytes a client frame with this payload takes on the wire:
 /// the shortest header with its 4-byte mask, and the payload.
@@ -371,7 +258,7 @@ impl Transport for WsTransport {
                 // A whole message: the codec holds nothing of it any more.
                 // A control frame may sit inside a fragmented message, whose
                 // bytes are still held: only its own are given back.
-                let held = &mut ws.get_mut().held;
+                let held = ws.get_mut().held();
                 if whole {
                     held.settle();
                 } else {
@@ -469,7 +356,7 @@ impl Transport for WsTransport {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::read_budget::ReadBudget;
+    use crate::read_budget::{Held, ReadBudget};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::{TcpListener, TcpStream};
 
