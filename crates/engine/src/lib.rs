@@ -15,7 +15,9 @@ mod offset;
 pub mod wire;
 
 pub use event_queue::{EventQueue, PushRefused, QueueEntry, QueuedEvent};
-pub use locks::{Acquired, LockHolder, LockInfo, PodLocks, Refreshed, Unlocked};
+pub use locks::{
+    pod_id_json, Acquired, LockHolder, LockInfo, PodLocks, Refreshed, Unlocked, INTEGER_POD,
+};
 pub(crate) use message::Body;
 pub use message::{now_us, raw_json, Control, RoomMessage, NSP};
 pub use offset::{BadOffset, Offset};

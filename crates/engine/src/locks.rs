@@ -37,11 +37,35 @@ use serde::{Deserialize, Serialize};
 
 use crate::EngineError;
 
+/// Marks a pod id the client sent as an integer, in front of its digits:
+/// the key the store keeps is a string, and the lock's events must give
+/// the id back with the type the client used (`pod:locked {podId: 7}`,
+/// then `flow:locks` and `pod:unlocked` with `7`, not `"7"`). A string id
+/// never starts with it (NUL is refused in ids), so `7` and `"7"` are two
+/// pods, as they are two keys to a front end.
+pub const INTEGER_POD: char = '\0';
+
+/// The JSON value of a pod id as the store keys it (see [`INTEGER_POD`]).
+pub fn pod_id_json(key: &str) -> serde_json::Value {
+    match key.strip_prefix(INTEGER_POD) {
+        Some(digits) => serde_json::from_str::<serde_json::Number>(digits)
+            .map(serde_json::Value::Number)
+            .unwrap_or_else(|_| digits.into()),
+        None => key.into(),
+    }
+}
+
+fn serialize_pod_id<S: serde::Serializer>(key: &str, s: S) -> Result<S::Ok, S::Error> {
+    pod_id_json(key).serialize(s)
+}
+
 /// One lock as `flow:locks` and the locks API show it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct LockInfo {
-    /// The locked pod (the value of the rule's lock key).
+    /// The locked pod (the value of the rule's lock key, as the store
+    /// keys it: shown with its JSON type, see [`INTEGER_POD`]).
+    #[serde(serialize_with = "serialize_pod_id")]
     pub pod_id: String,
     /// The holder.
     pub user_id: String,
@@ -194,7 +218,7 @@ pub fn released_payload(
     timestamp: &str,
 ) -> serde_json::Map<String, serde_json::Value> {
     let mut m = serde_json::Map::new();
-    m.insert(lock_key.to_owned(), lock.pod_id.clone().into());
+    m.insert(lock_key.to_owned(), pod_id_json(&lock.pod_id));
     m.insert("userId".into(), lock.user_id.clone().into());
     m.insert("timestamp".into(), timestamp.into());
     m.insert("reason".into(), "released".into());

@@ -71,7 +71,7 @@ async fn announce(app: &App, room: &str, locks: &[LockInfo], what: Announce) {
             Announce::Released => released_payload(&a.key, lock, &now),
             Announce::Restored => {
                 let mut m = Map::new();
-                m.insert(a.key.clone(), lock.pod_id.clone().into());
+                m.insert(a.key.clone(), crate::engine::pod_id_json(&lock.pod_id));
                 m.insert("userId".into(), lock.user_id.clone().into());
                 m.insert("timestamp".into(), now.into());
                 m
@@ -87,7 +87,7 @@ async fn announce(app: &App, room: &str, locks: &[LockInfo], what: Announce) {
         {
             Ok(o) => o,
             Err(e) => {
-                warn!(room, pod = %lock.pod_id, error = %e, "lock change not announced");
+                warn!(room, pod = ?lock.pod_id, error = %e, "lock change not announced");
                 continue;
             }
         };

@@ -436,3 +436,40 @@ async fn two_tabs_of_one_user_on_two_nodes_share_the_lock() {
         "no holder entry is left behind"
     );
 }
+
+#[tokio::test]
+async fn an_integer_pod_id_comes_back_as_an_integer_in_every_lock_event() {
+    let redis = RedisServer::start().unwrap();
+    let ns = nodes(&redis, 2, &[]).await;
+    let (mut holder, _, _) = joined(&ns[0].ws_url(), "holder", "fi").await;
+    let ack = holder
+        .emit_ack(2, "pod:lock", json!({"podId": 7}))
+        .await
+        .unwrap();
+    assert_eq!(ack, json!({"ok": true}));
+    // A joiner on the other node, and the API, see the integer.
+    let (mut other, _, locks) = joined(&ns[1].ws_url(), "other", "fi").await;
+    assert_eq!(locks[0]["podId"], json!(7), "{locks}");
+    assert_eq!(api_locks(ns[1].addr, "fi").await[0]["podId"], json!(7));
+    // The string "7" is another pod (as it is another key to a front end).
+    let ack = other
+        .emit_ack(3, "pod:lock", json!({"podId": "7"}))
+        .await
+        .unwrap();
+    assert_eq!(ack, json!({"ok": true}));
+    let ack = other
+        .emit_ack(4, "pod:lock", json!({"podId": 7}))
+        .await
+        .unwrap();
+    assert_eq!(ack["code"], "LOCKED");
+    // The release announced for a holder that left carries the integer.
+    holder.emit("flow:leave", json!({})).await.unwrap();
+    let u = other.expect_event("pod:unlocked").await.unwrap();
+    assert_eq!(
+        (u["podId"].clone(), u["reason"].clone()),
+        (json!(7), json!("released"))
+    );
+    let left = api_locks(ns[0].addr, "fi").await;
+    assert_eq!(left.len(), 1);
+    assert_eq!(left[0]["podId"], json!("7"));
+}

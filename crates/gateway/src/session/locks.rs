@@ -19,7 +19,7 @@ use tracing::{debug, info};
 
 use super::{Refusal, Session};
 use crate::app::App;
-use crate::engine::{Acquired, LockHolder, Unlocked};
+use crate::engine::{Acquired, LockHolder, Unlocked, INTEGER_POD};
 use crate::events::{LockAction, RelayRule};
 use crate::ids::iso_now;
 
@@ -78,21 +78,22 @@ pub(crate) enum LockStep {
     Gone { pod: String },
 }
 
-/// The lock key of a payload: a string (or integer) of 1-256 characters.
+/// The lock key of a payload: a string of 1-256 characters (no NUL), or
+/// an integer, keyed with [`INTEGER_POD`] in front so that its events give
+/// it back as an integer.
 fn lock_key(payload: Option<&Value>, key: &str) -> Result<String, Refusal> {
-    let v = payload.and_then(|p| p.get(key));
-    let s = match v {
-        Some(Value::String(s)) => s.clone(),
-        Some(Value::Number(n)) if n.is_i64() || n.is_u64() => n.to_string(),
-        _ => String::new(),
-    };
-    if s.is_empty() || s.chars().count() > 256 || s.contains('\0') {
-        return Err(Refusal::new(
+    match payload.and_then(|p| p.get(key)) {
+        Some(Value::String(s))
+            if !s.is_empty() && s.chars().count() <= 256 && !s.contains(INTEGER_POD) =>
+        {
+            Ok(s.clone())
+        }
+        Some(Value::Number(n)) if n.is_i64() || n.is_u64() => Ok(format!("{INTEGER_POD}{n}")),
+        _ => Err(Refusal::new(
             "INVALID_PAYLOAD",
-            format!("{key} must be a string of 1-256 characters"),
-        ));
+            format!("{key} must be a string of 1-256 characters or an integer"),
+        )),
     }
-    Ok(s)
 }
 
 fn unavailable(app: &App, e: &crate::engine::EngineError, room: &str) -> Refusal {
