@@ -210,9 +210,9 @@ pub trait PodLocks: Send + Sync + 'static {
     async fn sweep(&self) -> Result<Vec<(String, LockInfo)>, EngineError>;
 }
 
-/// The payload announcing that `lock` was released for a holder that is
-/// gone: `{<lock key>, userId, timestamp, reason: "released"}`.
-pub fn released_payload(
+/// The payload announcing `lock` (put back after the store lost it):
+/// `{<lock key>, userId, timestamp}`.
+pub fn lock_payload(
     lock_key: &str,
     lock: &LockInfo,
     timestamp: &str,
@@ -221,6 +221,17 @@ pub fn released_payload(
     m.insert(lock_key.to_owned(), pod_id_json(&lock.pod_id));
     m.insert("userId".into(), lock.user_id.clone().into());
     m.insert("timestamp".into(), timestamp.into());
+    m
+}
+
+/// The payload announcing that `lock` was released for a holder that is
+/// gone: [`lock_payload`] with `reason: "released"`.
+pub fn released_payload(
+    lock_key: &str,
+    lock: &LockInfo,
+    timestamp: &str,
+) -> serde_json::Map<String, serde_json::Value> {
+    let mut m = lock_payload(lock_key, lock, timestamp);
     m.insert("reason".into(), "released".into());
     m
 }

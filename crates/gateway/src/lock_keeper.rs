@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use crate::app::App;
-use crate::engine::locks::released_payload;
+use crate::engine::locks::{lock_payload, released_payload};
 use crate::engine::{LockInfo, QueuedEvent, RoomMessage};
 use crate::events::LockAnnouncement;
 use crate::ids::iso_now;
@@ -69,13 +69,7 @@ async fn announce(app: &App, room: &str, locks: &[LockInfo], what: Announce) {
         let now = iso_now();
         let data: Map<String, Value> = match what {
             Announce::Released => released_payload(&a.key, lock, &now),
-            Announce::Restored => {
-                let mut m = Map::new();
-                m.insert(a.key.clone(), crate::engine::pod_id_json(&lock.pod_id));
-                m.insert("userId".into(), lock.user_id.clone().into());
-                m.insert("timestamp".into(), now.into());
-                m
-            }
+            Announce::Restored => lock_payload(&a.key, lock, &now),
         };
         let data = crate::engine::raw_json(&Value::Object(data));
         let logged = (a.persist && app.store.is_some()).then(|| data.clone());
