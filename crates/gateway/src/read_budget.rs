@@ -161,6 +161,16 @@ impl Held {
     }
 }
 
+/// A budget of `max` bytes with metrics of its own, for unit tests.
+#[cfg(test)]
+pub(crate) fn budget(max: usize) -> Arc<ReadBudget> {
+    ReadBudget::new(
+        max,
+        IntGauge::new("held", "held").expect("valid metric"),
+        IntCounter::new("refused", "refused").expect("valid metric"),
+    )
+}
+
 impl Drop for Held {
     fn drop(&mut self) {
         self.settle();
@@ -170,14 +180,6 @@ impl Drop for Held {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn budget(max: usize) -> Arc<ReadBudget> {
-        ReadBudget::new(
-            max,
-            IntGauge::new("h", "h").unwrap(),
-            IntCounter::new("r", "r").unwrap(),
-        )
-    }
 
     #[test]
     fn a_connection_is_held_to_its_limit_and_settles_to_zero() {

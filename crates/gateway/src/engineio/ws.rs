@@ -356,17 +356,9 @@ impl Transport for WsTransport {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::read_budget::{Held, ReadBudget};
+    use crate::read_budget::{budget, Held};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::{TcpListener, TcpStream};
-
-    fn budget(max: usize) -> std::sync::Arc<ReadBudget> {
-        ReadBudget::new(
-            max,
-            prometheus::IntGauge::new("h", "h").unwrap(),
-            prometheus::IntCounter::new("r", "r").unwrap(),
-        )
-    }
 
     /// A WebSocket transport on a real upgraded connection, and the
     /// client's end of the socket (the upgrade answered and read).

@@ -59,16 +59,7 @@ async fn read_all(mut body: Body, mut held: Held) -> Result<Bytes, BodyError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::read_budget::ReadBudget;
-    use prometheus::{IntCounter, IntGauge};
-
-    fn budget(max: usize) -> std::sync::Arc<ReadBudget> {
-        ReadBudget::new(
-            max,
-            IntGauge::new("h", "h").unwrap(),
-            IntCounter::new("r", "r").unwrap(),
-        )
-    }
+    use crate::read_budget::budget;
 
     const LONG: Duration = Duration::from_secs(5);
 
