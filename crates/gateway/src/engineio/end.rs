@@ -74,3 +74,23 @@ impl End {
         )
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refusals_for_what_a_client_sent_close_with_their_code_and_end_the_session() {
+        for (end, code) in [
+            (End::Protocol("bad websocket frame", String::new()), 1002),
+            (End::Protocol(INVALID_UTF8, String::new()), 1007),
+            (End::Oversize, 1009),
+        ] {
+            assert_eq!(end.close_frame().map(|(c, _)| c), Some(code), "{end:?}");
+            assert!(!end.recoverable(), "{end:?}");
+        }
+        // The node ran short, not the client: it may come back and recover.
+        assert_eq!(End::ReadBudget.close_frame().map(|(c, _)| c), Some(1013));
+        assert!(End::ReadBudget.recoverable());
+    }
+}
