@@ -30,8 +30,8 @@ impl Session {
                     "flowId must be 1-128 characters of A-Z a-z 0-9 _ - . :",
                 )
             })?;
-        let user_name = optional_string(obj, "userName", 100)?.unwrap_or("Anonymous");
-        let user_color = optional_string(obj, "userColor", 32)?.unwrap_or("#888888");
+        let given_name = optional_string(obj, "userName", 100)?;
+        let given_color = optional_string(obj, "userColor", 32)?;
         let app = self.app.clone();
         let socket = self
             .socket
@@ -42,8 +42,23 @@ impl Session {
         let room: Arc<str> = room_of(&flow_id).into();
         // Joining the flow the socket is already in (a front end that joins
         // again on every `connect`, also after a recovery): the answer is
-        // the same, and nobody is told the user left and came back.
-        if socket.flow.as_ref().is_some_and(|j| j.room == room) {
+        // the same, and nobody is told the user left and came back. A
+        // userName or userColor that differs from the one shown is taken:
+        // presence is updated and the others are told `user:joined` again
+        // (same socketId, new name), as the old gateway told them on every
+        // join.
+        if let Some(joined) = socket.flow.as_ref().filter(|j| j.room == room) {
+            let shown = joined.session.clone();
+            let renamed = given_name.is_some_and(|n| n != shown.user_name)
+                || given_color.is_some_and(|c| c != shown.user_color);
+            if renamed {
+                let session = Arc::new(SessionInfo {
+                    user_name: given_name.unwrap_or(&shown.user_name).to_owned(),
+                    user_color: given_color.unwrap_or(&shown.user_color).to_owned(),
+                    ..(*shown).clone()
+                });
+                return self.rename(&room, session).await;
+            }
             let members = app.engine.presence.members(&room).await.map_err(|e| {
                 app.metrics
                     .engine_failed("presence", &e, &room, "presence read failed");
@@ -56,6 +71,8 @@ impl Session {
             self.emit_flow_locks(&room).await;
             return Ok(());
         }
+        let user_name = given_name.unwrap_or("Anonymous");
+        let user_color = given_color.unwrap_or("#888888");
         let session = Arc::new(SessionInfo {
             user_id: socket.user_id.to_string(),
             socket_id: socket.id.to_string(),
@@ -122,6 +139,42 @@ impl Session {
         self.emit_flow_locks(&room).await;
         self.announce_joined(&room, &session).await;
         info!(user = ?session.user_id, room = %room, "joined flow");
+        Ok(())
+    }
+
+    /// A re-join of the socket's own flow under another userName or
+    /// userColor: the room's member entry (which presence is rebuilt from)
+    /// and the presence entry take the new one, the record is saved, the
+    /// joiner gets `flow:users` and `flow:locks` as on any join, and the
+    /// others `user:joined`. The room membership and the offsets stay.
+    async fn rename(&mut self, room: &Arc<str>, session: Arc<SessionInfo>) -> Result<(), Refusal> {
+        let app = self.app.clone();
+        // Replaces the member entry of this socket (same socket id); the
+        // room is subscribed already, so no Redis call is made.
+        if let Err(e) = app.rooms.join(room, self.member(&session)).await {
+            app.metrics
+                .engine_failed("subscribe", &e, room, "rename failed");
+            return Err(unavailable());
+        }
+        let members = match app.engine.presence.join(room, &session, self.owner()).await {
+            Ok((m, _)) => m,
+            Err(e) => {
+                app.metrics
+                    .engine_failed("presence", &e, room, "presence rename failed");
+                return Err(unavailable());
+            }
+        };
+        if let Some(j) = self.socket.as_mut().and_then(|s| s.flow.as_mut()) {
+            j.session = session.clone();
+        }
+        self.save_record().await;
+        self.emit(
+            "flow:users",
+            &serde_json::to_value(&members).unwrap_or_default(),
+        );
+        self.emit_flow_locks(room).await;
+        self.announce_joined(room, &session).await;
+        info!(user = ?session.user_id, room = %room, "renamed in flow");
         Ok(())
     }
 

@@ -187,6 +187,60 @@ async fn join_relay_and_refusals() {
 }
 
 #[tokio::test]
+async fn a_re_join_of_the_same_flow_takes_a_new_name_and_only_then_tells_the_others() {
+    let app = app(&[]).await;
+    let mut a = Client::new(&app);
+    let mut b = Client::new(&app);
+    a.connect(json!({"token": token("ada", 60)})).await;
+    b.connect(json!({"token": token("bob", 60)})).await;
+    a.send(r##"2/flows,["flow:join",{"flowId":"f","userName":"Ada","userColor":"#111111"}]"##)
+        .await
+        .unwrap();
+    b.send(r#"2/flows,["flow:join",{"flowId":"f"}]"#)
+        .await
+        .unwrap();
+    a.read();
+    b.read();
+
+    // The same join again, and one that names nobody: answered, nobody told.
+    a.send(r#"2/flows,1["flow:join",{"flowId":"f","userName":"Ada"}]"#)
+        .await
+        .unwrap();
+    a.send(r#"2/flows,2["flow:join",{"flowId":"f"}]"#)
+        .await
+        .unwrap();
+    let fa = a.read();
+    assert_eq!(acks(&fa), [json!({"ok": true}), json!({"ok": true})]);
+    assert_eq!(events(&fa, "flow:users").len(), 2);
+    assert!(events(&b.read(), "user:joined").is_empty());
+
+    // A new name: taken, shown to the joiner and told to the others, with
+    // the color kept and the same socket listed once.
+    a.send(r#"2/flows,3["flow:join",{"flowId":"f","userName":"Ada L."}]"#)
+        .await
+        .unwrap();
+    let fa = a.read();
+    assert_eq!(acks(&fa), [json!({"ok": true})]);
+    let users = events(&fa, "flow:users")[0][0].as_array().unwrap().clone();
+    let ada: Vec<&Value> = users.iter().filter(|u| u["userId"] == "ada").collect();
+    assert_eq!(ada.len(), 1, "{users:?}");
+    assert_eq!(ada[0]["userName"], "Ada L.");
+    assert_eq!(ada[0]["userColor"], "#111111");
+    let told = events(&b.read(), "user:joined");
+    assert_eq!(told.len(), 1, "{told:?}");
+    assert_eq!(told[0][0]["userName"], "Ada L.");
+    assert_eq!(told[0][0]["socketId"], ada[0]["socketId"]);
+    let listed = app.engine.presence.members("flow:f").await.unwrap();
+    assert_eq!(listed.len(), 2);
+    assert!(listed.iter().any(|s| s.user_name == "Ada L."), "{listed:?}");
+
+    // Leaving says the name the others know now.
+    a.send(r#"2/flows,["flow:leave"]"#).await.unwrap();
+    let left = events(&b.read(), "user:left");
+    assert_eq!(left[0][0]["userName"], "Ada L.");
+}
+
+#[tokio::test]
 async fn the_rate_limit_refuses_past_the_burst() {
     let app = app(&[]).await;
     let mut a = Client::new(&app);
