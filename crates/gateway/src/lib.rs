@@ -121,7 +121,14 @@ pub async fn serve(
     app.metrics.drains.inc();
     tokio::time::sleep(cfg.drain_notice).await;
     app.drain.close_sockets();
-    stop_accepting.cancel();
+    // The listener keeps accepting until every session is closed: a
+    // polling session of this node is carried by requests that may come on
+    // new connections (from the load balancer, or forwarded by another
+    // node), and each is closed at its own moment in the window with its
+    // close packet. Refusing connections now broke all of them at once with
+    // an error and dropped what their POSTs in flight carried. New sessions
+    // are refused all the same (`/health` 503, handshakes and upgrades
+    // refused while draining).
     let tracker = app.drain.tracker();
     tracker.close();
     let left = deadline.saturating_duration_since(Instant::now());
@@ -131,6 +138,7 @@ pub async fn serve(
             "shutdown deadline reached with connections still open"
         );
     }
+    stop_accepting.cancel();
     let left = deadline.saturating_duration_since(Instant::now());
     match tokio::time::timeout(left, &mut server).await {
         Ok(r) => r??,

@@ -283,6 +283,69 @@ async fn drain_answers_the_waiting_get_with_a_close() {
     assert_eq!(r.body.split(SEP).next_back(), Some("1"), "{}", r.body);
 }
 
+/// During the drain window a polling session still reaches its node on new
+/// connections (each request of the stock client is one, through a load
+/// balancer or forwarded by another node) until its own close: what it
+/// posts is read and acknowledged, and it ends with the close packet, not
+/// with an error. (The listener used to stop accepting when the window
+/// began, so every polling session of the node broke at once with a
+/// refused connection and what it was posting was lost.)
+#[tokio::test]
+async fn a_polling_session_keeps_its_node_until_its_own_close_in_the_drain_window() {
+    let n = node(&[
+        ("FLOWGATE_DRAIN_NOTICE_MS", "0"),
+        ("FLOWGATE_DRAIN_WINDOW_MS", "3000"),
+        ("FLOWGATE_SHUTDOWN_DEADLINE_MS", "8000"),
+    ])
+    .await;
+    let addr = n.addr;
+    let mut c = PollClient::connect(addr, &token("d", 600)).await.unwrap();
+    let ack = c
+        .emit_ack(1, "flow:join", json!({"flowId": "drain"}))
+        .await
+        .unwrap();
+    assert_eq!(ack, json!({"ok": true}));
+    let stopped = tokio::spawn(n.stop());
+    tokio::time::sleep(Duration::from_millis(50)).await;
+
+    // A new connection while draining: /health says so, it is not refused.
+    let health = request(addr, "GET", "/health", &[], b"", W).await.unwrap();
+    assert_eq!(health.status, 503, "{}", health.body);
+    // Emits go on until the session's close comes; each is acknowledged
+    // unless the close came first.
+    let mut packets: Vec<String> = Vec::new();
+    let mut acked = 0;
+    for id in 2.. {
+        let post = c
+            .post(&pod_move(id, id as i64))
+            .await
+            .expect("the POST reaches the node");
+        let get = c.get(W).await.expect("the GET reaches the node");
+        assert_eq!(get.status, 200, "{}", get.body);
+        packets.extend(get.body.split(SEP).map(str::to_owned));
+        if post.status == 200 {
+            acked += 1;
+        } else {
+            assert_eq!(post.status, 400, "{}", post.body);
+        }
+        if packets.iter().any(|p| p == "1") {
+            break;
+        }
+        assert!(id < 200, "no close packet within the window: {packets:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let acks = packets
+        .iter()
+        .filter(|p| p.starts_with("43/flows,"))
+        .count();
+    assert!(
+        acked >= 1 && acks >= 1,
+        "nothing was read while draining: {packets:?}"
+    );
+    assert_eq!(packets.last().map(String::as_str), Some("1"), "{packets:?}");
+    stopped.await.unwrap().unwrap();
+}
+
 /// Reads WebSocket text frames until one satisfies `f`.
 async fn ws_until(
     ws: &mut (impl StreamExt<Item = Result<Message, tokio_tungstenite::tungstenite::Error>> + Unpin),
