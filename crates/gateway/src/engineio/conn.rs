@@ -106,6 +106,9 @@ fn run<T: Transport>(
         let cfg = app.config.clone();
         let mut heartbeat = Heartbeat::new(cfg.ping_interval, cfg.ping_timeout);
         let mut drain_at: Option<Instant> = None;
+        // Whether the transport was given the connected read limit (once,
+        // when the session's CONNECT is first accepted).
+        let mut limited = false;
         let closing = app.drain.closing();
         tokio::pin!(closing);
         let timer = tokio::time::sleep(Duration::ZERO);
@@ -159,8 +162,12 @@ fn run<T: Transport>(
                 }
                 Wake::Inbound(inbound) => {
                     let t = &mut *transport;
-                    let limit = crate::read_budget::connected_limit(cfg.max_payload);
-                    Box::pin(on_inbound(t, &mut session, &mut heartbeat, inbound, limit)).await
+                    let r = Box::pin(on_inbound(t, &mut session, &mut heartbeat, inbound)).await;
+                    if !limited && session.is_connected() {
+                        limited = true;
+                        t.connected(crate::read_budget::connected_limit(cfg.max_payload));
+                    }
+                    r
                 }
                 Wake::Timer => {
                     let now = Instant::now();
@@ -242,16 +249,12 @@ async fn on_inbound<T: Transport>(
     session: &mut Session,
     heartbeat: &mut Heartbeat,
     inbound: Option<Result<Incoming, End>>,
-    read_limit: usize,
 ) -> Result<(), End> {
     match inbound {
         None => return Err(End::ClientClosed),
         Some(Err(end)) => return Err(end),
         Some(Ok(Incoming::Text(t))) => on_text(session, heartbeat, t.as_str()).await?,
         Some(Ok(Incoming::Binary(b))) => session.on_binary(b).await?,
-    }
-    if session.is_connected() {
-        transport.connected(read_limit);
     }
     // A frame that asked for no answer (a pong, most often): nothing will
     // flush, so the transport is told it may give back its read state now.
