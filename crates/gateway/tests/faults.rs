@@ -7,8 +7,9 @@ use std::time::Duration;
 
 use flowgate_test_support::chaos::ChaosProxy;
 use flowgate_test_support::procs::RedisServer;
-use flowgate_test_support::{token, RawClient, TestNode};
+use flowgate_test_support::{http, token, RawClient, TestNode, SERVICE_TOKEN};
 use serde_json::{json, Value};
+use tokio_tungstenite::tungstenite::Message;
 
 const FAST: &[(&str, &str)] = &[
     ("FLOWGATE_NODE_HEARTBEAT_MS", "200"),
@@ -117,4 +118,179 @@ async fn an_event_refused_while_the_link_stalls_is_never_delivered_later() {
     assert!(log.contains("user:joined"), "the log is read: {log}");
     assert!(!log.contains("refused"), "nor is it in the room log: {log}");
     drop(a);
+}
+
+/// Publishes `n` room events to `flow` through the server API of `node`.
+async fn post_events(node: &TestNode, flow: &str, n: usize) {
+    let auth = format!("Bearer {SERVICE_TOKEN}");
+    for i in 0..n {
+        let (s, body) = http(
+            node.addr,
+            "POST",
+            &format!("/v1/flows/{flow}/events"),
+            &[("Authorization", &auth)],
+            Some(&format!(
+                r#"{{"event":"execution:token","data":{{"i":{i}}}}}"#
+            )),
+        )
+        .await
+        .unwrap();
+        assert_eq!(s, 202, "{body}");
+    }
+}
+
+/// The next `event` frame `c` reads: its payload and its room offset.
+async fn next_with_offset(c: &mut RawClient, event: &str) -> (Value, String) {
+    loop {
+        let t = c.recv_text().await.unwrap();
+        let Some(json) = t.strip_prefix("42/flows,") else {
+            continue;
+        };
+        let v: Vec<Value> = serde_json::from_str(json).unwrap();
+        if v[0] == event {
+            return (v[1].clone(), v[2].as_str().unwrap().to_owned());
+        }
+    }
+}
+
+/// CONNECTs `user` with a recovery attempt; the CONNECT reply and the
+/// `execution:token` payloads replayed after it.
+async fn reconnect(n: &TestNode, user: &str, pid: &Value, offset: &str) -> (Value, Vec<Value>) {
+    let mut c = RawClient::open(&n.ws_url()).await.unwrap();
+    c.send_text(&format!(
+        "40/flows,{}",
+        json!({"token": token(user, 600), "pid": pid, "offset": offset})
+    ))
+    .await
+    .unwrap();
+    let mut replayed = Vec::new();
+    let reply = loop {
+        let t = c.recv_text().await.unwrap();
+        if let Some(r) = t.strip_prefix("40/flows,") {
+            break serde_json::from_str::<Value>(r).unwrap();
+        }
+    };
+    // Replayed events follow the reply.
+    while let Ok(Ok((name, data))) =
+        tokio::time::timeout(Duration::from_millis(500), c.recv_event()).await
+    {
+        if name == "execution:token" {
+            replayed.push(data);
+        }
+    }
+    (reply, replayed)
+}
+
+/// With Redis the room log is a stream trimmed by `XADD … MAXLEN ~`, which
+/// removes the oldest entries without leaving a mark of what it removed.
+/// A recovery whose offset is still in the log replays the gap; one whose
+/// offset is older than what the log kept is a new session, never a
+/// "recovered" session with the start of its gap silently missing.
+#[tokio::test]
+async fn a_recovery_older_than_the_trimmed_room_log_is_a_new_session() {
+    let redis = RedisServer::start().unwrap();
+    let url = redis.url();
+    let n = TestNode::start(&[
+        ("REDIS_URL", url.as_str()),
+        ("FLOWGATE_NODE_ID", "trim"),
+        ("FLOWGATE_ROOM_LOG_LEN", "10"),
+        ("FLOWGATE_SERVICE_TOKEN", SERVICE_TOKEN),
+    ])
+    .await
+    .unwrap();
+    let mut rx = joined(&n, "rx", "trim").await;
+    post_events(&n, "trim", 1).await;
+    let (_, first) = next_with_offset(&mut rx, "execution:token").await;
+
+    // A gap the log holds: recovered, replayed in order.
+    let mut a = RawClient::open(&n.ws_url()).await.unwrap();
+    a.send_text(&format!("40/flows,{}", json!({"token": token("ra", 600)})))
+        .await
+        .unwrap();
+    let reply: Value = loop {
+        let t = a.recv_text().await.unwrap();
+        if let Some(r) = t.strip_prefix("40/flows,") {
+            break serde_json::from_str(r).unwrap();
+        }
+    };
+    a.expect_event("connected").await.unwrap();
+    a.emit("flow:join", json!({"flowId": "trim"}))
+        .await
+        .unwrap();
+    a.expect_event("flow:users").await.unwrap();
+    post_events(&n, "trim", 1).await;
+    let (_, offset) = next_with_offset(&mut a, "execution:token").await;
+    assert!(offset > first, "{offset} after {first}");
+    drop(a);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    post_events(&n, "trim", 3).await;
+    let (again, replayed) = reconnect(&n, "ra", &reply["pid"], &offset).await;
+    assert_eq!(again, reply, "recovered: same sid and pid");
+    assert_eq!(
+        replayed,
+        [json!({"i": 0}), json!({"i": 1}), json!({"i": 2})]
+    );
+
+    // Drop again; then far more events than the log keeps.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    post_events(&n, "trim", 300).await;
+    let len: u64 = redis
+        .cli(&["XLEN", "{flow:trim}:log"])
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(len < 300, "the stream was trimmed ({len} entries)");
+    let (fresh, replayed) = reconnect(&n, "ra", &reply["pid"], &offset).await;
+    assert_ne!(
+        fresh["pid"], reply["pid"],
+        "a gap the log no longer holds is a new session"
+    );
+    assert!(replayed.is_empty(), "{} replayed", replayed.len());
+}
+
+/// A node whose subscriber comes back after more events than the room log
+/// keeps cannot fill the gap: it closes that room's local members with
+/// 1012, so they reconnect, and does not deliver the rest as if nothing
+/// was missing.
+#[tokio::test]
+async fn a_subscriber_back_after_more_than_the_room_log_holds_closes_the_rooms_members() {
+    let redis = RedisServer::start().unwrap();
+    let proxy = ChaosProxy::start(format!("127.0.0.1:{}", redis.port).parse().unwrap())
+        .await
+        .unwrap();
+    let log = [
+        ("FLOWGATE_ROOM_LOG_LEN", "10"),
+        ("FLOWGATE_SERVICE_TOKEN", SERVICE_TOKEN),
+    ];
+    let start = |url: String, id: &'static str| async move {
+        let mut vars: Vec<(&str, &str)> = vec![("REDIS_URL", &url), ("FLOWGATE_NODE_ID", id)];
+        vars.extend_from_slice(FAST);
+        vars.extend_from_slice(&log);
+        TestNode::start(&vars).await.expect("node starts")
+    };
+    let a = start(proxy.redis_url(), "ta").await;
+    let b = start(redis.url(), "tb").await;
+    let mut receiver = joined(&a, "rx", "lost").await;
+    post_events(&b, "lost", 1).await;
+    next_with_offset(&mut receiver, "execution:token").await;
+
+    proxy.cut();
+    post_events(&b, "lost", 300).await;
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    proxy.open();
+    let mut got = 0;
+    let closed = loop {
+        match receiver.recv_raw(Duration::from_secs(10)).await {
+            Ok(Message::Close(c)) => break c.map(|c| u16::from(c.code)),
+            Ok(Message::Text(t)) if t.contains("execution:token") => got += 1,
+            Ok(_) => {}
+            Err(e) => panic!("no close after {got} events: {e}"),
+        }
+    };
+    assert_eq!(closed, Some(1012), "after {got} events");
+    assert_eq!(
+        got, 0,
+        "nothing of a gap that cannot be filled is delivered"
+    );
 }

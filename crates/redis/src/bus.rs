@@ -106,12 +106,25 @@ impl RoomBus for RedisEngine {
             .next()
             .and_then(|v| v.as_str().map(|s| s.to_string()))
             .unwrap_or_else(|| "0-0".into());
-        // Events after `after` were trimmed: nobody can fill that gap.
+        // Events after `after` were deleted: nobody can fill that gap.
         if offset(&max_deleted)? > after {
             return Ok(Replay::Gone);
         }
+        let entries = it.next();
+        // The head was trimmed and `after` is older than what is left:
+        // what followed it may be gone (whether it is cannot be told, so
+        // the gap counts as lost; a client then gets a new session).
+        let trimmed_first = it
+            .next()
+            .and_then(|v| v.as_str().map(|s| s.to_string()))
+            .filter(|s| !s.is_empty());
+        if let Some(first) = trimmed_first {
+            if offset(&first)? > after {
+                return Ok(Replay::Gone);
+            }
+        }
         Ok(Replay::Events(
-            it.next().map(decode_entries).unwrap_or_default(),
+            entries.map(decode_entries).unwrap_or_default(),
         ))
     }
 

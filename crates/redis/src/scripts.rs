@@ -235,18 +235,31 @@ redis.call('SET', KEYS[1], new_tat, 'PX', math.ceil((new_tat - now) / 1000) + 1)
 return n
 "#;
 
-/// The room log after an offset, and whether events after it were
-/// trimmed. KEYS: stream. ARGV: offset (exclusive), count. Returns
-/// `{max-deleted-entry-id, entries}`; `{"0-0", {}}` when the stream does
-/// not exist.
+/// The room log after an offset, and what may be missing before it.
+/// KEYS: stream. ARGV: offset (exclusive), count. Returns
+/// `{max-deleted-entry-id, entries, trimmed-first}`; `{"0-0", {}}` when
+/// the stream does not exist. `trimmed-first` is the id of the oldest
+/// entry left when the stream has lost entries from its head, else empty:
+/// trimming (`XADD … MAXLEN`) removes the oldest entries without moving
+/// `max-deleted-entry-id` (only `XDEL` does), so an offset before the
+/// oldest entry left may have lost what followed it. Without
+/// `entries-added` (Redis before 7.0) any offset before the oldest entry
+/// counts as possibly trimmed.
 pub(crate) const READ_AFTER: &str = r#"
 if redis.call('EXISTS', KEYS[1]) == 0 then return {'0-0', {}} end
 local info = redis.call('XINFO', 'STREAM', KEYS[1])
-local maxdel = '0-0'
+local maxdel, added, len, first = '0-0', nil, 0, nil
 for i = 1, #info, 2 do
-  if info[i] == 'max-deleted-entry-id' then maxdel = info[i + 1] end
+  local k, v = info[i], info[i + 1]
+  if k == 'max-deleted-entry-id' then maxdel = v
+  elseif k == 'entries-added' then added = v
+  elseif k == 'length' then len = v
+  elseif k == 'first-entry' and type(v) == 'table' then first = v[1]
+  end
 end
-return {maxdel, redis.call('XRANGE', KEYS[1], '(' .. ARGV[1], '+', 'COUNT', ARGV[2])}
+local trimmed = ''
+if first and (added == nil or added > len) then trimmed = first end
+return {maxdel, redis.call('XRANGE', KEYS[1], '(' .. ARGV[1], '+', 'COUNT', ARGV[2]), trimmed}
 "#;
 
 /// Writes a session record owned by a connection. KEYS: record hash.
