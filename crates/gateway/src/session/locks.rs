@@ -278,6 +278,34 @@ impl Session {
         }
     }
 
+    /// A session recovered without its flow (membership revoked while it
+    /// was away): the locks its socket left in `room` are taken over by
+    /// this connection and released at once, announced as `released`, as
+    /// a revocation of a connected member does. They would otherwise stay
+    /// until the recovery window ran out.
+    pub(crate) async fn release_lost_locks(&self, room: &str) {
+        let Some(s) = self.socket.as_ref() else {
+            return;
+        };
+        let holder = LockHolder {
+            user_id: s.user_id.to_string(),
+            socket_id: s.id.to_string(),
+            owner: s.owner.to_string(),
+        };
+        let app = &self.app;
+        if let Err(e) = app
+            .engine
+            .locks
+            .adopt(room, &holder, app.config.session_ttl)
+            .await
+        {
+            app.metrics
+                .engine_failed("locks", &e, room, "locks not released; they expire");
+            return;
+        }
+        self.release_locks(room, &holder.socket_id).await;
+    }
+
     /// A recovered session takes its locks back.
     pub(crate) async fn adopt_locks(&mut self) {
         let Some((holder, room)) = self.holder() else {

@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use super::tests::{acks, app, events, token, Client};
+use super::tests::{acks, app, events, token, token_with, Client};
 use crate::engineio::End;
 
 async fn joined(app: &std::sync::Arc<crate::App>, user: &str, flow: &str) -> (Client, Value) {
@@ -276,6 +276,81 @@ async fn a_recovered_session_keeps_its_locks() {
     let (ack, _) = lock_event(&mut a2, "pod:unlock", "p").await;
     assert_eq!(ack, json!({"ok": true}));
     assert_eq!(events(&w.read(), "pod:unlocked").len(), 1);
+}
+
+/// A session recovered after its membership was revoked comes back
+/// without its flow: its locks there are released at once (announced as
+/// `released`), not kept until the window ends.
+#[tokio::test]
+async fn a_session_recovered_without_its_flow_releases_its_locks_at_once() {
+    let app = app(&[
+        ("FLOWGATE_ACCESS_POLICY", "claims"),
+        ("FLOWGATE_RECOVERY_WINDOW_MS", "60000"),
+    ])
+    .await;
+    let member =
+        |user: &str, flows: Value| token_with(json!({"userId": user, "flows": flows}), 600);
+    let mut a = Client::new(&app);
+    let first = a
+        .connect(json!({"token": member("ada", json!(["f"]))}))
+        .await;
+    a.send(r#"2/flows,["flow:join",{"flowId":"f"}]"#)
+        .await
+        .unwrap();
+    let mut w = Client::new(&app);
+    w.connect(json!({"token": member("wat", json!(["f"]))}))
+        .await;
+    w.send(r#"2/flows,["flow:join",{"flowId":"f"}]"#)
+        .await
+        .unwrap();
+    lock_event(&mut a, "pod:lock", "p").await;
+    a.session.close(&End::ClientClosed).await;
+    w.read();
+
+    let mut a2 = Client::new(&app);
+    let (reply, f) = a2
+        .connect_reading(json!({"token": member("ada", json!([])), "pid": first["pid"]}))
+        .await;
+    assert_eq!(reply, first, "recovered, without the flow");
+    assert_eq!(events(&f, "error")[0][0]["code"], "FORBIDDEN");
+    let unlocked = wait_for(&mut w, "pod:unlocked", Duration::from_millis(500)).await;
+    assert_eq!(unlocked.len(), 1, "released at once");
+    assert_eq!(unlocked[0][0]["podId"], "p");
+    assert_eq!(unlocked[0][0]["reason"], "released");
+    assert!(app.engine.locks.list("flow:f").await.unwrap().is_empty());
+}
+
+/// A recovery that becomes a new session (here: the room log lost the
+/// gap) ends the old session for good: its locks go at once too.
+#[tokio::test]
+async fn a_recovery_that_becomes_a_new_session_releases_the_old_sessions_locks() {
+    let app = app(&[
+        ("FLOWGATE_ROOM_LOG_LEN", "2"),
+        ("FLOWGATE_RECOVERY_WINDOW_MS", "60000"),
+    ])
+    .await;
+    let (mut a, first) = joined(&app, "ada", "f").await;
+    let (mut w, _) = joined(&app, "wat", "f").await;
+    lock_event(&mut a, "pod:lock", "p").await;
+    a.session.close(&End::ClientClosed).await;
+    for i in 0..5 {
+        w.send(&format!(
+            r#"2/flows,["pod:move",{{"podId":"m{i}","position":{{"x":0,"y":0}}}}]"#
+        ))
+        .await
+        .unwrap();
+    }
+    w.read();
+
+    let mut a2 = Client::new(&app);
+    let reply = a2
+        .connect(json!({"token": token("ada", 600), "pid": first["pid"]}))
+        .await;
+    assert_ne!(reply["pid"], first["pid"], "a new session");
+    let unlocked = wait_for(&mut w, "pod:unlocked", Duration::from_millis(500)).await;
+    assert_eq!(unlocked.len(), 1, "released at once");
+    assert_eq!(unlocked[0][0]["reason"], "released");
+    assert!(app.engine.locks.list("flow:f").await.unwrap().is_empty());
 }
 
 #[tokio::test]

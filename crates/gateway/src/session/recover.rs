@@ -76,6 +76,8 @@ impl Session {
         ) {
             self.socket = Some(socket);
             self.save_record().await;
+            self.release_lost_locks(&crate::rooms::room_of(&info.flow_id))
+                .await;
             self.emit(
                 "error",
                 &json!({"message": "Not allowed to join this flow", "code": "FORBIDDEN"}),
@@ -169,10 +171,14 @@ impl Session {
         Ok(())
     }
 
+    /// The client gets a new session instead: the old one is gone for
+    /// good, so its locks are released now rather than at the end of the
+    /// window.
     async fn abandon_recovery(&mut self, room: &str) {
         if let Some(s) = &self.socket {
             let _ = self.app.rooms.leave(room, &s.id).await;
         }
+        self.release_lost_locks(room).await;
         self.socket = None;
         self.replay.clear();
     }

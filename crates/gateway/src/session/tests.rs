@@ -17,10 +17,16 @@ use crate::outbound::{OutFrame, Outbound, OutboundRx};
 const SECRET: &str = "session-test-secret";
 
 pub(super) fn token(user: &str, exp_in: i64) -> String {
+    token_with(json!({"userId": user}), exp_in)
+}
+
+/// A token with `claims` (and `exp` in `exp_in` seconds).
+pub(super) fn token_with(mut claims: Value, exp_in: i64) -> String {
     let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    claims["exp"] = json!(now + exp_in);
     jsonwebtoken::encode(
         &jsonwebtoken::Header::default(),
-        &json!({"userId": user, "exp": now + exp_in}),
+        &claims,
         &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
     )
     .unwrap()
