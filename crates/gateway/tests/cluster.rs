@@ -810,3 +810,66 @@ async fn a_node_sends_at_most_one_publish_call_per_linger_and_a_quiet_one_at_onc
     assert_eq!(len, 1 + SENDERS as u64 + 5 + SENDERS as u64 * EVENTS as u64);
     eprintln!("{events} events in {calls} calls over {elapsed:?}");
 }
+
+/// A session whose node was killed, and whose presence the reaper removed
+/// (peers were told `user:left`), recovers on another node: its replay
+/// does not tell it that it left, and the peers are told it is back.
+#[tokio::test]
+async fn a_session_recovered_after_its_dead_node_was_reaped_is_not_told_it_left() {
+    let redis = RedisServer::start().unwrap();
+    let ns = nodes(&redis, 1).await;
+    let url = redis.url();
+    let mut vars: Vec<(&str, &str)> = vec![("REDIS_URL", &url), ("FLOWGATE_NODE_ID", "doomed")];
+    vars.extend_from_slice(FAST);
+    let doomed =
+        NodeProcess::start(std::path::Path::new(env!("CARGO_BIN_EXE_flowgate")), &vars).unwrap();
+
+    let (mut peer, _) = joined(&ns[0], "peer", "reaped").await;
+    let mut v = RawClient::open(&doomed.ws_url()).await.unwrap();
+    v.send_text(&format!("40/flows,{}", json!({"token": token("v", 600)})))
+        .await
+        .unwrap();
+    let reply: Value = serde_json::from_str(
+        v.recv_text()
+            .await
+            .unwrap()
+            .strip_prefix("40/flows,")
+            .unwrap(),
+    )
+    .unwrap();
+    v.emit("flow:join", json!({"flowId": "reaped"}))
+        .await
+        .unwrap();
+    v.expect_event("flow:users").await.unwrap();
+    peer.expect_event("user:joined").await.unwrap();
+
+    doomed.signal("KILL").unwrap();
+    let left = peer.expect_event("user:left").await.unwrap();
+    assert_eq!(left["socketId"], reply["sid"]);
+    drop(v);
+
+    let mut back = RawClient::open(&ns[0].ws_url()).await.unwrap();
+    back.send_text(&format!(
+        "40/flows,{}",
+        json!({"token": token("v", 600), "pid": reply["pid"]})
+    ))
+    .await
+    .unwrap();
+    let mut frames = Vec::new();
+    while let Ok(Ok(t)) = tokio::time::timeout(Duration::from_millis(700), back.recv_text()).await {
+        frames.push(t);
+    }
+    let again: Value = serde_json::from_str(
+        frames[0]
+            .strip_prefix("40/flows,")
+            .expect("the CONNECT reply first"),
+    )
+    .unwrap();
+    assert_eq!(again, reply, "recovered");
+    assert!(
+        !frames.iter().any(|f| f.contains("user:left")),
+        "told it left: {frames:?}"
+    );
+    let joined = peer.expect_event("user:joined").await.unwrap();
+    assert_eq!(joined["socketId"], reply["sid"]);
+}

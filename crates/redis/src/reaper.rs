@@ -216,10 +216,13 @@ impl RedisEngine {
         // releases and announces them).
         self.expire_lock_holder(room, sid, node).await;
         if let Ok(s) = serde_json::from_str::<SessionInfo>(&json) {
-            let msg = RoomMessage::new(
+            let mut msg = RoomMessage::new(
                 "user:left",
                 json!({"userId": s.user_id, "socketId": s.socket_id, "userName": s.user_name}),
             );
+            // Never for the socket it is about: if that session recovers,
+            // its replay must not tell it that it left.
+            msg.except = Some(s.socket_id.clone());
             if let Err(e) = self.publish(room, msg).await {
                 warn!(room, error = %e, "user:left of a removed session not published");
             }
