@@ -12,6 +12,7 @@ use flowgate_test_support::{token, Closed, RawClient, TestNode};
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::Message;
 
 async fn node(vars: &[(&str, &str)]) -> TestNode {
     TestNode::start(vars).await.expect("node starts")
@@ -93,9 +94,22 @@ async fn a_socket_that_has_not_connected_may_send_only_small_frames() {
         .send_text(&format!("4{}", "x".repeat(100_000)))
         .await
         .unwrap();
-    assert_eq!(
-        stranger.closed(Duration::from_secs(5)).await.unwrap(),
-        Closed::Code(1009)
+    // A CONNECT_ERROR first, so that a stock client whose CONNECT carried
+    // a huge token reports `connect_error` instead of reconnecting.
+    let mut texts = Vec::new();
+    let code = loop {
+        match stranger.recv_raw(Duration::from_secs(5)).await.unwrap() {
+            Message::Close(c) => break c.map(|c| u16::from(c.code)),
+            Message::Text(t) => texts.push(t.to_string()),
+            _ => {}
+        }
+    };
+    assert_eq!(code, Some(1009));
+    assert!(
+        texts
+            .iter()
+            .any(|t| t.starts_with("44/flows,") && t.contains(r#""code":"INVALID_TOKEN""#)),
+        "{texts:?}"
     );
     assert_eq!(
         n.metric(r#"flowgate_protocol_errors_total{reason="oversize frame"}"#),

@@ -415,6 +415,21 @@ impl Session {
     /// keep the session recoverable for the window if the end allows it.
     pub async fn close(&mut self, end: &End) {
         if self.socket.is_none() {
+            // A frame over the limit before CONNECT is, from a stock
+            // client, a CONNECT with a token far over any real one: a
+            // CONNECT_ERROR (written before the close) makes it report
+            // `connect_error` and stop, where a bare close would have it
+            // reconnect and send the same frame again, forever.
+            if *end == End::Oversize {
+                self.send_packet(&Packet::new(
+                    PacketType::ConnectError,
+                    NSP,
+                    Some(json!({
+                        "message": "CONNECT over the size allowed before authentication",
+                        "data": {"code": "INVALID_TOKEN"}
+                    })),
+                ));
+            }
             return;
         }
         // The record keeps the flow, so that a recovery rejoins it; the

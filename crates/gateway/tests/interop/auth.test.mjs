@@ -3,6 +3,7 @@ import { test, describe, before, after } from "node:test";
 import assert from "node:assert/strict";
 import crypto from "node:crypto";
 import jwt from "jsonwebtoken";
+import { io } from "socket.io-client";
 import {
   node, client, cleanup, connectError, token, rawJwt, nowSecs, tempFile, ISO, SECRET,
 } from "./harness.mjs";
@@ -91,6 +92,29 @@ describe("HS256 (JWT_ACCESS_TOKEN_SECRET)", () => {
     // An `alg: none` header with a valid HMAC appended is still not HS256.
     const withSig = rawJwt({ alg: "none", typ: "JWT" }, claims, SECRET);
     assertRefused(await connectError(url, { auth: { token: withSig } }), "INVALID_TOKEN");
+  });
+
+  test("a token over the size allowed before authentication: INVALID_TOKEN, and the client stops", async () => {
+    // Over FLOWGATE_MAX_PAYLOAD_BEFORE_CONNECT (64 KiB): the node refuses
+    // to read the CONNECT, but answers it with a CONNECT_ERROR before its
+    // close, so the client does not reconnect and send it again forever.
+    const big = token("eve", { extra: { pad: "x".repeat(70_000) } });
+    const socket = io(url + "/flows", {
+      transports: ["websocket"], forceNew: true, reconnectionDelay: 100, auth: { token: big },
+    });
+    let attempts = 0;
+    socket.io.on("reconnect_attempt", () => attempts++);
+    try {
+      const err = await new Promise((resolve, reject) => {
+        const t = setTimeout(() => reject(new Error("no connect_error")), 5000);
+        socket.once("connect_error", (e) => { clearTimeout(t); resolve(e); });
+      });
+      assertRefused(err, "INVALID_TOKEN");
+      await new Promise((r) => setTimeout(r, 1000));
+      assert.equal(attempts, 0, "no reconnection after the refusal");
+    } finally {
+      socket.close();
+    }
   });
 
   test("a token for another HMAC algorithm (HS512) is refused: the algorithm is pinned", async () => {
