@@ -6,6 +6,7 @@
 //! tests); the Redis engine implements the same traits for a cluster.
 
 mod event_queue;
+mod flow_id;
 pub mod locks;
 pub mod memory;
 pub mod memory_locks;
@@ -15,6 +16,7 @@ mod offset;
 pub mod wire;
 
 pub use event_queue::{EventQueue, PushRefused, QueueEntry, QueuedEvent};
+pub use flow_id::FlowId;
 pub use locks::{
     pod_id_json, Acquired, LockHolder, LockInfo, PodLocks, Refreshed, Unlocked, INTEGER_POD,
 };
@@ -157,8 +159,12 @@ pub struct SessionInfo {
     pub user_id: String,
     /// The Socket.IO socket id.
     pub socket_id: String,
-    /// The flow joined.
-    pub flow_id: String,
+    /// The flow joined, shown as the JSON type the joiner gave it: a
+    /// front end that joins flow `42` compares `flowId === 42` (the old
+    /// gateway echoed it as sent). Kept as text with its type, so the
+    /// same flow given as `42` or `"42"` is one room.
+    #[serde(with = "flow_id::json")]
+    pub flow_id: FlowId,
     /// Display name given at join.
     pub user_name: String,
     /// Display colour given at join.

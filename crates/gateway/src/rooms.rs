@@ -310,7 +310,7 @@ mod tests {
             let session = SessionInfo {
                 user_id: "u".into(),
                 socket_id: format!("s{i}"),
-                flow_id: room.to_string(),
+                flow_id: room.to_string().into(),
                 user_name: "n".into(),
                 user_color: "c".into(),
                 joined_at: "t".into(),

@@ -15,7 +15,7 @@ use serde_json::{Map, Value};
 use tracing::{info, warn};
 
 use super::{Joined, Refusal, Session};
-use crate::engine::{RoomMessage, SessionInfo};
+use crate::engine::{FlowId, RoomMessage, SessionInfo};
 use crate::ids::iso_now;
 use crate::rooms::room_of;
 
@@ -219,10 +219,10 @@ pub(crate) async fn check_access(
     }
 }
 
-pub(crate) fn parse_flow_id(v: Option<&Value>) -> Option<String> {
-    let s = match v? {
-        Value::String(s) => s.clone(),
-        Value::Number(n) if n.is_u64() || n.is_i64() => n.to_string(),
+pub(crate) fn parse_flow_id(v: Option<&Value>) -> Option<FlowId> {
+    let (s, integer) = match v? {
+        Value::String(s) => (s.clone(), false),
+        Value::Number(n) if n.is_u64() || n.is_i64() => (n.to_string(), true),
         _ => return None,
     };
     // Room names become Redis keys with a `{flow:F}` hash tag: no braces,
@@ -231,7 +231,7 @@ pub(crate) fn parse_flow_id(v: Option<&Value>) -> Option<String> {
         && s.len() <= 128
         && s.bytes()
             .all(|b| b.is_ascii_alphanumeric() || b"_-.:".contains(&b));
-    ok.then_some(s)
+    ok.then_some(FlowId { text: s, integer })
 }
 
 fn optional_string<'a>(
@@ -260,7 +260,9 @@ mod tests {
             parse_flow_id(Some(&json!("abc-1_2.3:x"))),
             Some("abc-1_2.3:x".into())
         );
-        assert_eq!(parse_flow_id(Some(&json!(42))), Some("42".into()));
+        let n = parse_flow_id(Some(&json!(42))).unwrap();
+        assert_eq!((n.text.as_str(), n.integer), ("42", true));
+        assert!(!parse_flow_id(Some(&json!("42"))).unwrap().integer);
         assert_eq!(parse_flow_id(Some(&json!(""))), None);
         assert_eq!(parse_flow_id(Some(&json!("{x}"))), None);
         assert_eq!(parse_flow_id(Some(&json!("a b"))), None);

@@ -44,7 +44,7 @@ impl Session {
             Ok(false) => self.on_evicted(&room).await,
             // The token itself is fine; the socket stays where it is until
             // access can be decided again (the next join or refresh).
-            Err(e) => warn!(error = %e, flow_id, "access not re-checked on refresh"),
+            Err(e) => warn!(error = %e, flow_id = %flow_id, "access not re-checked on refresh"),
         }
         Ok(())
     }

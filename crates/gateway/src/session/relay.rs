@@ -98,7 +98,7 @@ impl Session {
             // The ack waits for this: an acknowledged event is durably
             // queued for the event log.
             let queued = QueuedEvent {
-                flow_id: joined.session.flow_id.clone(),
+                flow_id: joined.session.flow_id.text.clone(),
                 offset: offset.to_string(),
                 event: rule.emit.clone(),
                 data,

@@ -246,6 +246,36 @@ async fn a_re_join_of_the_same_flow_takes_a_new_name_and_only_then_tells_the_oth
     assert_eq!(left[0][0]["userName"], "Ada L.");
 }
 
+/// `flowId` comes back in the JSON type the joiner gave it; `42` and
+/// `"42"` are one flow.
+#[tokio::test]
+async fn a_flow_id_given_as_a_number_is_shown_as_one() {
+    let app = app(&[]).await;
+    let mut a = Client::new(&app);
+    let mut b = Client::new(&app);
+    a.connect(json!({"token": token("ada", 60)})).await;
+    b.connect(json!({"token": token("bob", 60)})).await;
+    a.send(r#"2/flows,["flow:join",{"flowId":42}]"#)
+        .await
+        .unwrap();
+    let users = events(&a.read(), "flow:users");
+    assert_eq!(users[0][0][0]["flowId"], json!(42));
+    b.send(r#"2/flows,["flow:join",{"flowId":"42"}]"#)
+        .await
+        .unwrap();
+    let users = events(&b.read(), "flow:users")[0][0].clone();
+    assert_eq!(users.as_array().unwrap().len(), 2, "one flow: {users}");
+    let ada = users
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|u| u["userId"] == "ada")
+        .unwrap();
+    assert_eq!(ada["flowId"], json!(42));
+    let joined = events(&a.read(), "user:joined");
+    assert_eq!(joined[0][0]["flowId"], json!("42"), "bob gave a string");
+}
+
 #[tokio::test]
 async fn the_rate_limit_refuses_past_the_burst() {
     let app = app(&[]).await;
