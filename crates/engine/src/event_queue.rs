@@ -64,6 +64,12 @@ pub trait EventQueue: Send + Sync + 'static {
     /// Queues an event durably, unless the queue is full or the event is
     /// too old to be logged without a reader skipping it.
     async fn push(&self, event: &QueuedEvent) -> Result<(), PushRefused>;
+    /// Whether an event of `bytes` for `flow_id` would be taken now: asked
+    /// before the event is published, so that an event the queue cannot
+    /// take is refused before anyone received it. `push` then allows a
+    /// margin over the caps ([`push_margin`]), so that an admitted event is
+    /// not refused as full by what other sessions queued in between.
+    async fn admit(&self, flow_id: &str, bytes: usize) -> Result<(), PushRefused>;
     /// Up to `max` entries for `consumer`: first its own unacknowledged
     /// ones, then entries abandoned by other consumers, then new ones.
     async fn take(&self, consumer: &str, max: usize) -> Result<Vec<QueueEntry>, EngineError>;
@@ -79,4 +85,10 @@ pub trait EventQueue: Send + Sync + 'static {
     /// it that will ever be in the log is in it now. History serves only
     /// offsets below it.
     async fn watermark(&self, flow_id: &str) -> Result<Offset, EngineError>;
+}
+
+/// What `push` allows over a cap (`cap` entries or bytes) for events
+/// admitted before their publish: a 1/16 of the cap, at least 64.
+pub fn push_margin(cap: u64) -> u64 {
+    (cap / 16).max(64)
 }

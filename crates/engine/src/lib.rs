@@ -15,7 +15,7 @@ mod message;
 mod offset;
 pub mod wire;
 
-pub use event_queue::{EventQueue, PushRefused, QueueEntry, QueuedEvent};
+pub use event_queue::{push_margin, EventQueue, PushRefused, QueueEntry, QueuedEvent};
 pub use flow_id::FlowId;
 pub use locks::{
     pod_id_json, Acquired, LockHolder, LockInfo, PodLocks, Refreshed, Unlocked, INTEGER_POD,

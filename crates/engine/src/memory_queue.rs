@@ -93,6 +93,14 @@ impl MemoryQueue {
 
 #[async_trait]
 impl EventQueue for MemoryQueue {
+    async fn admit(&self, _flow_id: &str, bytes: usize) -> Result<(), PushRefused> {
+        let inner = self.inner.lock();
+        if inner.entries.len() >= self.max_len || inner.bytes + bytes > self.max_bytes {
+            return Err(PushRefused::Full);
+        }
+        Ok(())
+    }
+
     async fn push(&self, event: &QueuedEvent) -> Result<(), PushRefused> {
         let offset: Offset = event
             .offset
@@ -107,7 +115,9 @@ impl EventQueue for MemoryQueue {
             .map_err(|e| EngineError(e.to_string()))?
             .len();
         let mut inner = self.inner.lock();
-        if inner.entries.len() >= self.max_len || inner.bytes + bytes > self.max_bytes {
+        let max_len = self.max_len + crate::push_margin(self.max_len as u64) as usize;
+        let max_bytes = self.max_bytes + crate::push_margin(self.max_bytes as u64) as usize;
+        if inner.entries.len() >= max_len || inner.bytes + bytes > max_bytes {
             return Err(PushRefused::Full);
         }
         let id = inner.next_id;

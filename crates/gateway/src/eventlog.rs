@@ -78,6 +78,24 @@ pub async fn enqueue(
     r
 }
 
+/// Asks the queue whether a persisted event of about `bytes` for
+/// `flow_id` would be taken, before it is published: a refusal then
+/// reaches the sender before anyone received the event ("nothing was
+/// relayed or stored"). Counted as `full` like a refused push.
+pub async fn admit(app: &crate::app::App, flow_id: &str, bytes: usize) -> Result<(), PushRefused> {
+    let r = match (&app.store, &app.engine.queue) {
+        (Some(_), Some(queue)) => queue.admit(flow_id, bytes).await,
+        _ => Ok(()),
+    };
+    if matches!(r, Err(PushRefused::Full)) {
+        app.metrics
+            .eventlog_refused
+            .with_label_values(&["full"])
+            .inc();
+    }
+    r
+}
+
 /// Whether a payload holds a NUL character, which Postgres' `jsonb` refuses:
 /// such an event is refused at the door rather than acked and then lost.
 pub fn has_nul(v: &serde_json::Value) -> bool {

@@ -115,6 +115,18 @@ pub const RESERVED: &[&str] = &[
     "error",
 ];
 
+/// Events the gateway sends itself, with meanings it keeps (presence,
+/// locks, the greeting): the server API may not publish them.
+pub const GATEWAY_EVENTS: &[&str] = &[
+    "connected",
+    "user:joined",
+    "user:left",
+    "flow:users",
+    "flow:locks",
+    "pod:locked",
+    "pod:unlocked",
+];
+
 /// The relay table, looked up by client event name.
 #[derive(Debug, Clone)]
 pub struct RelayTable {

@@ -844,6 +844,7 @@ async fn a_full_queue_refuses_during_a_postgres_outage_and_drains_after() {
     )
     .await;
     let (mut c, _) = join(&n, "w", "capped").await;
+    let (mut peer, _) = join(&n, "peer", "capped").await;
     e.pg.stop_postgres();
     let mut acked = Vec::new();
     for id in 1..=8u64 {
@@ -868,6 +869,29 @@ async fn a_full_queue_refuses_during_a_postgres_outage_and_drains_after() {
     );
     let shard = shard_stream("capped", 5);
     assert_eq!(e.redis.cli(&["XLEN", &shard]).unwrap(), "5");
+    // A refused event reached nobody: the refusal comes before the publish.
+    let auth = format!("Bearer {SERVICE_TOKEN}");
+    let (status, body) = http(
+        n.addr,
+        "POST",
+        "/v1/flows/capped/events",
+        &[("Authorization", &auth)],
+        Some(r#"{"event":"execution:started","data":{"run":1}}"#),
+    )
+    .await
+    .unwrap();
+    assert_eq!(status, 503, "{body}");
+    let mut relayed = Vec::new();
+    while let Ok(Ok((name, data))) =
+        tokio::time::timeout(Duration::from_millis(500), peer.recv_event()).await
+    {
+        match name.as_str() {
+            "pod:created" => relayed.push(data["pod"]["n"].as_u64().unwrap()),
+            "execution:started" => panic!("a refused API event was relayed"),
+            _ => {}
+        }
+    }
+    assert_eq!(relayed, acked, "only acknowledged events were relayed");
 
     tokio::task::block_in_place(|| e.pg.start_postgres().unwrap());
     let log = wait_for_log(&n, "capped", 5).await;

@@ -71,7 +71,9 @@ use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use flowgate_engine::{EngineError, EventQueue, Offset, PushRefused, QueueEntry, QueuedEvent};
+use flowgate_engine::{
+    push_margin, EngineError, EventQueue, Offset, PushRefused, QueueEntry, QueuedEvent,
+};
 use fred::prelude::*;
 use fred::types::scripts::Script;
 use futures_util::future::try_join_all;
@@ -96,6 +98,11 @@ const CLAIM_EVERY: Duration = Duration::from_secs(5);
 /// The queue's scripts, loaded once, and what a node remembers of it.
 pub(crate) struct QueueState {
     push: Script,
+    fill: Script,
+    /// Per shard stream: its fill when last read, and what this node
+    /// admitted since. While that is recent and under half of both caps,
+    /// `admit` needs no call (see there).
+    roomy: Mutex<HashMap<String, Fill>>,
     remove: Script,
     watermark: Script,
     /// This node's shard count is in [`QUEUE_SHARD_COUNTS_KEY`](crate::keys::QUEUE_SHARD_COUNTS_KEY).
@@ -109,6 +116,8 @@ impl QueueState {
     pub(crate) fn new() -> Self {
         QueueState {
             push: Script::from_lua(lua::PUSH),
+            fill: Script::from_lua(lua::FILL),
+            roomy: Mutex::new(HashMap::new()),
             remove: Script::from_lua(lua::REMOVE),
             watermark: Script::from_lua(lua::WATERMARK),
             registered: AtomicBool::new(false),
@@ -169,8 +178,76 @@ impl RedisEngine {
     }
 }
 
+impl RedisEngine {
+    /// Each shard holds its share of the caps, so the total holds too
+    /// (the configuration refuses caps smaller than the shard count).
+    fn shard_caps(&self, shards: u32) -> (u64, u64) {
+        let s = &self.0.settings;
+        (
+            (s.queue_max_len / u64::from(shards)).max(1),
+            (s.queue_max_bytes / u64::from(shards)).max(1),
+        )
+    }
+}
+
+/// A shard's fill as last read, plus what this node admitted since.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Fill {
+    at: Instant,
+    len: u64,
+    bytes: u64,
+}
+
+/// How long a shard's fill read is trusted: while what it showed plus
+/// what this node admitted since stays under half of both caps, events
+/// are admitted without asking. Other nodes' pushes meanwhile are not
+/// seen; the other half of the cap, and `push`'s margin, absorb them.
+const ROOMY_FOR: Duration = Duration::from_millis(500);
+
 #[async_trait]
 impl EventQueue for RedisEngine {
+    async fn admit(&self, flow_id: &str, bytes: usize) -> Result<(), PushRefused> {
+        self.ensure_up()?;
+        self.register_shards().await.map_err(err)?;
+        let n = self.queue_shards();
+        let shard = queue_shard_of(flow_id, n);
+        let stream = shard.stream();
+        let (max_len, max_bytes) = self.shard_caps(n);
+        let bytes = bytes as u64;
+        {
+            let mut roomy = self.0.queue.roomy.lock();
+            if let Some(f) = roomy.get_mut(&stream) {
+                if f.at.elapsed() < ROOMY_FOR
+                    && f.len < max_len / 2
+                    && f.bytes + bytes <= max_bytes / 2
+                {
+                    f.len += 1;
+                    f.bytes += bytes;
+                    return Ok(());
+                }
+            }
+        }
+        let (len, held): (u64, u64) = self
+            .0
+            .queue
+            .fill
+            .evalsha_with_reload(&self.0.client, vec![stream.clone(), shard.bytes()], ())
+            .await
+            .map_err(err)?;
+        if len >= max_len || held + bytes > max_bytes {
+            self.0.queue.roomy.lock().remove(&stream);
+            return Err(PushRefused::Full);
+        }
+        // This event counts as admitted since the read.
+        let fill = Fill {
+            at: Instant::now(),
+            len: len + 1,
+            bytes: held + bytes,
+        };
+        self.0.queue.roomy.lock().insert(stream, fill);
+        Ok(())
+    }
+
     async fn push(&self, event: &QueuedEvent) -> Result<(), PushRefused> {
         self.ensure_up()?;
         let offset: Offset = event
@@ -181,11 +258,12 @@ impl EventQueue for RedisEngine {
         self.register_shards().await.map_err(err)?;
         let n = self.queue_shards();
         let shard = queue_shard_of(&event.flow_id, n);
+        let (max_len, max_bytes) = self.shard_caps(n);
+        // Admitted before its publish: the margin keeps what other
+        // sessions queued in between from refusing it now.
+        let max_len = max_len + push_margin(max_len);
+        let max_bytes = max_bytes + push_margin(max_bytes);
         let s = &self.0.settings;
-        // Each shard holds its share of the caps, so the total holds too
-        // (the configuration refuses caps smaller than the shard count).
-        let max_len = (s.queue_max_len / u64::from(n)).max(1);
-        let max_bytes = (s.queue_max_bytes / u64::from(n)).max(1);
         let reply: String = self
             .0
             .queue

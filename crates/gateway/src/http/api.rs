@@ -16,7 +16,7 @@ use tracing::info;
 use super::bearer;
 use crate::app::App;
 use crate::engine::{Control, QueuedEvent, RoomMessage};
-use crate::events::RESERVED;
+use crate::events::{GATEWAY_EVENTS, RESERVED};
 use crate::rooms::room_of;
 
 mod error;
@@ -162,11 +162,21 @@ async fn publish_event(
         ),
         _ => ApiError(StatusCode::BAD_REQUEST, "INVALID_BODY", e.body_text()),
     })?;
-    if body.event.is_empty() || body.event.len() > 128 || RESERVED.contains(&body.event.as_str()) {
+    // Not a name the client library reserves, nor one the gateway sends
+    // itself (a backend's `user:left` would corrupt every client's
+    // presence), nor one with control characters (NUL is refused by
+    // Postgres: the event would be acknowledged, then dead-lettered).
+    let event = body.event.as_str();
+    if event.is_empty()
+        || event.len() > 128
+        || RESERVED.contains(&event)
+        || GATEWAY_EVENTS.contains(&event)
+        || event.chars().any(char::is_control)
+    {
         return Err(ApiError(
             StatusCode::BAD_REQUEST,
             "INVALID_EVENT",
-            "event must be a non-reserved name of 1-128 characters".into(),
+            "event must be a name of 1-128 characters, without control characters, that neither the client library nor the gateway reserves".into(),
         ));
     }
     let persist = app.store.is_some();
@@ -178,6 +188,14 @@ async fn publish_event(
         ));
     }
     let data = crate::engine::raw_json(&body.data);
+    if persist {
+        // Before the publish: an event the queue cannot take is refused
+        // before anyone received it.
+        let bytes = data.get().len() + body.event.len() + flow_id.len() + 96;
+        crate::eventlog::admit(&app, &flow_id, bytes)
+            .await
+            .map_err(unavailable)?;
+    }
     let logged = persist.then(|| (body.event.clone(), data.clone()));
     let offset = app
         .engine

@@ -84,6 +84,22 @@ impl Session {
         msg.except = Some(socket.id.to_string());
         msg.volatile = rule.volatile;
         let app = &self.app;
+        if let Some(data) = &logged {
+            // Before the publish: an event the queue cannot take is refused
+            // before anyone received it.
+            let bytes = data.get().len() + rule.emit.len() + joined.session.flow_id.len() + 96;
+            crate::eventlog::admit(app, &joined.session.flow_id, bytes)
+                .await
+                .map_err(|e| {
+                    app.metrics.engine_failed(
+                        "queue",
+                        &e,
+                        "",
+                        "event refused: the log queue cannot take it",
+                    );
+                    Refusal::new("UNAVAILABLE", "The event was not stored; try again")
+                })?;
+        }
         let offset = app
             .engine
             .bus

@@ -292,6 +292,18 @@ describe("default node (open policy)", () => {
       assert.deepEqual(atOutsider.map(([n]) => n), ["execution:token"], "only its own flow's events");
     });
 
+    test("POST /v1/flows/{flowId}/events refuses the gateway's own event names and control characters", async () => {
+      const { a } = await pair(url, "f-api-names", "names");
+      const seen = recordAll(a);
+      for (const event of ["user:left", "user:joined", "flow:users", "flow:locks", "pod:unlocked", "pod:locked", "connected", "error", "a\u0000b", "e v\n", ""]) {
+        const res = await api(url, "POST", "/v1/flows/f-api-names/events", { bearer: SERVICE, body: { event, data: {} } });
+        assert.equal(res.status, 400, `${JSON.stringify(event)}: ${res.status} ${JSON.stringify(res.body)}`);
+        assert.equal(res.body?.error?.code, "INVALID_EVENT");
+      }
+      await sleep(100);
+      assert.deepEqual(seen.map(([n]) => n), [], "nothing was relayed");
+    });
+
     test("GET /v1/flows/{flowId}/presence lists the sessions", async () => {
       const { a, b } = await pair(url, "f-presence", "presence");
       const res = await api(url, "GET", "/v1/flows/f-presence/presence", { bearer: SERVICE });

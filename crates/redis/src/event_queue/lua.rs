@@ -26,6 +26,12 @@ redis.call('INCRBY', KEYS[2], #ARGV[1])
 return id
 "#;
 
+/// A shard's fill: its length and its bytes. KEYS: queue, byte counter.
+/// Read before an event is published (`admit`).
+pub(crate) const FILL: &str = r#"
+return {redis.call('XLEN', KEYS[1]), tonumber(redis.call('GET', KEYS[2]) or '0')}
+"#;
+
 /// Removes entries from the queue (acknowledged, deleted, unindexed, their
 /// bytes released); an entry given a reason is first copied to the
 /// dead-letter stream with it.
