@@ -1411,3 +1411,33 @@ async fn legacy_stream_drained(redis: &RedisServer, wait: Duration, what: &str) 
         .unwrap();
     assert!(pending.starts_with('0'), "{pending}");
 }
+
+/// A revocation needs Redis for the eviction: while Redis is unreachable
+/// it is refused with 503 before the row is deleted, so the 503 means
+/// nothing changed (the member still joins once Redis is back).
+#[tokio::test]
+async fn a_revocation_refused_while_redis_is_down_changes_nothing() {
+    let mut e = env().await;
+    let n = node(&e, "a", &[]).await;
+    let (s, body) = api(&n, "PUT", "/v1/flows/kept/members/ada", None).await;
+    assert_eq!(s, 200, "{body}");
+
+    e.redis.stop();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while http(n.addr, "GET", "/health", &[], None).await.unwrap().0 != 503 {
+        assert!(Instant::now() < deadline, "health did not turn 503");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (s, body) = api(&n, "DELETE", "/v1/flows/kept/members/ada", None).await;
+    assert_eq!(s, 503, "{body}");
+    assert_eq!(body["error"]["code"], "UNAVAILABLE", "{body}");
+
+    e.redis.restart().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while http(n.addr, "GET", "/health", &[], None).await.unwrap().0 != 200 {
+        assert!(Instant::now() < deadline, "health did not come back");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (_, ack) = join(&n, "ada", "kept").await;
+    assert_eq!(ack, json!({"ok": true}), "the membership is still there");
+}

@@ -348,6 +348,11 @@ async fn revoke(
     service_auth(&app, &headers)?;
     let (flow_id, user_id) = member_path(path)?;
     let room = flow_room(&flow_id)?;
+    // The eviction needs Redis: while it is unreachable, refuse before the
+    // row is deleted, so that a 503 means nothing changed. (Redis failing
+    // between the two still answers 503 with the row gone; the retry then
+    // completes the eviction and says `removed: false`.)
+    app.engine.health.ping().await.map_err(unavailable)?;
     let removed = store(&app)?
         .revoke(&flow_id, &user_id)
         .await
