@@ -38,10 +38,16 @@ pub async fn may_join(
                 .store
                 .as_ref()
                 .ok_or_else(|| AccessUnavailable("no membership store".into()))?;
-            let member = store
-                .is_member(flow_id, user)
-                .await
-                .map_err(|e| AccessUnavailable(e.to_string()))?;
+            // Bounded below the query timeout: a stalled database answers
+            // a join with `UNAVAILABLE` in seconds (dropping the read is
+            // safe: the pooled client reads and discards its reply).
+            let member = tokio::time::timeout(
+                app.config.access_check_timeout,
+                store.is_member(flow_id, user),
+            )
+            .await
+            .map_err(|_| AccessUnavailable("membership read timed out".into()))?
+            .map_err(|e| AccessUnavailable(e.to_string()))?;
             if let Some(cache) = cache {
                 if let Err(e) = cache
                     .put(flow_id, user, member, app.config.access_cache_ttl)

@@ -1441,3 +1441,26 @@ async fn a_revocation_refused_while_redis_is_down_changes_nothing() {
     let (_, ack) = join(&n, "ada", "kept").await;
     assert_eq!(ack, json!({"ok": true}), "the membership is still there");
 }
+
+/// A stalled database (PgBouncer frozen: connections open, nothing
+/// answers) does not hold a join for the query timeout: the membership
+/// read gives up after `FLOWGATE_ACCESS_CHECK_TIMEOUT_MS` and the join is
+/// refused with `UNAVAILABLE`.
+#[tokio::test]
+async fn a_join_during_a_database_stall_is_refused_within_the_access_check_timeout() {
+    let e = env().await;
+    let n = node(&e, "a", &[("FLOWGATE_ACCESS_CHECK_TIMEOUT_MS", "1000")]).await;
+    // A warm pool: its connections are open when the stall begins.
+    let (s, body) = api(&n, "PUT", "/v1/flows/stalled/members/ada", None).await;
+    assert_eq!(s, 200, "{body}");
+    e.pg.freeze_bouncer(true);
+    let started = Instant::now();
+    let (_, ack) = join(&n, "ada", "stalled").await;
+    let took = started.elapsed();
+    e.pg.freeze_bouncer(false);
+    assert_eq!(ack["code"], "UNAVAILABLE", "{ack}");
+    assert!(took < Duration::from_secs(4), "the join took {took:?}");
+    // Thawed: the same join goes through.
+    let (_, ack) = join(&n, "ada", "stalled").await;
+    assert_eq!(ack, json!({"ok": true}));
+}

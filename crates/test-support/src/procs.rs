@@ -518,6 +518,17 @@ impl PgStack {
         }
     }
 
+    /// Freezes (SIGSTOP) or thaws (SIGCONT) PgBouncer: a stall, not a
+    /// refusal — connections stay open and nothing answers.
+    pub fn freeze_bouncer(&self, frozen: bool) {
+        if let Some(c) = &self.bouncer {
+            let sig = if frozen { "-STOP" } else { "-CONT" };
+            let _ = Command::new("kill")
+                .args([sig, &c.id().to_string()])
+                .status();
+        }
+    }
+
     /// Stops Postgres (fast shutdown, as an operator would).
     pub fn stop_postgres(&mut self) {
         if let Some(mut c) = self.postgres.take() {

@@ -14,6 +14,7 @@ pub(super) struct Database {
     pub(super) db_pool_size: usize,
     pub(super) db_connect_timeout: Duration,
     pub(super) db_query_timeout: Duration,
+    pub(super) access_check_timeout: Duration,
     pub(super) db_statement_timeout: Duration,
     pub(super) db_slow_query: Duration,
     pub(super) event_retention_months: u32,
@@ -45,6 +46,10 @@ impl Database {
             db_query_timeout: positive(
                 "FLOWGATE_DB_QUERY_TIMEOUT_MS",
                 millis(vars, "FLOWGATE_DB_QUERY_TIMEOUT_MS", 30_000)?,
+            )?,
+            access_check_timeout: positive(
+                "FLOWGATE_ACCESS_CHECK_TIMEOUT_MS",
+                millis(vars, "FLOWGATE_ACCESS_CHECK_TIMEOUT_MS", 5_000)?,
             )?,
             db_statement_timeout: positive(
                 "FLOWGATE_DB_STATEMENT_TIMEOUT_MS",

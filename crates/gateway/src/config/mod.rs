@@ -198,6 +198,11 @@ pub struct Config {
     pub db_connect_timeout: Duration,
     /// `FLOWGATE_DB_QUERY_TIMEOUT_MS` (30 000): client-side query bound.
     pub db_query_timeout: Duration,
+    /// `FLOWGATE_ACCESS_CHECK_TIMEOUT_MS` (5 000): a membership read on a
+    /// join, recovery or history request gives up after this (the client
+    /// gets `UNAVAILABLE` within a front end's ack timeout, not after 30 s
+    /// of a stalled database).
+    pub access_check_timeout: Duration,
     /// `FLOWGATE_DB_STATEMENT_TIMEOUT_MS` (30 000): server-side bound.
     pub db_statement_timeout: Duration,
     /// `FLOWGATE_DB_SLOW_QUERY_MS` (1 000): slower queries are logged.
@@ -319,6 +324,7 @@ impl Config {
             db_pool_size,
             db_connect_timeout,
             db_query_timeout,
+            access_check_timeout,
             db_statement_timeout,
             db_slow_query,
             event_retention_months,
@@ -436,6 +442,7 @@ impl Config {
             db_pool_size,
             db_connect_timeout,
             db_query_timeout,
+            access_check_timeout,
             db_statement_timeout,
             db_slow_query,
             access_cache_ttl,
