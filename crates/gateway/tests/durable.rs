@@ -103,10 +103,13 @@ async fn migrations_are_idempotent_and_a_behind_schema_is_refused() {
         .await
         .unwrap_err();
     assert!(format!("{err:#}").contains("flowgate migrate"), "{err:#}");
-    assert_eq!(
-        flowgate_store::migrate(&pg.direct_url()).await.unwrap(),
-        vec![1]
-    );
+    // Three runs at once on the empty database take turns: one applies,
+    // the others find the schema up to date; none fails.
+    let url = pg.direct_url();
+    let runs = futures_util::future::join_all((0..3).map(|_| flowgate_store::migrate(&url))).await;
+    let mut applied: Vec<Vec<i32>> = runs.into_iter().map(|r| r.unwrap()).collect();
+    applied.sort();
+    assert_eq!(applied, vec![vec![], vec![], vec![1]]);
     assert!(flowgate_store::migrate(&pg.direct_url())
         .await
         .unwrap()
@@ -521,6 +524,19 @@ async fn events_land_in_month_partitions_and_retention_drops_old_ones() {
         .collect();
     assert_eq!(left, vec![format!("{feb}-0")]);
     s.ensure_partitions_ahead().await.unwrap();
+    // Nodes starting together create the same partitions at once: they
+    // take turns, none fails ("already exists" with IF NOT EXISTS alone).
+    let stores: Vec<Store> = (0..12).map(|_| store(&e, 1)).collect();
+    for s in &stores {
+        // Each store's pooled connection is open before the race.
+        s.ensure_partition(2031, 1).await.unwrap();
+    }
+    for month in 2..=6 {
+        let all = stores.iter().map(|s| s.ensure_partition(2031, month));
+        for r in futures_util::future::join_all(all).await {
+            r.unwrap();
+        }
+    }
     let now = time::OffsetDateTime::now_utc();
     let current = format!("room_events_y{:04}m{:02}", now.year(), now.month() as u8);
     assert!(e

@@ -16,6 +16,14 @@ pub async fn migrate(direct_url: &str) -> Result<Vec<i32>, StoreError> {
         .await
         .map_err(|e| StoreError::Pool(with_source(&e)))?;
     let task = tokio::spawn(conn);
+    // Runs started together (a Job retried while another runs, several
+    // deploy steps) take turns: without the lock all but one fail on the
+    // schema history table or a type the first one just created. A
+    // session lock, released when this connection closes.
+    client
+        .batch_execute(&format!("SELECT pg_advisory_lock({MIGRATE_LOCK})"))
+        .await
+        .map_err(q)?;
     let report = embedded::migrations::runner()
         .run_async(&mut client)
         .await
@@ -28,6 +36,9 @@ pub async fn migrate(direct_url: &str) -> Result<Vec<i32>, StoreError> {
         .map(|m| m.version())
         .collect())
 }
+
+/// The advisory lock key migrations take turns on.
+const MIGRATE_LOCK: i64 = 0x666c_6f77_6d69_6772; // "flowmigr"
 
 /// A tokio-postgres error with its cause: its own text is only "db error"
 /// or "error performing TLS handshake", which tells an operator nothing.

@@ -31,6 +31,9 @@ fn partition_month(name: &str) -> Option<(i32, u8)> {
         .then_some((year.parse().ok()?, month))
 }
 
+/// The advisory lock key partition creation takes turns on.
+const PARTITION_LOCK: i64 = 0x666c_6f77_7061_7274; // "flowpart"
+
 fn next_month(year: i32, month: u8) -> (i32, u8) {
     if month == 12 {
         (year + 1, 1)
@@ -43,9 +46,16 @@ impl Store {
     /// Creates the month partition if missing.
     pub async fn ensure_partition(&self, year: i32, month: u8) -> Result<(), StoreError> {
         let (ny, nm) = next_month(year, month);
+        // `IF NOT EXISTS` alone still races: nodes starting together each
+        // find the table missing and all but one fail on the catalog's
+        // unique index ("already exists"). A transaction-scoped advisory
+        // lock makes them take turns (one statement batch: one
+        // transaction, also through PgBouncer in transaction mode).
         let sql = format!(
-            "CREATE TABLE IF NOT EXISTS {} PARTITION OF room_events \
-             FOR VALUES FROM ('{year:04}-{month:02}-01 00:00:00+00') TO ('{ny:04}-{nm:02}-01 00:00:00+00')",
+            "BEGIN; SELECT pg_advisory_xact_lock({PARTITION_LOCK}); \
+             CREATE TABLE IF NOT EXISTS {} PARTITION OF room_events \
+             FOR VALUES FROM ('{year:04}-{month:02}-01 00:00:00+00') TO ('{ny:04}-{nm:02}-01 00:00:00+00'); \
+             COMMIT;",
             partition_name(year, month)
         );
         self.timed("create partition", async {
