@@ -27,7 +27,7 @@ impl Server {
             None => format!("node-{}", crate::ids::random_id(8)),
         };
 
-        let allowed_origins = get(vars, "FRONTEND_URL")
+        let allowed_origins: Vec<String> = get(vars, "FRONTEND_URL")
             .map(|v| {
                 v.split(',')
                     .map(|o| o.trim().trim_end_matches('/').to_owned())
@@ -35,6 +35,15 @@ impl Server {
                     .collect()
             })
             .unwrap_or_default();
+        // Compared with the browser's Origin header as is: anything that
+        // is not `scheme://host[:port]` could never match, and would
+        // refuse every cross-origin browser without a word.
+        if let Some(bad) = allowed_origins.iter().find(|o| !is_origin(o)) {
+            return Err(err(
+                "FRONTEND_URL",
+                format!("{bad:?} is not an origin (http:// or https:// and a host, no path)"),
+            ));
+        }
 
         let events_file = get(vars, "FLOWGATE_EVENTS_FILE").map(PathBuf::from);
         if let Some(path) = &events_file {
@@ -88,6 +97,26 @@ impl Server {
     }
 }
 
+/// `http(s)://host[:port]`, as a browser sends it in `Origin`.
+fn is_origin(o: &str) -> bool {
+    let Some(rest) = o
+        .strip_prefix("https://")
+        .or_else(|| o.strip_prefix("http://"))
+    else {
+        return false;
+    };
+    let bracketed = rest.starts_with('[') && rest.ends_with(']');
+    let (host, port) = match rest.rsplit_once(':').filter(|_| !bracketed) {
+        Some((h, p)) if !h.ends_with(']') || rest.starts_with('[') => (h, Some(p)),
+        _ => (rest, None),
+    };
+    !host.is_empty()
+        && host
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-.[]:".contains(&b))
+        && port.is_none_or(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
+}
+
 #[cfg(test)]
 mod tests {
     use crate::config::{vars, Config};
@@ -97,6 +126,37 @@ mod tests {
         let e = Config::from_vars(&vars(&[("JWT_ACCESS_TOKEN_SECRET", "s"), ("PORT", "http")]))
             .unwrap_err();
         assert_eq!(e.var, "PORT");
+    }
+
+    #[test]
+    fn an_origin_that_could_never_match_is_refused() {
+        for bad in [
+            "notaurl",
+            "a.example",
+            "https://",
+            "https://a.example/app",
+            "ftp://a.example",
+            "https://a b",
+        ] {
+            let e = Config::from_vars(&vars(&[
+                ("JWT_ACCESS_TOKEN_SECRET", "s"),
+                ("FRONTEND_URL", bad),
+            ]))
+            .unwrap_err();
+            assert_eq!(e.var, "FRONTEND_URL", "{bad}");
+        }
+        for good in [
+            "http://localhost:3000",
+            "https://app.example.com",
+            "http://127.0.0.1:8080",
+            "http://[::1]:3000",
+        ] {
+            Config::from_vars(&vars(&[
+                ("JWT_ACCESS_TOKEN_SECRET", "s"),
+                ("FRONTEND_URL", good),
+            ]))
+            .unwrap_or_else(|e| panic!("{good}: {e}"));
+        }
     }
 
     #[test]
