@@ -530,11 +530,14 @@ cmd_up() {
     pg_port="${ports[6]}" bouncer_port="${ports[7]}"
     pg_dir="" pg_sock="" db_password="" direct_url="" database_url=""
 
-    # Redis: loopback only, no persistence, foreground (we hold its PID).
+    # Redis: loopback only, foreground (we hold its PID), with the
+    # append-only file docs/operations.md asks of a self-managed Redis: the
+    # event-log queue holds acknowledged events during a database outage,
+    # and a restarted Redis must not lose them.
     (
         close_fds
         exec setsid redis-server --bind 127.0.0.1 --port "$redis_port" \
-            --save '' --appendonly no --daemonize no \
+            --save '' --appendonly yes --appendfsync everysec --daemonize no \
             --dir "$state/redis" --logfile ''
     ) >"$state/logs/redis.log" 2>&1 </dev/null &
     pid=$!
