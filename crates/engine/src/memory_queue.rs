@@ -235,22 +235,36 @@ mod tests {
 
     #[tokio::test]
     async fn a_full_queue_refuses_by_count_and_by_bytes_and_frees_on_ack() {
+        // The cap is what `admit` (asked before the publish) enforces.
         let q = MemoryQueue::new(2, 1 << 20, Duration::from_secs(2));
         let t = now_ms();
-        q.push(&event("f", t)).await.unwrap();
-        q.push(&event("f", t)).await.unwrap();
-        assert!(matches!(
-            q.push(&event("f", t)).await,
-            Err(PushRefused::Full)
-        ));
+        let one = serde_json::to_string(&event("f", t)).unwrap().len();
+        for _ in 0..2 {
+            q.admit("f", one).await.unwrap();
+            q.push(&event("f", t)).await.unwrap();
+        }
+        assert!(matches!(q.admit("f", one).await, Err(PushRefused::Full)));
         let got = q.take("w", 1).await.unwrap();
         q.ack(&[&got[0]]).await.unwrap();
-        q.push(&event("f", t)).await.unwrap();
+        q.admit("f", one).await.unwrap();
 
-        let one = serde_json::to_string(&event("f", t)).unwrap().len() as u64;
-        let q = MemoryQueue::new(100, 2 * one, Duration::from_secs(2));
+        let q = MemoryQueue::new(100, 2 * one as u64, Duration::from_secs(2));
         q.push(&event("f", t)).await.unwrap();
+        q.admit("f", one).await.unwrap();
         q.push(&event("f", t)).await.unwrap();
+        assert!(matches!(q.admit("f", one).await, Err(PushRefused::Full)));
+    }
+
+    #[tokio::test]
+    async fn a_push_admitted_before_its_publish_has_a_margin_over_the_cap() {
+        let q = MemoryQueue::new(2, 1 << 20, Duration::from_secs(2));
+        let t = now_ms();
+        // Admitted, then others queued in between: still taken, up to the
+        // margin; past it, refused.
+        let margin = crate::push_margin(2) as usize;
+        for _ in 0..2 + margin {
+            q.push(&event("f", t)).await.unwrap();
+        }
         assert!(matches!(
             q.push(&event("f", t)).await,
             Err(PushRefused::Full)
