@@ -33,10 +33,13 @@
 //!   holds at most 1/N of each, rounded down, a counter per shard kept by
 //!   the scripts), so the total holds without a cross-slot counter. A
 //!   consequence: one flow alone can fill only its shard's share. When a
-//!   shard's share is reached, `push` refuses: the caller answers
-//!   `UNAVAILABLE` and the event is not logged (it is never acknowledged
-//!   and then lost). A long database outage therefore fills the queue up
-//!   to the cap and no further, instead of filling Redis and taking
+//!   shard's share is reached, `admit` refuses — before the event is
+//!   published, so nobody receives it — and the caller answers
+//!   `UNAVAILABLE`; the event is not logged (it is never acknowledged and
+//!   then lost). `push` allows a margin over the share
+//!   ([`push_margin`]) for what others queued between an event's
+//!   admission and its push. A long database outage therefore fills the
+//!   queue up to the cap (and the margin) and no further, instead of filling Redis and taking
 //!   presence and the room bus down with it. Refusals are counted in
 //!   `flowgate_eventlog_refused_total{reason="full"}`.
 //! - **A watermark per flow.** Each entry is indexed under its flow by the
@@ -57,8 +60,10 @@
 //! This file: the queue's state, `push`, `take`, `ack`, dead letters and
 //! watermarks (the `EventQueue` trait). `view`: the shard counts in use
 //! and the legacy stream's length. `reader`: a writer's rotation over the
-//! streams and the parsing of raw entries. `lua`: the scripts.
+//! streams and the parsing of raw entries. `admit`: whether a shard can
+//! take an event, asked before the event is published. `lua`: the scripts.
 
+mod admit;
 mod lua;
 mod reader;
 mod view;
@@ -102,7 +107,7 @@ pub(crate) struct QueueState {
     /// Per shard stream: its fill when last read, and what this node
     /// admitted since. While that is recent and under half of both caps,
     /// `admit` needs no call (see there).
-    roomy: Mutex<HashMap<String, Fill>>,
+    roomy: Mutex<HashMap<String, admit::Fill>>,
     remove: Script,
     watermark: Script,
     /// This node's shard count is in [`QUEUE_SHARD_COUNTS_KEY`](crate::keys::QUEUE_SHARD_COUNTS_KEY).
@@ -181,7 +186,7 @@ impl RedisEngine {
 impl RedisEngine {
     /// Each shard holds its share of the caps, so the total holds too
     /// (the configuration refuses caps smaller than the shard count).
-    fn shard_caps(&self, shards: u32) -> (u64, u64) {
+    pub(crate) fn shard_caps(&self, shards: u32) -> (u64, u64) {
         let s = &self.0.settings;
         (
             (s.queue_max_len / u64::from(shards)).max(1),
@@ -190,62 +195,10 @@ impl RedisEngine {
     }
 }
 
-/// A shard's fill as last read, plus what this node admitted since.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct Fill {
-    at: Instant,
-    len: u64,
-    bytes: u64,
-}
-
-/// How long a shard's fill read is trusted: while what it showed plus
-/// what this node admitted since stays under half of both caps, events
-/// are admitted without asking. Other nodes' pushes meanwhile are not
-/// seen; the other half of the cap, and `push`'s margin, absorb them.
-const ROOMY_FOR: Duration = Duration::from_millis(500);
-
 #[async_trait]
 impl EventQueue for RedisEngine {
     async fn admit(&self, flow_id: &str, bytes: usize) -> Result<(), PushRefused> {
-        self.ensure_up()?;
-        self.register_shards().await.map_err(err)?;
-        let n = self.queue_shards();
-        let shard = queue_shard_of(flow_id, n);
-        let stream = shard.stream();
-        let (max_len, max_bytes) = self.shard_caps(n);
-        let bytes = bytes as u64;
-        {
-            let mut roomy = self.0.queue.roomy.lock();
-            if let Some(f) = roomy.get_mut(&stream) {
-                if f.at.elapsed() < ROOMY_FOR
-                    && f.len < max_len / 2
-                    && f.bytes + bytes <= max_bytes / 2
-                {
-                    f.len += 1;
-                    f.bytes += bytes;
-                    return Ok(());
-                }
-            }
-        }
-        let (len, held): (u64, u64) = self
-            .0
-            .queue
-            .fill
-            .evalsha_with_reload(&self.0.client, vec![stream.clone(), shard.bytes()], ())
-            .await
-            .map_err(err)?;
-        if len >= max_len || held + bytes > max_bytes {
-            self.0.queue.roomy.lock().remove(&stream);
-            return Err(PushRefused::Full);
-        }
-        // This event counts as admitted since the read.
-        let fill = Fill {
-            at: Instant::now(),
-            len: len + 1,
-            bytes: held + bytes,
-        };
-        self.0.queue.roomy.lock().insert(stream, fill);
-        Ok(())
+        self.admit_event(flow_id, bytes).await
     }
 
     async fn push(&self, event: &QueuedEvent) -> Result<(), PushRefused> {
