@@ -103,18 +103,20 @@ fn unavailable(app: &App, e: &crate::engine::EngineError, room: &str) -> Refusal
 }
 
 impl Session {
+    /// This socket as a lock holder.
+    fn lock_holder(&self) -> Option<LockHolder> {
+        let s = self.socket.as_ref()?;
+        Some(LockHolder {
+            user_id: s.user_id.to_string(),
+            socket_id: s.id.to_string(),
+            owner: s.owner.to_string(),
+        })
+    }
+
     /// This socket as a lock holder, and its room.
     fn holder(&self) -> Option<(LockHolder, std::sync::Arc<str>)> {
-        let s = self.socket.as_ref()?;
-        let j = s.flow.as_ref()?;
-        Some((
-            LockHolder {
-                user_id: s.user_id.to_string(),
-                socket_id: s.id.to_string(),
-                owner: s.owner.to_string(),
-            },
-            j.room.clone(),
-        ))
+        let room = self.socket.as_ref()?.flow.as_ref()?.room.clone();
+        Some((self.lock_holder()?, room))
     }
 
     fn held_mut(&mut self) -> Option<&mut HeldLocks> {
@@ -278,19 +280,15 @@ impl Session {
         }
     }
 
-    /// A session recovered without its flow (membership revoked while it
-    /// was away): the locks its socket left in `room` are taken over by
-    /// this connection and released at once, announced as `released`, as
-    /// a revocation of a connected member does. They would otherwise stay
-    /// until the recovery window ran out.
+    /// The locks this session's socket left in `room` when its connection
+    /// was lost are taken over by this connection and released at once,
+    /// announced as `released`: the session was recovered without its flow
+    /// (membership revoked while away, as a revocation of a connected
+    /// member does) or is given up for a new one. They would otherwise
+    /// stay until the recovery window ran out.
     pub(crate) async fn release_lost_locks(&self, room: &str) {
-        let Some(s) = self.socket.as_ref() else {
+        let Some(holder) = self.lock_holder() else {
             return;
-        };
-        let holder = LockHolder {
-            user_id: s.user_id.to_string(),
-            socket_id: s.id.to_string(),
-            owner: s.owner.to_string(),
         };
         let app = &self.app;
         if let Err(e) = app
