@@ -78,11 +78,19 @@ pub async fn enqueue(
     r
 }
 
-/// Asks the queue whether a persisted event of about `bytes` for
-/// `flow_id` would be taken, before it is published: a refusal then
-/// reaches the sender before anyone received the event ("nothing was
-/// relayed or stored"). Counted as `full` like a refused push.
-pub async fn admit(app: &crate::app::App, flow_id: &str, bytes: usize) -> Result<(), PushRefused> {
+/// Asks the queue whether persisted event `event` of `flow_id` with
+/// `data` would be taken, before it is published: a refusal then reaches
+/// the sender before anyone received the event ("nothing was relayed or
+/// stored"). Counted as `full` like a refused push.
+pub async fn admit(
+    app: &crate::app::App,
+    flow_id: &str,
+    event: &str,
+    data: &serde_json::value::RawValue,
+) -> Result<(), PushRefused> {
+    // About the queued entry's JSON: the payload, the names, the offset
+    // and user id, and the field names around them.
+    let bytes = data.get().len() + event.len() + flow_id.len() + 96;
     let r = match (&app.store, &app.engine.queue) {
         (Some(_), Some(queue)) => queue.admit(flow_id, bytes).await,
         _ => Ok(()),

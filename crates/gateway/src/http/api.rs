@@ -191,8 +191,7 @@ async fn publish_event(
     if persist {
         // Before the publish: an event the queue cannot take is refused
         // before anyone received it.
-        let bytes = data.get().len() + body.event.len() + flow_id.len() + 96;
-        crate::eventlog::admit(&app, &flow_id, bytes)
+        crate::eventlog::admit(&app, &flow_id, &body.event, &data)
             .await
             .map_err(unavailable)?;
     }

@@ -87,8 +87,7 @@ impl Session {
         if let Some(data) = &logged {
             // Before the publish: an event the queue cannot take is refused
             // before anyone received it.
-            let bytes = data.get().len() + rule.emit.len() + joined.session.flow_id.len() + 96;
-            crate::eventlog::admit(app, &joined.session.flow_id, bytes)
+            crate::eventlog::admit(app, &joined.session.flow_id, &rule.emit, data)
                 .await
                 .map_err(|e| {
                     app.metrics.engine_failed(
