@@ -15,7 +15,8 @@ use thiserror::Error;
 /// so anything above 2^53 - 1 cannot have come from it.
 pub const MAX_ACK_ID: u64 = (1 << 53) - 1;
 
-/// Why a frame could not be decoded. Each one closes that connection only.
+/// Why a frame could not be decoded. Each one closes that connection only,
+/// except [`DecodeError::TooDeep`], which the session may answer instead.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 pub enum DecodeError {
     /// A zero-length frame.
@@ -39,6 +40,16 @@ pub enum DecodeError {
     /// The JSON parses but has the wrong shape for the packet type.
     #[error("invalid payload: {0}")]
     InvalidPayload(&'static str),
+    /// An event whose JSON nests deeper than the parser goes (128 levels):
+    /// well-formed, but refused as a payload rather than as a broken
+    /// packet, so its namespace and ack id are kept for the answer.
+    #[error("payload nested too deeply")]
+    TooDeep {
+        /// The namespace it was sent to.
+        nsp: String,
+        /// Its ack id.
+        id: Option<u64>,
+    },
 }
 
 /// The seven Socket.IO packet types.
@@ -211,7 +222,19 @@ impl Packet {
         } else {
             Some(
                 serde_json::from_str::<Value>(&crate::surrogates::replace_lone_surrogates(rest))
-                    .map_err(|e| DecodeError::BadJson(e.to_string()))?,
+                    .map_err(|e| {
+                        // serde_json names this error only in its text.
+                        let text = e.to_string();
+                        if kind == PacketType::Event && text.starts_with("recursion limit exceeded")
+                        {
+                            DecodeError::TooDeep {
+                                nsp: nsp.to_owned(),
+                                id,
+                            }
+                        } else {
+                            DecodeError::BadJson(text)
+                        }
+                    })?,
             )
         };
 
@@ -348,6 +371,29 @@ mod tests {
     }
 
     #[test]
+    fn an_event_nested_too_deeply_keeps_its_namespace_and_ack_id() {
+        let deep = format!(
+            r#"2/flows,7["pod:update",{}{}]"#,
+            "[".repeat(200),
+            "]".repeat(200)
+        );
+        assert_eq!(
+            Packet::decode(&deep).unwrap_err(),
+            DecodeError::TooDeep {
+                nsp: "/flows".into(),
+                id: Some(7)
+            }
+        );
+        // Broken JSON stays broken JSON; nesting within the limit parses.
+        assert!(matches!(
+            Packet::decode(r#"2/flows,7["pod:update",[[]"#).unwrap_err(),
+            DecodeError::BadJson(_)
+        ));
+        let ok = format!(r#"2/flows,["e",{}{}]"#, "[".repeat(100), "]".repeat(100));
+        complete(&ok);
+    }
+
+    #[test]
     fn connect_with_auth() {
         let p = complete(r#"0/flows,{"token":"abc"}"#);
         assert_eq!(p.kind, PacketType::Connect);
@@ -374,7 +420,7 @@ mod tests {
         assert!(Packet::decode(&nested(120)).is_ok());
         assert!(matches!(
             Packet::decode(&nested(130)),
-            Err(DecodeError::BadJson(_))
+            Err(DecodeError::TooDeep { .. })
         ));
         assert!(matches!(
             Packet::decode(r#"2/flows,["e",{"x":1e400}]"#),

@@ -36,7 +36,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
-use flowgate_protocol::{Decoded, Packet, PacketType, PartialPacket};
+use flowgate_protocol::{DecodeError, Decoded, Packet, PacketType, PartialPacket};
 use serde_json::{json, Value};
 use tracing::{debug, info};
 
@@ -258,6 +258,18 @@ impl Session {
             ));
         }
         match Packet::decode(m) {
+            // Well-formed but nested past the parser's depth: a refused
+            // event (counted against the budget, as any event), not a
+            // broken connection.
+            Err(DecodeError::TooDeep { nsp, id }) if nsp == NSP && self.is_connected() => {
+                let result = if self.spend_budget().await {
+                    Err(Refusal::new("INVALID_PAYLOAD", "Payload nested too deeply"))
+                } else {
+                    Err(Refusal::new("RATE_LIMIT", "Rate limit exceeded"))
+                };
+                self.answer("", id, result);
+                Ok(())
+            }
             Err(e) => Err(End::Protocol("bad socket.io packet", e.to_string())),
             Ok(Decoded::Complete(p)) => self.on_packet(p).await,
             Ok(Decoded::NeedsAttachments(partial)) => {

@@ -276,6 +276,38 @@ async fn a_flow_id_given_as_a_number_is_shown_as_one() {
     assert_eq!(joined[0][0]["flowId"], json!("42"), "bob gave a string");
 }
 
+/// JSON nested past the parser's depth is well-formed input: the event is
+/// refused with `INVALID_PAYLOAD` and the connection stays; before CONNECT
+/// it is a broken packet like any other.
+#[tokio::test]
+async fn an_event_nested_too_deeply_is_refused_and_the_connection_stays() {
+    let app = app(&[]).await;
+    let deep = |id: u64| {
+        format!(
+            r#"2/flows,{id}["pod:update",{{"podId":"p","updates":{}{}}}]"#,
+            "[".repeat(300),
+            "]".repeat(300)
+        )
+    };
+    let mut stranger = Client::new(&app);
+    assert!(stranger.send(&deep(1)).await.is_err());
+
+    let mut a = Client::new(&app);
+    a.connect(json!({"token": token("ada", 60)})).await;
+    a.send(r#"2/flows,1["flow:join",{"flowId":"f"}]"#)
+        .await
+        .unwrap();
+    a.read();
+    a.send(&deep(2)).await.expect("the connection stays");
+    let f = a.read();
+    assert_eq!(acks(&f)[0]["code"], "INVALID_PAYLOAD", "{f:?}");
+    assert_eq!(events(&f, "error")[0][0]["code"], "INVALID_PAYLOAD");
+    a.send(r#"2/flows,3["pod:delete",{"podId":"p"}]"#)
+        .await
+        .unwrap();
+    assert_eq!(acks(&a.read()), [json!({"ok": true})]);
+}
+
 #[tokio::test]
 async fn the_rate_limit_refuses_past_the_burst() {
     let app = app(&[]).await;
