@@ -459,15 +459,19 @@ async fn nodes_back_from_a_long_outage_do_not_reap_each_other() {
     assert_eq!(ns[1].metric("flowgate_presence_reaped_sessions_total"), 0.0);
 }
 
+/// A node in its own process (so it can be killed), named `doomed`.
+fn doomed_node(redis: &RedisServer) -> NodeProcess {
+    let url = redis.url();
+    let mut vars: Vec<(&str, &str)> = vec![("REDIS_URL", &url), ("FLOWGATE_NODE_ID", "doomed")];
+    vars.extend_from_slice(FAST);
+    NodeProcess::start(std::path::Path::new(env!("CARGO_BIN_EXE_flowgate")), &vars).unwrap()
+}
+
 #[tokio::test]
 async fn a_killed_node_leaves_no_ghosts() {
     let redis = RedisServer::start().unwrap();
     let ns = nodes(&redis, 2).await;
-    let url = redis.url();
-    let mut vars: Vec<(&str, &str)> = vec![("REDIS_URL", &url), ("FLOWGATE_NODE_ID", "doomed")];
-    vars.extend_from_slice(FAST);
-    let doomed =
-        NodeProcess::start(std::path::Path::new(env!("CARGO_BIN_EXE_flowgate")), &vars).unwrap();
+    let doomed = doomed_node(&redis);
 
     let (mut a, _) = joined(&ns[0], "a", "ghosts").await;
     let (mut b, _) = joined(&ns[1], "b", "ghosts").await;
@@ -818,11 +822,7 @@ async fn a_node_sends_at_most_one_publish_call_per_linger_and_a_quiet_one_at_onc
 async fn a_session_recovered_after_its_dead_node_was_reaped_is_not_told_it_left() {
     let redis = RedisServer::start().unwrap();
     let ns = nodes(&redis, 1).await;
-    let url = redis.url();
-    let mut vars: Vec<(&str, &str)> = vec![("REDIS_URL", &url), ("FLOWGATE_NODE_ID", "doomed")];
-    vars.extend_from_slice(FAST);
-    let doomed =
-        NodeProcess::start(std::path::Path::new(env!("CARGO_BIN_EXE_flowgate")), &vars).unwrap();
+    let doomed = doomed_node(&redis);
 
     let (mut peer, _) = joined(&ns[0], "peer", "reaped").await;
     let mut v = RawClient::open(&doomed.ws_url()).await.unwrap();

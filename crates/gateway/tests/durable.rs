@@ -886,16 +886,13 @@ async fn a_full_queue_refuses_during_a_postgres_outage_and_drains_after() {
     let shard = shard_stream("capped", 5);
     assert_eq!(e.redis.cli(&["XLEN", &shard]).unwrap(), "5");
     // A refused event reached nobody: the refusal comes before the publish.
-    let auth = format!("Bearer {SERVICE_TOKEN}");
-    let (status, body) = http(
-        n.addr,
+    let (status, body) = api(
+        &n,
         "POST",
         "/v1/flows/capped/events",
-        &[("Authorization", &auth)],
         Some(r#"{"event":"execution:started","data":{"run":1}}"#),
     )
-    .await
-    .unwrap();
+    .await;
     assert_eq!(status, 503, "{body}");
     let mut relayed = Vec::new();
     while let Ok(Ok((name, data))) =

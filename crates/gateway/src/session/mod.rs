@@ -27,6 +27,8 @@ mod slots;
 #[cfg(test)]
 mod fuzz_tests;
 #[cfg(test)]
+mod join_tests;
+#[cfg(test)]
 mod locks_tests;
 #[cfg(test)]
 mod tests;

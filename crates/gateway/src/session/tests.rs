@@ -109,6 +109,17 @@ impl Client {
     }
 }
 
+/// A connected client that sent `flow:join` with `join` (what it read is
+/// left unread).
+pub(super) async fn joined_with(app: &Arc<App>, user: &str, join: Value) -> Client {
+    let mut c = Client::new(app);
+    c.connect(json!({"token": token(user, 60)})).await;
+    c.send(&format!(r#"2/flows,["flow:join",{join}]"#))
+        .await
+        .unwrap();
+    c
+}
+
 /// The arguments of every event named `name` in `frames`.
 pub(super) fn events(frames: &[String], name: &str) -> Vec<Vec<Value>> {
     frames
@@ -192,90 +203,6 @@ async fn join_relay_and_refusals() {
     assert!(a.read().is_empty(), "a refused event is not relayed");
 }
 
-#[tokio::test]
-async fn a_re_join_of_the_same_flow_takes_a_new_name_and_only_then_tells_the_others() {
-    let app = app(&[]).await;
-    let mut a = Client::new(&app);
-    let mut b = Client::new(&app);
-    a.connect(json!({"token": token("ada", 60)})).await;
-    b.connect(json!({"token": token("bob", 60)})).await;
-    a.send(r##"2/flows,["flow:join",{"flowId":"f","userName":"Ada","userColor":"#111111"}]"##)
-        .await
-        .unwrap();
-    b.send(r#"2/flows,["flow:join",{"flowId":"f"}]"#)
-        .await
-        .unwrap();
-    a.read();
-    b.read();
-
-    // The same join again, and one that names nobody: answered, nobody told.
-    a.send(r#"2/flows,1["flow:join",{"flowId":"f","userName":"Ada"}]"#)
-        .await
-        .unwrap();
-    a.send(r#"2/flows,2["flow:join",{"flowId":"f"}]"#)
-        .await
-        .unwrap();
-    let fa = a.read();
-    assert_eq!(acks(&fa), [json!({"ok": true}), json!({"ok": true})]);
-    assert_eq!(events(&fa, "flow:users").len(), 2);
-    assert!(events(&b.read(), "user:joined").is_empty());
-
-    // A new name: taken, shown to the joiner and told to the others, with
-    // the color kept and the same socket listed once.
-    a.send(r#"2/flows,3["flow:join",{"flowId":"f","userName":"Ada L."}]"#)
-        .await
-        .unwrap();
-    let fa = a.read();
-    assert_eq!(acks(&fa), [json!({"ok": true})]);
-    let users = events(&fa, "flow:users")[0][0].as_array().unwrap().clone();
-    let ada: Vec<&Value> = users.iter().filter(|u| u["userId"] == "ada").collect();
-    assert_eq!(ada.len(), 1, "{users:?}");
-    assert_eq!(ada[0]["userName"], "Ada L.");
-    assert_eq!(ada[0]["userColor"], "#111111");
-    let told = events(&b.read(), "user:joined");
-    assert_eq!(told.len(), 1, "{told:?}");
-    assert_eq!(told[0][0]["userName"], "Ada L.");
-    assert_eq!(told[0][0]["socketId"], ada[0]["socketId"]);
-    let listed = app.engine.presence.members("flow:f").await.unwrap();
-    assert_eq!(listed.len(), 2);
-    assert!(listed.iter().any(|s| s.user_name == "Ada L."), "{listed:?}");
-
-    // Leaving says the name the others know now.
-    a.send(r#"2/flows,["flow:leave"]"#).await.unwrap();
-    let left = events(&b.read(), "user:left");
-    assert_eq!(left[0][0]["userName"], "Ada L.");
-}
-
-/// `flowId` comes back in the JSON type the joiner gave it; `42` and
-/// `"42"` are one flow.
-#[tokio::test]
-async fn a_flow_id_given_as_a_number_is_shown_as_one() {
-    let app = app(&[]).await;
-    let mut a = Client::new(&app);
-    let mut b = Client::new(&app);
-    a.connect(json!({"token": token("ada", 60)})).await;
-    b.connect(json!({"token": token("bob", 60)})).await;
-    a.send(r#"2/flows,["flow:join",{"flowId":42}]"#)
-        .await
-        .unwrap();
-    let users = events(&a.read(), "flow:users");
-    assert_eq!(users[0][0][0]["flowId"], json!(42));
-    b.send(r#"2/flows,["flow:join",{"flowId":"42"}]"#)
-        .await
-        .unwrap();
-    let users = events(&b.read(), "flow:users")[0][0].clone();
-    assert_eq!(users.as_array().unwrap().len(), 2, "one flow: {users}");
-    let ada = users
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|u| u["userId"] == "ada")
-        .unwrap();
-    assert_eq!(ada["flowId"], json!(42));
-    let joined = events(&a.read(), "user:joined");
-    assert_eq!(joined[0][0]["flowId"], json!("42"), "bob gave a string");
-}
-
 /// JSON nested past the parser's depth is well-formed input: the event is
 /// refused with `INVALID_PAYLOAD` and the connection stays; before CONNECT
 /// it is a broken packet like any other.
@@ -292,11 +219,7 @@ async fn an_event_nested_too_deeply_is_refused_and_the_connection_stays() {
     let mut stranger = Client::new(&app);
     assert!(stranger.send(&deep(1)).await.is_err());
 
-    let mut a = Client::new(&app);
-    a.connect(json!({"token": token("ada", 60)})).await;
-    a.send(r#"2/flows,1["flow:join",{"flowId":"f"}]"#)
-        .await
-        .unwrap();
+    let mut a = joined_with(&app, "ada", json!({"flowId": "f"})).await;
     a.read();
     a.send(&deep(2)).await.expect("the connection stays");
     let f = a.read();
