@@ -26,10 +26,12 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 mod locks;
+mod names;
 mod types;
 
 use locks::{check_lock, lock_events};
 pub use locks::{LockAction, LockAnnouncement, LockEvents};
+pub use names::{GATEWAY_EVENTS, RESERVED};
 pub use types::FieldType;
 
 /// Server-stamped fields; never taken from the client.
@@ -100,32 +102,6 @@ fn yes() -> bool {
 struct TableFile {
     events: Vec<RelayRule>,
 }
-
-/// Client events the gateway handles itself; a table may not relay them.
-pub const RESERVED: &[&str] = &[
-    "flow:join",
-    "flow:leave",
-    "auth:refresh",
-    "connect",
-    "connect_error",
-    "disconnect",
-    "disconnecting",
-    "newListener",
-    "removeListener",
-    "error",
-];
-
-/// Events the gateway sends itself, with meanings it keeps (presence,
-/// locks, the greeting): the server API may not publish them.
-pub const GATEWAY_EVENTS: &[&str] = &[
-    "connected",
-    "user:joined",
-    "user:left",
-    "flow:users",
-    "flow:locks",
-    "pod:locked",
-    "pod:unlocked",
-];
 
 /// The relay table, looked up by client event name.
 #[derive(Debug, Clone)]
