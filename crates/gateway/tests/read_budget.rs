@@ -199,10 +199,26 @@ async fn status_of(mut s: TcpStream) -> u16 {
 #[tokio::test]
 async fn polling_posts_are_held_to_the_same_limits() {
     let n = node(&[("FLOWGATE_READ_BUDGET_BYTES", "1048576")]).await;
-    // Before CONNECT: a POST over 64 KiB is refused (413).
+    // Before CONNECT: a POST over 64 KiB is read and dropped, not kept;
+    // its answer is "ok" and the session ends with a CONNECT_ERROR, which
+    // a stock client reports as connect_error and stops (a 413 would make
+    // it reconnect and post the same CONNECT again).
+    let mut stranger = PollClient::open(n.addr).await.unwrap();
+    let r = stranger
+        .post(&format!("40/flows,{}", "x".repeat(100_000)))
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200, "{}", r.body);
+    let refusal = stranger.next_packet().await.unwrap();
+    assert!(
+        refusal.starts_with("44/flows,") && refusal.contains("INVALID_TOKEN"),
+        "{refusal}"
+    );
+    nothing_held(&n).await;
+    // Over the max payload it is not read at all: 413.
     let stranger = PollClient::open(n.addr).await.unwrap();
     let r = stranger
-        .post(&format!("4{}", "x".repeat(100_000)))
+        .post(&format!("4{}", "x".repeat(1_100_000)))
         .await
         .unwrap();
     assert_eq!(r.status, 413, "{}", r.body);

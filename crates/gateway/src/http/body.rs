@@ -43,6 +43,31 @@ pub(crate) async fn read(
         .unwrap_or(Err(BodyError::TimedOut))
 }
 
+/// Reads a body to its end and keeps none of it: at most `max` bytes,
+/// within `timeout`.
+pub(crate) async fn discard(
+    mut body: Body,
+    max: usize,
+    timeout: Duration,
+) -> Result<(), BodyError> {
+    let drain = async {
+        let mut seen = 0usize;
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|_| BodyError::Broken)?;
+            if let Ok(data) = frame.into_data() {
+                seen += data.len();
+                if seen > max {
+                    return Err(BodyError::Over(OverRead::Connection));
+                }
+            }
+        }
+        Ok(())
+    };
+    tokio::time::timeout(timeout, drain)
+        .await
+        .unwrap_or(Err(BodyError::TimedOut))
+}
+
 async fn read_all(mut body: Body, mut held: Held) -> Result<Bytes, BodyError> {
     let mut buf = BytesMut::new();
     while let Some(frame) = body.frame().await {

@@ -11,7 +11,9 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::Duration;
 
+use axum::body::Body;
 use axum::extract::{ConnectInfo, Query, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -204,8 +206,13 @@ async fn serve_polling(app: &App, shared: &Shared, req: Request) -> Response {
                 .get(header::CONTENT_LENGTH)
                 .and_then(|v| v.to_str().ok())
                 .and_then(|v| v.parse::<u64>().ok());
-            let held = app.read_budget.account(limit);
             let timeout = cfg.http_body_timeout;
+            if !shared.is_connected()
+                && declared.is_some_and(|n| n > limit as u64 && n <= cfg.max_payload as u64)
+            {
+                return connect_too_large(app, shared, req.into_body(), timeout).await;
+            }
+            let held = app.read_budget.account(limit);
             let body = match body::read(req.into_body(), held, declared, timeout).await {
                 Ok(b) => b,
                 Err(BodyError::Over(OverRead::Connection)) => return too_large(app, shared, limit),
@@ -225,11 +232,7 @@ async fn serve_polling(app: &App, shared: &Shared, req: Request) -> Response {
                 }
             };
             match shared.post(body).await {
-                Ok(()) => (
-                    [(header::CONTENT_TYPE, HeaderValue::from_static("text/html"))],
-                    "ok",
-                )
-                    .into_response(),
+                Ok(()) => ok(),
                 Err(e) => poll_error(e),
             }
         }
@@ -248,6 +251,35 @@ fn too_large(app: &App, shared: &Shared, limit: usize) -> Response {
     );
     shared.oversize();
     eio_error(StatusCode::PAYLOAD_TOO_LARGE, 3, "Payload too large")
+}
+
+/// A POST over the limit before CONNECT, within the max payload: from a
+/// stock client, a CONNECT with a token far over any real one. Its body is
+/// read and dropped (nothing is held) and the POST answered `ok`, so the
+/// client reads the CONNECT_ERROR the session ends with on its next GET
+/// and stops; a 413 would be a broken transport to it, and it would
+/// reconnect and post the same CONNECT again, forever.
+async fn connect_too_large(app: &App, shared: &Shared, body: Body, timeout: Duration) -> Response {
+    let limit = app.config.max_payload_before_connect;
+    match body::discard(body, app.config.max_payload, timeout).await {
+        Ok(()) => {
+            warn!(
+                limit,
+                "polling CONNECT over the size allowed before authentication"
+            );
+            shared.oversize();
+            ok()
+        }
+        Err(_) => too_large(app, shared, limit),
+    }
+}
+
+fn ok() -> Response {
+    (
+        [(header::CONTENT_TYPE, HeaderValue::from_static("text/html"))],
+        "ok",
+    )
+        .into_response()
 }
 
 fn poll_error(e: PollError) -> Response {
