@@ -30,7 +30,8 @@ pub struct JwtConfig {
     pub issuer: Option<String>,
     /// Accepted `aud` values, when set.
     pub audience: Option<Vec<String>>,
-    /// Whether a token without `exp` is refused.
+    /// Whether a token without `exp` is refused (one with `exp` is always
+    /// held to it).
     pub require_exp: bool,
 }
 
@@ -109,7 +110,10 @@ impl JwtConfig {
             issuer: get(vars, "JWT_ISSUER").map(str::to_owned),
             audience: get(vars, "JWT_AUDIENCE")
                 .map(|v| v.split(',').map(|a| a.trim().to_owned()).collect()),
-            require_exp: parse(vars, "JWT_REQUIRE_EXP", true)?,
+            // Off by default: the old gateway's `jsonwebtoken.verify`
+            // accepted a token without `exp` (and checked it when present),
+            // and the contract keeps its tokens working.
+            require_exp: parse(vars, "JWT_REQUIRE_EXP", false)?,
         };
         // Building the key now turns a bad PEM into a start-up error.
         jwt.decoding_key().map_err(|e| {

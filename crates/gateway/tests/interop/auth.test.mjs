@@ -209,6 +209,23 @@ for (const kind of ["RS256", "ES256"]) {
   });
 }
 
+describe("a token without exp", () => {
+  const noExp = () => jwt.sign({ userId: "forever" }, SECRET, { algorithm: "HS256" });
+
+  test("connects by default, as with the old gateway's jsonwebtoken.verify", async () => {
+    const { url } = await node();
+    const s = await client(url, { auth: { token: noExp() } });
+    assert.equal(s.connectedInfo.userId, "forever");
+  });
+
+  test("is INVALID_TOKEN with JWT_REQUIRE_EXP=true", async () => {
+    const { url } = await node({ JWT_REQUIRE_EXP: "true" });
+    assertRefused(await connectError(url, { auth: { token: noExp() } }), "INVALID_TOKEN");
+    const s = await client(url, { auth: { token: token("timed") } });
+    assert.equal(s.connectedInfo.userId, "timed");
+  });
+});
+
 describe("JWT_ISSUER and JWT_AUDIENCE", () => {
   let url;
   before(async () => {
