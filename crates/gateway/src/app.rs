@@ -229,6 +229,24 @@ impl App {
         .context("DATABASE_URL")?;
         match store.check_schema().await {
             Ok(()) => {}
+            // Given the direct URL too, the node migrates itself (nodes
+            // started together take turns on the migration's advisory
+            // lock); without it, the schema is ops' to migrate first.
+            Err(StoreError::SchemaBehind { found, needed })
+                if config.database_direct_url.is_some() =>
+            {
+                let direct = config.database_direct_url.as_deref().unwrap_or_default();
+                tracing::info!(
+                    found,
+                    needed,
+                    "schema behind: applying the migrations over DATABASE_DIRECT_URL"
+                );
+                let applied = flowgate_store::migrate(direct)
+                    .await
+                    .context("DATABASE_DIRECT_URL: applying the migrations")?;
+                tracing::info!(?applied, "migrations applied");
+                store.check_schema().await.context("DATABASE_URL")?;
+            }
             Err(e @ StoreError::SchemaBehind { .. }) => return Err(anyhow::anyhow!(e)),
             // Unreachable now: start degraded, the writer retries.
             Err(e) => tracing::warn!(error = %e, "Postgres unreachable at start; running degraded"),

@@ -125,6 +125,34 @@ async fn migrations_are_idempotent_and_a_behind_schema_is_refused() {
 }
 
 #[tokio::test]
+async fn nodes_given_the_direct_url_migrate_an_empty_database_themselves() {
+    let pg = tokio::task::spawn_blocking(PgStack::start)
+        .await
+        .unwrap()
+        .unwrap();
+    let redis = RedisServer::start().unwrap();
+    let (db, direct, r) = (pg.bouncer_url(), pg.direct_url(), redis.url());
+    let vars = [
+        ("REDIS_URL", r.as_str()),
+        ("DATABASE_URL", db.as_str()),
+        ("DATABASE_DIRECT_URL", direct.as_str()),
+    ];
+    // Two nodes at once on the empty database: one applies, the other
+    // waits its turn and finds the schema up to date; both serve.
+    let (a, b) = tokio::join!(TestNode::start(&vars), TestNode::start(&vars));
+    let (a, b) = (a.unwrap(), b.unwrap());
+    assert_eq!(
+        pg.psql("SELECT count(*) FROM refinery_schema_history", "flowgate")
+            .unwrap(),
+        "1"
+    );
+    for n in [&a, &b] {
+        let (s, body) = api(n, "PUT", "/v1/flows/f/members/alice", Some("{}")).await;
+        assert_eq!(s, 200, "{body}");
+    }
+}
+
+#[tokio::test]
 async fn memberships_decide_joins_and_revocation_kicks_on_every_node() {
     let e = env().await;
     let a = node(&e, "a", &[]).await;
