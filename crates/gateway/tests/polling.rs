@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use flowgate_test_support::polling::{request, PollClient, SEP};
-use flowgate_test_support::{token, RawClient, TestNode};
+use flowgate_test_support::{http, token, RawClient, TestNode, SERVICE_TOKEN};
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::Message;
@@ -281,6 +281,80 @@ async fn drain_answers_the_waiting_get_with_a_close() {
     let r = pending.await.unwrap();
     assert_eq!(r.status, 200);
     assert_eq!(r.body.split(SEP).next_back(), Some("1"), "{}", r.body);
+}
+
+/// The output of a session that stops polling is bounded in frames as a
+/// WebSocket's queue is, not only in bytes: many small events past
+/// `FLOWGATE_OUTBOUND_QUEUE` make it a slow consumer.
+#[tokio::test]
+async fn a_session_that_stops_polling_is_held_to_the_frame_bound() {
+    let n = node(&[
+        ("FLOWGATE_OUTBOUND_QUEUE", "8"),
+        ("FLOWGATE_SLOW_CONSUMER_MS", "300"),
+    ])
+    .await;
+    let mut c = PollClient::connect(n.addr, &token("still", 600))
+        .await
+        .unwrap();
+    let ack = c
+        .emit_ack(1, "flow:join", json!({"flowId": "f"}))
+        .await
+        .unwrap();
+    assert_eq!(ack, json!({"ok": true}));
+    let auth = format!("Bearer {SERVICE_TOKEN}");
+    let body = json!({"event": "execution:token", "data": {"n": 1}}).to_string();
+    for _ in 0..40 {
+        let (s, _) = http(
+            n.addr,
+            "POST",
+            "/v1/flows/f/events",
+            &[("Authorization", &auth)],
+            Some(&body),
+        )
+        .await
+        .unwrap();
+        assert_eq!(s, 202);
+    }
+    let mut cut = false;
+    for _ in 0..50 {
+        if n.metric("flowgate_slow_consumer_disconnects_total") >= 1.0 {
+            cut = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        cut,
+        "40 small frames never polled: not cut as a slow consumer"
+    );
+}
+
+/// A session's last packets and its close packet come in two payloads: the
+/// stock client acts on a close at once but hands the packets before it to
+/// the socket a tick later, so in one payload the close overtook them (an
+/// `error` TOKEN_EXPIRED was never seen; at a drain, an event came again
+/// in the recovery replay).
+#[tokio::test]
+async fn the_close_packet_comes_in_a_payload_of_its_own() {
+    let n = node(&[("JWT_LEEWAY_SECS", "0")]).await;
+    let c = PollClient::connect(n.addr, &token("brief", 1))
+        .await
+        .unwrap();
+    let mut payloads = Vec::new();
+    loop {
+        let r = c.get(W).await.unwrap();
+        assert_eq!(r.status, 200, "{}", r.body);
+        let done = r.body.split(SEP).any(|p| p == "1");
+        payloads.push(r.body);
+        if done {
+            break;
+        }
+        assert!(payloads.len() < 20, "{payloads:?}");
+    }
+    let last = payloads.pop().unwrap();
+    assert_eq!(last, "1", "{payloads:?}");
+    let before = payloads.pop().unwrap();
+    assert!(before.contains("TOKEN_EXPIRED"), "{before}");
 }
 
 /// During the drain window a polling session still reaches its node on new

@@ -157,7 +157,7 @@ async fn open(
         let (transport, shared) = PollingTransport::open(
             sid.clone(),
             app.eio_sessions.map.clone(),
-            cfg.outbound_queue_bytes,
+            (cfg.outbound_queue_bytes, cfg.outbound_queue),
             cfg.max_payload,
             app.metrics.upgrades.clone(),
         );

@@ -66,15 +66,16 @@ pub struct PollingTransport {
 
 impl PollingTransport {
     /// A new session `sid`, registered in `sessions`. Output is bounded
-    /// by `max_out_bytes`, unread input by `max_in_bytes`.
+    /// by `max_out_bytes` and `max_out_frames`, unread input by
+    /// `max_in_bytes`.
     pub(crate) fn open(
         sid: String,
         sessions: SessionMap,
-        max_out_bytes: usize,
+        (max_out_bytes, max_out_frames): (usize, usize),
         max_in_bytes: usize,
         upgrades: IntCounter,
     ) -> (Self, Arc<Shared>) {
-        let (shared, ends) = Shared::new(max_out_bytes, max_in_bytes);
+        let (shared, ends) = Shared::new(max_out_bytes, max_out_frames, max_in_bytes);
         sessions.insert(sid.clone(), shared.clone());
         let t = PollingTransport {
             sid,

@@ -4,7 +4,8 @@
 //! the upgrade's noop, closed).
 //!
 //! Everything here is bounded in bytes. Output waits in `out` until a GET
-//! takes it; once `out` holds more than the outbound byte bound the
+//! takes it; once `out` holds more than the outbound bound (bytes or
+//! frames, as a WebSocket's queue) the
 //! connection task stops writing (and is closed as a slow consumer after
 //! the grace, as over WebSocket). Input is admitted against a byte budget
 //! (a semaphore): a POST waits while the task has not read what came
@@ -98,6 +99,7 @@ pub(crate) struct Shared {
     budget_bytes: usize,
     pub(crate) control: mpsc::Sender<Control>,
     max_out_bytes: usize,
+    max_out_frames: usize,
     /// The session's CONNECT was accepted: a POST may carry up to the max
     /// payload, not only the limit of an unauthenticated socket.
     connected: AtomicBool,
@@ -121,9 +123,14 @@ impl Drop for FlagGuard<'_> {
 }
 
 impl Shared {
-    /// A session whose output is bounded by `max_out_bytes` and whose
-    /// unread input by `budget_bytes` (at least one max payload).
-    pub(crate) fn new(max_out_bytes: usize, budget_bytes: usize) -> (Arc<Self>, TaskEnds) {
+    /// A session whose output is bounded by `max_out_bytes` and
+    /// `max_out_frames` and whose unread input by `budget_bytes` (at least
+    /// one max payload).
+    pub(crate) fn new(
+        max_out_bytes: usize,
+        max_out_frames: usize,
+        budget_bytes: usize,
+    ) -> (Arc<Self>, TaskEnds) {
         let (in_tx, in_rx) = mpsc::unbounded_channel();
         let (ctl_tx, ctl_rx) = mpsc::channel(4);
         let budget_bytes = budget_bytes.clamp(1, u32::MAX as usize);
@@ -136,6 +143,7 @@ impl Shared {
             budget_bytes,
             control: ctl_tx,
             max_out_bytes,
+            max_out_frames,
             connected: AtomicBool::new(false),
         });
         let ends = TaskEnds {
@@ -198,8 +206,18 @@ impl Shared {
             {
                 let mut s = self.state.lock();
                 if !s.out.is_empty() {
-                    let frames: Vec<Frame> = s.out.drain(..).collect();
-                    s.out_bytes = 0;
+                    // The close packet goes in a payload of its own: the
+                    // stock client acts on an Engine.IO close at once but
+                    // hands the Socket.IO packets before it to the socket a
+                    // tick later, so a close in the same payload overtakes
+                    // them (an event then came again in the recovery
+                    // replay; an `error` TOKEN_EXPIRED was never seen).
+                    let mut n = s.out.len();
+                    if n > 1 && s.closed && !s.upgraded && is_close(s.out.back()) {
+                        n -= 1;
+                    }
+                    let frames: Vec<Frame> = s.out.drain(..n).collect();
+                    s.out_bytes -= frames.iter().map(Frame::len).sum::<usize>();
                     drop(s);
                     self.drained.notify_waiters();
                     return Ok(encode(&frames));
@@ -276,7 +294,7 @@ impl Shared {
             s.out_bytes += f.len();
             s.out.push_back(f);
         }
-        let full = s.out_bytes > self.max_out_bytes;
+        let full = self.over(&s);
         drop(s);
         self.readable.notify_one();
         full
@@ -289,11 +307,16 @@ impl Shared {
             let drained = self.drained.notified();
             tokio::pin!(drained);
             drained.as_mut().enable();
-            if self.state.lock().out_bytes <= self.max_out_bytes {
+            if !self.over(&self.state.lock()) {
                 return;
             }
             drained.await;
         }
+    }
+
+    /// Whether the output waiting for a GET is over its bound.
+    fn over(&self, s: &State) -> bool {
+        s.out_bytes > self.max_out_bytes || s.out.len() > self.max_out_frames
     }
 
     /// A probe WebSocket arrives; `false` if one is already under way or
@@ -365,6 +388,11 @@ impl Shared {
     }
 }
 
+/// Whether `f` is the Engine.IO close packet.
+fn is_close(f: Option<&Frame>) -> bool {
+    matches!(f, Some(Frame::Text(t)) if t.as_str() == "1")
+}
+
 fn encode(frames: &[Frame]) -> String {
     encode_payload(frames.iter().map(|f| match f {
         Frame::Text(t) => OutPacket::Text(t.as_str()),
@@ -383,7 +411,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_poll_waits_for_output_and_takes_all_of_it() {
-        let (s, _ends) = Shared::new(1 << 20, 1 << 20);
+        let (s, _ends) = Shared::new(1 << 20, 1024, 1 << 20);
         let waiter = {
             let s = s.clone();
             tokio::spawn(async move { s.poll().await })
@@ -396,7 +424,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_second_concurrent_poll_ends_the_session() {
-        let (s, mut ends) = Shared::new(1 << 20, 1 << 20);
+        let (s, mut ends) = Shared::new(1 << 20, 1024, 1 << 20);
         let first = {
             let s = s.clone();
             tokio::spawn(async move { s.poll().await })
@@ -414,7 +442,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_dropped_poll_frees_the_slot_and_loses_nothing() {
-        let (s, _ends) = Shared::new(1 << 20, 1 << 20);
+        let (s, _ends) = Shared::new(1 << 20, 1024, 1 << 20);
         let _ = tokio::time::timeout(Duration::from_millis(20), s.poll()).await;
         s.push_out([text("42[\"a\"]")]);
         assert_eq!(s.poll().await.unwrap(), "42[\"a\"]");
@@ -422,7 +450,7 @@ mod tests {
 
     #[tokio::test]
     async fn posts_are_split_in_order_and_bounded_by_the_budget() {
-        let (s, mut ends) = Shared::new(1 << 20, 8);
+        let (s, mut ends) = Shared::new(1 << 20, 1024, 8);
         s.post(Bytes::from_static(b"3\x1ebAQID")).await.unwrap();
         assert!(
             matches!(ends.inbound.recv().await.unwrap().item, Incoming::Text(t) if t.as_str() == "3")
@@ -450,7 +478,7 @@ mod tests {
 
     #[tokio::test]
     async fn output_over_the_bound_waits_for_a_poll() {
-        let (s, _ends) = Shared::new(4, 1 << 20);
+        let (s, _ends) = Shared::new(4, 1024, 1 << 20);
         assert!(!s.push_out([text("1234")]));
         assert!(s.push_out([text("5")]));
         let wait = {
@@ -464,8 +492,29 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn output_over_the_frame_bound_waits_for_a_poll() {
+        let (s, _ends) = Shared::new(1 << 20, 2, 1 << 20);
+        assert!(!s.push_out([text("2"), text("3")]));
+        assert!(s.push_out([text("4")]));
+        assert_eq!(s.poll().await.unwrap(), "2\x1e3\x1e4");
+        tokio::time::timeout(Duration::from_secs(1), s.wait_drained())
+            .await
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn the_close_packet_goes_in_a_payload_of_its_own() {
+        let (s, _ends) = Shared::new(1 << 20, 1024, 1 << 20);
+        s.push_out([text("42[\"a\"]"), text("41")]);
+        s.close();
+        assert_eq!(s.poll().await.unwrap(), "42[\"a\"]\x1e41");
+        assert_eq!(s.poll().await.unwrap(), "1");
+        assert_eq!(s.poll().await, Err(PollError::Unknown));
+    }
+
+    #[tokio::test]
     async fn the_probe_releases_the_poll_with_a_noop() {
-        let (s, _ends) = Shared::new(1 << 20, 1 << 20);
+        let (s, _ends) = Shared::new(1 << 20, 1024, 1 << 20);
         assert!(s.begin_probe());
         assert!(!s.begin_probe());
         let waiter = {
