@@ -1,8 +1,10 @@
 // Soak, not a test (npm test runs only *.test.mjs): long-polling senders
 // through the local cluster's round-robin HAProxy (no sticky sessions, so
 // their requests are forwarded between nodes) while `scripts/cluster.sh
-// scale 2` drains one of three nodes. Prints, per sender, acknowledged
-// events a receiver never got (must be none: the script exits 1) and emits
+// scale 2` drains one of three nodes. Two receivers, one over WebSocket and
+// one over long-polling, both through the load balancer. Prints, per sender,
+// acknowledged events a receiver never got and events a receiver got twice
+// (must be none: the script exits 1), and emits
 // that got no ack (the transport closed under a POST in flight; the
 // stock client does not resend those), with the disconnect reasons.
 //
@@ -26,12 +28,17 @@ await cluster("up");
 const N = Number(process.env.SENDERS ?? 12);
 const log = [];
 try {
-  const recv = io(lb() + "/flows", { transports: ["websocket"], forceNew: true, reconnectionDelay: 200, reconnectionDelayMax: 1000, auth: { token: token("r") } });
-  const got = new Map();
-  recv.on("pod:moved", (p) => { const k = p.podId; got.set(k, (got.get(k) ?? []).concat(p.position.x)); });
-  recv.on("connect", () => { if (!recv.recovered) recv.emit("flow:join", { flowId: "d" }); });
-  await new Promise((r) => recv.once("connected", r));
-  await recv.emitWithAck("flow:join", { flowId: "d" });
+  const receivers = [];
+  for (const transport of ["websocket", "polling"]) {
+    const recv = io(lb() + "/flows", { transports: [transport], forceNew: true, reconnectionDelay: 200, reconnectionDelayMax: 1000, auth: { token: token("r-" + transport) } });
+    const got = new Map();
+    recv.on("pod:moved", (p) => { const k = p.podId; got.set(k, (got.get(k) ?? []).concat(p.position.x)); });
+    recv.on("connect", () => { if (!recv.recovered) recv.emit("flow:join", { flowId: "d" }); });
+    recv.on("disconnect", (why) => log.push(`${Date.now()} r-${transport} disconnect ${why}`));
+    await new Promise((r) => recv.once("connected", r));
+    await recv.emitWithAck("flow:join", { flowId: "d" });
+    receivers.push({ transport, recv, got });
+  }
   const senders = [];
   for (let i = 0; i < N; i++) {
     const s = io(lb() + "/flows", { transports: ["polling"], forceNew: true, reconnectionDelay: 200, reconnectionDelayMax: 1000, auth: { token: token("s" + i) } });
@@ -60,18 +67,24 @@ try {
   stop = true;
   await Promise.all(pumps);
   await sleep(9000);
-  let lostAcked = 0, failed = 0, refused = 0, acked = 0;
+  let lostAcked = 0, twice = 0, failed = 0, refused = 0, acked = 0;
   senders.forEach((st, i) => {
-    const g = new Set(got.get("p" + i) ?? []);
-    const miss = st.acked.filter((x) => !g.has(x));
-    lostAcked += miss.length; failed += st.failed.length; refused += st.refused.length; acked += st.acked.length;
-    if (st.failed.length || miss.length || st.refused.length) console.log(`s${i}: acked ${st.acked.length} missing ${JSON.stringify(miss)} failed ${JSON.stringify(st.failed.map(f=>[f[0], f[1]-t]))} refused ${JSON.stringify(st.refused)}`);
+    failed += st.failed.length; refused += st.refused.length; acked += st.acked.length;
+    for (const { transport, got } of receivers) {
+      const seen = got.get("p" + i) ?? [];
+      const g = new Set(seen);
+      const miss = st.acked.filter((x) => !g.has(x));
+      const dup = seen.filter((x, k) => seen.indexOf(x) !== k);
+      lostAcked += miss.length; twice += dup.length;
+      if (miss.length || dup.length) console.log(`s${i} → ${transport}: missing ${JSON.stringify(miss)} twice ${JSON.stringify(dup)}`);
+    }
+    if (st.failed.length || st.refused.length) console.log(`s${i}: acked ${st.acked.length} failed ${JSON.stringify(st.failed.map(f=>[f[0], f[1]-t]))} refused ${JSON.stringify(st.refused)}`);
   });
-  console.log({ acked, lostAcked, failed, refused });
-  if (lostAcked > 0) process.exitCode = 1;
+  console.log({ acked, lostAcked, twice, failed, refused });
+  if (lostAcked > 0 || twice > 0) process.exitCode = 1;
   console.log(log.map((l) => { const [ts, ...r] = l.split(" "); return `${Number(ts) - t} ${r.join(" ")}`; }).join("\n"));
   for (const st of senders) st.s.close();
-  recv.close();
+  for (const { recv } of receivers) recv.close();
 } finally {
   await cluster("down").catch((e) => console.error(e.message));
   fs.rmSync(top, { recursive: true, force: true });
