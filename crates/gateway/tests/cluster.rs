@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use flowgate_test_support::procs::{HaProxy, NodeProcess, RedisServer};
-use flowgate_test_support::{http, token, RawClient, TestNode, SERVICE_TOKEN};
+use flowgate_test_support::{api, http, token, RawClient, TestNode};
 use serde_json::{json, Value};
 
 const FAST: &[(&str, &str)] = &[
@@ -98,12 +98,10 @@ async fn clients_on_three_nodes_see_each_other() {
     }
 
     // The server API on any node reaches members on every node.
-    let auth = format!("Bearer {SERVICE_TOKEN}");
-    let (s, body) = http(
+    let (s, body) = api(
         ns[1].addr,
         "POST",
         "/v1/flows/f1/events",
-        &[("Authorization", &auth)],
         Some(r#"{"event":"execution:started","data":{"run":1}}"#),
     )
     .await

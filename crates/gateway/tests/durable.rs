@@ -12,9 +12,7 @@ use flowgate_gateway::eventlog::{history, HistoryPage};
 use flowgate_redis::{RedisEngine, RedisSettings};
 use flowgate_store::{LoggedEvent, Store, StoreSettings};
 use flowgate_test_support::procs::{PgStack, RedisServer};
-use flowgate_test_support::{
-    http, now_secs, token, token_with, RawClient, TestNode, SERVICE_TOKEN,
-};
+use flowgate_test_support::{http, now_secs, token, token_with, RawClient, TestNode};
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -73,8 +71,7 @@ fn store(e: &Env, pool: usize) -> Store {
 }
 
 async fn api(n: &TestNode, method: &str, path: &str, body: Option<&str>) -> (u16, Value) {
-    let auth = format!("Bearer {SERVICE_TOKEN}");
-    let (s, b) = http(n.addr, method, path, &[("Authorization", &auth)], body)
+    let (s, b) = flowgate_test_support::api(n.addr, method, path, body)
         .await
         .unwrap();
     (s, serde_json::from_str(&b).unwrap_or(Value::String(b)))

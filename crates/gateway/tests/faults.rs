@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use flowgate_test_support::chaos::ChaosProxy;
 use flowgate_test_support::procs::RedisServer;
-use flowgate_test_support::{http, token, RawClient, TestNode, SERVICE_TOKEN};
+use flowgate_test_support::{api, token, RawClient, TestNode, SERVICE_TOKEN};
 use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::Message;
 
@@ -122,13 +122,11 @@ async fn an_event_refused_while_the_link_stalls_is_never_delivered_later() {
 
 /// Publishes `n` room events to `flow` through the server API of `node`.
 async fn post_events(node: &TestNode, flow: &str, n: usize) {
-    let auth = format!("Bearer {SERVICE_TOKEN}");
     for i in 0..n {
-        let (s, body) = http(
+        let (s, body) = api(
             node.addr,
             "POST",
             &format!("/v1/flows/{flow}/events"),
-            &[("Authorization", &auth)],
             Some(&format!(
                 r#"{{"event":"execution:token","data":{{"i":{i}}}}}"#
             )),

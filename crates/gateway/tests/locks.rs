@@ -7,7 +7,7 @@
 use std::time::{Duration, Instant};
 
 use flowgate_test_support::procs::{NodeProcess, PgStack, RedisServer};
-use flowgate_test_support::{http, token, RawClient, TestNode, SERVICE_TOKEN};
+use flowgate_test_support::{api, token, RawClient, TestNode};
 use serde_json::{json, Value};
 
 const WINDOW_MS: u64 = 1_000;
@@ -43,16 +43,9 @@ async fn joined(url: &str, user: &str, flow: &str) -> (RawClient, Value, Value) 
 }
 
 async fn api_locks(addr: std::net::SocketAddr, flow: &str) -> Vec<Value> {
-    let auth = format!("Bearer {SERVICE_TOKEN}");
-    let (s, body) = http(
-        addr,
-        "GET",
-        &format!("/v1/flows/{flow}/locks"),
-        &[("Authorization", &auth)],
-        None,
-    )
-    .await
-    .unwrap();
+    let (s, body) = api(addr, "GET", &format!("/v1/flows/{flow}/locks"), None)
+        .await
+        .unwrap();
     assert_eq!(s, 200, "{body}");
     serde_json::from_str::<Value>(&body)
         .unwrap()
@@ -309,15 +302,9 @@ async fn locks_come_back_after_a_redis_restart() {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         holder.pump(Duration::from_millis(100)).await.unwrap();
-        let (s, body) = http(
-            ns[1].addr,
-            "GET",
-            "/v1/flows/phoenix/locks",
-            &[("Authorization", &format!("Bearer {SERVICE_TOKEN}"))],
-            None,
-        )
-        .await
-        .unwrap();
+        let (s, body) = api(ns[1].addr, "GET", "/v1/flows/phoenix/locks", None)
+            .await
+            .unwrap();
         if s == 200 && body.contains("\"p\"") {
             break;
         }
@@ -340,13 +327,11 @@ async fn revoking_the_holders_membership_releases_its_locks() {
     let redis = RedisServer::start().unwrap();
     let db = pg.bouncer_url();
     let ns = nodes(&redis, 2, &[("DATABASE_URL", &db)]).await;
-    let auth = format!("Bearer {SERVICE_TOKEN}");
     for user in ["alice", "mallory"] {
-        let (s, body) = http(
+        let (s, body) = api(
             ns[0].addr,
             "PUT",
             &format!("/v1/flows/secret/members/{user}"),
-            &[("Authorization", &auth)],
             None,
         )
         .await
@@ -363,11 +348,10 @@ async fn revoking_the_holders_membership_releases_its_locks() {
         assert_eq!(ack, json!({"ok": true}));
     }
     alice.pump(Duration::from_millis(200)).await.unwrap();
-    let (s, body) = http(
+    let (s, body) = api(
         ns[0].addr,
         "DELETE",
         "/v1/flows/secret/members/mallory",
-        &[("Authorization", &auth)],
         None,
     )
     .await

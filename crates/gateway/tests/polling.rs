@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use flowgate_test_support::polling::{request, PollClient, SEP};
-use flowgate_test_support::{http, token, RawClient, TestNode, SERVICE_TOKEN};
+use flowgate_test_support::{api, token, RawClient, TestNode};
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::Message;
@@ -301,18 +301,11 @@ async fn a_session_that_stops_polling_is_held_to_the_frame_bound() {
         .await
         .unwrap();
     assert_eq!(ack, json!({"ok": true}));
-    let auth = format!("Bearer {SERVICE_TOKEN}");
     let body = json!({"event": "execution:token", "data": {"n": 1}}).to_string();
     for _ in 0..40 {
-        let (s, _) = http(
-            n.addr,
-            "POST",
-            "/v1/flows/f/events",
-            &[("Authorization", &auth)],
-            Some(&body),
-        )
-        .await
-        .unwrap();
+        let (s, _) = api(n.addr, "POST", "/v1/flows/f/events", Some(&body))
+            .await
+            .unwrap();
         assert_eq!(s, 202);
     }
     let mut cut = false;

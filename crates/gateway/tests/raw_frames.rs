@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use flowgate_test_support::{http, token, Closed, RawClient, TestNode, SERVICE_TOKEN};
+use flowgate_test_support::{api, http, token, Closed, RawClient, TestNode, SERVICE_TOKEN};
 use serde_json::{json, Value};
 
 async fn node(vars: &[(&str, &str)]) -> TestNode {
@@ -516,31 +516,17 @@ fn room_event(bytes: usize) -> String {
 
 /// Publishes `body` to flow `f` through the server API.
 async fn post_to_room(n: &TestNode, body: &str) {
-    let auth = format!("Bearer {SERVICE_TOKEN}");
-    let (s, _) = http(
-        n.addr,
-        "POST",
-        "/v1/flows/f/events",
-        &[("Authorization", &auth)],
-        Some(body),
-    )
-    .await
-    .unwrap();
+    let (s, _) = api(n.addr, "POST", "/v1/flows/f/events", Some(body))
+        .await
+        .unwrap();
     assert_eq!(s, 202);
 }
 
 /// Flow `f`'s presence through the server API: status and body.
 async fn presence(n: &TestNode) -> (u16, String) {
-    let auth = format!("Bearer {SERVICE_TOKEN}");
-    http(
-        n.addr,
-        "GET",
-        "/v1/flows/f/presence",
-        &[("Authorization", &auth)],
-        None,
-    )
-    .await
-    .unwrap()
+    api(n.addr, "GET", "/v1/flows/f/presence", None)
+        .await
+        .unwrap()
 }
 
 /// Reads whatever `reader` has been sent so far.

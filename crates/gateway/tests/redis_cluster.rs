@@ -15,7 +15,7 @@ use flowgate_test_support::procs::PgStack;
 use flowgate_test_support::redis_cluster::RedisCluster;
 use flowgate_test_support::sentinel::SentinelSetup;
 use flowgate_test_support::tls::TestCerts;
-use flowgate_test_support::{http, token, RawClient, TestNode, SERVICE_TOKEN};
+use flowgate_test_support::{api, http, token, RawClient, TestNode};
 use serde_json::{json, Value};
 
 /// Timings short enough for a test, with a dead-node bound longer than a
@@ -53,11 +53,8 @@ async fn joined(n: &TestNode, user: &str, flow: &str) -> RawClient {
 }
 
 async fn presence(n: &TestNode, flow: &str) -> Option<Vec<String>> {
-    let auth = format!("Bearer {SERVICE_TOKEN}");
     let path = format!("/v1/flows/{flow}/presence");
-    let (s, body) = http(n.addr, "GET", &path, &[("Authorization", &auth)], None)
-        .await
-        .ok()?;
+    let (s, body) = api(n.addr, "GET", &path, None).await.ok()?;
     if s != 200 {
         return None;
     }
@@ -154,12 +151,10 @@ async fn rooms_on_every_shard_relay_across_nodes() {
             );
         }
         // The server API on any node reaches members on every node.
-        let auth = format!("Bearer {SERVICE_TOKEN}");
-        let (s, body) = http(
+        let (s, body) = api(
             ns[1].addr,
             "POST",
             &format!("/v1/flows/{flow}/events"),
-            &[("Authorization", &auth)],
             Some(r#"{"event":"execution:started","data":{"run":1}}"#),
         )
         .await
@@ -288,14 +283,11 @@ async fn persisted_events_queue_on_every_master_and_all_reach_postgres() {
     }
 
     tokio::task::block_in_place(|| pg.start_postgres().unwrap());
-    let auth = format!("Bearer {SERVICE_TOKEN}");
     let deadline = Instant::now() + Duration::from_secs(30);
     for (flow, _) in by_master.values() {
         loop {
             let path = format!("/v1/flows/{flow}/events?limit=100");
-            let (s, body) = http(ns[1].addr, "GET", &path, &[("Authorization", &auth)], None)
-                .await
-                .unwrap();
+            let (s, body) = api(ns[1].addr, "GET", &path, None).await.unwrap();
             let page: Value = serde_json::from_str(&body).unwrap_or_default();
             let got: Vec<u64> = page["events"]
                 .as_array()

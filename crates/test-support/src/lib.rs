@@ -154,12 +154,10 @@ impl TestNode {
     /// The sessions `GET /v1/flows/{flow}/presence` lists (panics unless
     /// it answers 200 with an array).
     pub async fn presence(&self, flow: &str) -> Vec<Value> {
-        let auth = format!("Bearer {SERVICE_TOKEN}");
-        let (s, body) = http(
+        let (s, body) = api(
             self.addr,
             "GET",
             &format!("/v1/flows/{flow}/presence"),
-            &[("Authorization", &auth)],
             None,
         )
         .await
@@ -385,6 +383,18 @@ impl RawClient {
             }
         }
     }
+}
+
+/// A server API request with the service token (`Authorization: Bearer`);
+/// returns status and body.
+pub async fn api(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+) -> anyhow::Result<(u16, String)> {
+    let auth = format!("Bearer {SERVICE_TOKEN}");
+    http(addr, method, path, &[("Authorization", &auth)], body).await
 }
 
 /// A minimal HTTP/1.1 request (`Connection: close`); returns status and body.
