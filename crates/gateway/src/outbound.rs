@@ -81,6 +81,9 @@ pub enum Kick {
     /// Room messages for this node were lost on the way and could not be
     /// refilled from the room log: the client must reconnect and recover.
     Resync,
+    /// Another connection recovered this connection's session: it owns
+    /// the session now.
+    Replaced,
 }
 
 /// Shared between the connection and every room it is in.

@@ -94,7 +94,19 @@ impl Fanout {
             last: head,
         });
         let first = local.members.is_empty();
-        local.members.retain(|m| m.socket_id != member.socket_id);
+        local.members.retain(|m| {
+            if m.socket_id != member.socket_id {
+                return true;
+            }
+            // Another connection of the same session: the one this
+            // member's connection recovered it from, still open here (its
+            // client gone, not yet noticed, or a copy of it). It is closed:
+            // left open it would stay connected and receive nothing.
+            if m.owner != member.owner {
+                m.outbound.kick(Kick::Replaced);
+            }
+            false
+        });
         local.members.push(member);
         if first {
             self.metrics.rooms.inc();
@@ -102,12 +114,16 @@ impl Fanout {
         first
     }
 
-    /// Removes a member; returns whether the room is now empty here.
-    fn remove(&self, room: &str, socket_id: &str) -> bool {
+    /// Removes a connection's member (`owner`: a connection that recovered
+    /// the session since keeps its own); returns whether the room is now
+    /// empty here.
+    fn remove(&self, room: &str, socket_id: &str, owner: &str) -> bool {
         let emptied = self
             .rooms
             .remove_if_mut(room, |_, local| {
-                local.members.retain(|m| &*m.socket_id != socket_id);
+                local
+                    .members
+                    .retain(|m| &*m.socket_id != socket_id || &*m.owner != owner);
                 local.members.is_empty()
             })
             .is_some();
@@ -284,10 +300,11 @@ impl Rooms {
         Ok(())
     }
 
-    /// Removes a local member, unsubscribing when it was the last one.
-    pub async fn leave(&self, room: &str, socket_id: &str) -> Result<(), EngineError> {
+    /// Removes the local member of connection `owner`, unsubscribing when
+    /// it was the last one.
+    pub async fn leave(&self, room: &str, socket_id: &str, owner: &str) -> Result<(), EngineError> {
         let _guard = self.lock(room).lock().await;
-        if self.fanout.remove(room, socket_id) {
+        if self.fanout.remove(room, socket_id, owner) {
             self.bus.unsubscribe(room).await?;
         }
         Ok(())
@@ -338,6 +355,59 @@ mod tests {
         let other = tokio::time::timeout(Duration::from_millis(50), outs[2].0.kicked()).await;
         assert!(other.is_err(), "another room's members stay");
         assert_eq!(metrics.slow_consumer_disconnects.get(), 0);
+    }
+
+    /// A member of socket `s1` owned by connection `owner`.
+    fn member_of(
+        owner: &str,
+        metrics: &Metrics,
+    ) -> (Member, Outbound, crate::outbound::OutboundRx) {
+        let (out, rx) = Outbound::new(8, 1 << 20, Duration::from_secs(5), metrics.clone());
+        let session = SessionInfo {
+            user_id: "u".into(),
+            socket_id: "s1".into(),
+            flow_id: "f".into(),
+            user_name: "n".into(),
+            user_color: "c".into(),
+            joined_at: "t".into(),
+        };
+        let m = Member {
+            socket_id: "s1".into(),
+            user_id: "u".into(),
+            pid: "p1".into(),
+            owner: owner.into(),
+            outbound: out.clone(),
+            session: Arc::new(session),
+        };
+        (m, out, rx)
+    }
+
+    #[tokio::test]
+    async fn a_recovered_session_replaces_its_old_connection_which_cannot_remove_it() {
+        let metrics = Metrics::new([]);
+        let fanout = Fanout::new(metrics.clone());
+        let (old, old_out, _old_rx) = member_of("n/1", &metrics);
+        let (new, new_out, _new_rx) = member_of("n/2", &metrics);
+        fanout.insert("flow:f", old, Offset::ZERO);
+        // The same connection joining again replaces its entry, and stays.
+        let (mut again, _, _rx) = member_of("n/1", &metrics);
+        again.outbound = old_out.clone();
+        fanout.insert("flow:f", again, Offset::ZERO);
+        let stays = tokio::time::timeout(Duration::from_millis(50), old_out.kicked()).await;
+        assert!(
+            stays.is_err(),
+            "a re-join does not close its own connection"
+        );
+        // Another connection recovered the session: the old one is closed.
+        fanout.insert("flow:f", new, Offset::ZERO);
+        let why = tokio::time::timeout(Duration::from_secs(1), old_out.kicked()).await;
+        assert_eq!(why.unwrap(), Kick::Replaced);
+        // The old connection's end leaves the new one in the room.
+        assert!(!fanout.remove("flow:f", "s1", "n/1"));
+        assert!(fanout.is_member("flow:f", "s1"));
+        assert!(fanout.remove("flow:f", "s1", "n/2"));
+        let kept = tokio::time::timeout(Duration::from_millis(50), new_out.kicked()).await;
+        assert!(kept.is_err());
     }
 
     #[test]

@@ -26,6 +26,8 @@ pub enum End {
     Drain,
     /// The token expired without a refresh.
     TokenExpired,
+    /// Another connection recovered this one's session (`Kick::Replaced`).
+    Replaced,
     /// The transport broke while writing.
     WriteFailed,
 }
@@ -35,6 +37,7 @@ impl From<crate::outbound::Kick> for End {
         match kick {
             crate::outbound::Kick::SlowConsumer => End::SlowConsumer,
             crate::outbound::Kick::Resync => End::Resync,
+            crate::outbound::Kick::Replaced => End::Replaced,
         }
     }
 }
@@ -61,6 +64,7 @@ impl End {
             End::Resync => (1012, "resync"),
             End::Drain => (1001, "server shutting down"),
             End::TokenExpired => (1000, "token expired"),
+            End::Replaced => (1000, "session taken over"),
         })
     }
 
@@ -70,7 +74,11 @@ impl End {
     pub fn recoverable(&self) -> bool {
         !matches!(
             self,
-            End::Protocol(..) | End::Oversize | End::TokenExpired | End::ConnectTimeout
+            End::Protocol(..)
+                | End::Oversize
+                | End::TokenExpired
+                | End::ConnectTimeout
+                | End::Replaced
         )
     }
 }

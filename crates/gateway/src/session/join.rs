@@ -96,7 +96,10 @@ impl Session {
         // A member now, so an eviction published from here on reaches this
         // socket; one published before is seen as a refusal here.
         if let Err(refusal) = check_access(&app, &identity, &flow_id).await {
-            let _ = app.rooms.leave(&room, &session.socket_id).await;
+            let _ = app
+                .rooms
+                .leave(&room, &session.socket_id, self.owner())
+                .await;
             return Err(refusal);
         }
         // Where this socket starts in the room log: recovery replays from
@@ -104,7 +107,10 @@ impl Session {
         let start = match app.engine.bus.head(&room).await {
             Ok(o) => o,
             Err(e) => {
-                let _ = app.rooms.leave(&room, &session.socket_id).await;
+                let _ = app
+                    .rooms
+                    .leave(&room, &session.socket_id, self.owner())
+                    .await;
                 return Err(failed(&e, "room log unreadable"));
             }
         };
@@ -118,7 +124,10 @@ impl Session {
             Err(e) => {
                 app.metrics
                     .engine_failed("presence", &e, &room, "presence join failed");
-                let _ = app.rooms.leave(&room, &session.socket_id).await;
+                let _ = app
+                    .rooms
+                    .leave(&room, &session.socket_id, self.owner())
+                    .await;
                 return Err(failed(&e, "presence join failed"));
             }
         };

@@ -42,7 +42,7 @@ impl Session {
         let app = &self.app;
         let room = &*joined.room;
         let session = &joined.session;
-        if let Err(e) = app.rooms.leave(room, &session.socket_id).await {
+        if let Err(e) = app.rooms.leave(room, &session.socket_id, &owner).await {
             app.metrics
                 .engine_failed("unsubscribe", &e, room, "unsubscribe failed");
         }

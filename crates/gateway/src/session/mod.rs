@@ -446,6 +446,15 @@ impl Session {
             }
             return;
         }
+        // Another connection recovered the session: the record, the
+        // room's membership, presence and locks are its own now, so this
+        // one touches none of them. The DISCONNECT keeps a stock client
+        // that is still here (a copy of the session) from reconnecting and
+        // taking it back, in turn, forever.
+        if *end == End::Replaced {
+            self.send_packet(&Packet::new(PacketType::Disconnect, NSP, None));
+            return;
+        }
         // The record keeps the flow, so that a recovery rejoins it; the
         // locks too, for the window.
         if end.recoverable() {

@@ -176,7 +176,7 @@ impl Session {
     /// window.
     async fn abandon_recovery(&mut self, room: &str) {
         if let Some(s) = &self.socket {
-            let _ = self.app.rooms.leave(room, &s.id).await;
+            let _ = self.app.rooms.leave(room, &s.id, &s.owner).await;
         }
         self.release_lost_locks(room).await;
         self.socket = None;

@@ -132,6 +132,42 @@ describe("connection state recovery across nodes", () => {
     assert.notEqual(s.id, firstId);
   });
 
+  test("recovered where the old connection is still open: the old one is closed, the new one keeps receiving after it ends", async () => {
+    // A client whose network blipped reconnects to the same node before
+    // that node noticed the old connection dead. The old connection's end
+    // used to remove the recovered one from the room: it stayed connected
+    // and silently received nothing more.
+    const url = cluster.nodes[0].url;
+    const peer = await reconnecting(url, "rec-z-peer");
+    const old = await reconnecting(url, "rec-z", { reconnection: false });
+    sockets.push(peer, old);
+    assert.deepEqual(await emitAck(old, "flow:join", { flowId: "f-z" }), { ok: true });
+    assert.deepEqual(await emitAck(peer, "flow:join", { flowId: "f-z" }), { ok: true });
+    const move = (n) => emitAck(peer, "pod:move", { podId: "p", position: { x: n, y: 0 } });
+    const first = nextArgs(old, "pod:moved");
+    await move(1);
+    await first;
+    const sid = old.id;
+    const oldEnd = new Promise((r) => old.once("disconnect", r));
+    // The same session on a second connection: what the stock client sends
+    // when it reconnects (its pid and last offset in the auth payload).
+    const fresh = io(url + "/flows", {
+      transports: ["websocket"], forceNew: true, reconnection: false,
+      auth: { token: token("rec-z"), pid: old._pid, offset: old._lastOffset },
+    });
+    sockets.push(fresh);
+    const got = recordMoves(fresh);
+    await new Promise((r) => fresh.once("connect", r));
+    assert.equal(fresh.id, sid, "the session was recovered on the new connection");
+    const ended = await Promise.race([oldEnd, sleep(3000).then(() => "still open")]);
+    assert.equal(ended, "io server disconnect", "the replaced connection is closed");
+    await move(2);
+    await until(() => got.length >= 1, 3000, "the move after the takeover");
+    await move(3);
+    await until(() => got.length >= 2, 3000, "the move after the old connection ended");
+    assert.deepEqual(got.map((g) => g.n), [2, 3]);
+  });
+
   test("rolling SIGTERM restart of all three nodes loses no acknowledged event", async () => {
     const receivers = [];
     for (let i = 0; i < 3; i++) {
